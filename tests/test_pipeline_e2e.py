@@ -29,6 +29,7 @@ TINY_OVERRIDES = {
     "sft": {"max_steps": 6, "batch_size": 4, "save_steps": 3, "learning_rate": 5e-3},
     "dpo": {"max_steps": 4, "batch_size": 4, "save_steps": 2},
     "evaluate": {"limit": 8, "batch_size": 8},
+    "gate": {"test": "none"},
     "tracking": {"wandb": "offline"},
 }
 

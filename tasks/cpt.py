@@ -1,0 +1,135 @@
+"""Stage ``cpt``: optional continued pre-training on the clean raw-text corpus.
+
+    python -m tasks.cpt --base models/base --data data/clean --out models/cpt \
+        --checkpoints checkpoints/cpt --metrics metrics/cpt.json
+
+``cpt.enabled: false`` (default): the base model passes through. ``--out`` gets a ``pointer.json``
+(``{"model": "<base, relative to --out>"}``) and ``meta.json``, no weights; readers follow it
+with ``tempering.io.resolve_model_dir``.
+
+``cpt.enabled: true``: LoRA (or full) training on ``text.jsonl`` packed into ``cpt.block_size``
+token blocks (EOS between documents, loss on every token), then the adapter is merged (in
+float32) and ``--out`` gets a full HF folder (weights in ``cpt.dtype``, tokenizer, chat template)
+plus ``meta.json``. Checkpoints and resume work as in ``tasks.sft``. ``--live`` (optional) writes
+dvclive curves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from pathlib import Path
+
+from tempering import TemperingError
+from tempering.cli import stage_main
+from tempering.config import Params
+from tempering.io import (POINTER_FILE, atomic_path, hash_path, read_json, read_jsonl, resolve_model_dir,
+                          write_json, write_meta)
+
+
+def _base_meta(base_dir: Path) -> dict:
+    """The base model's own provenance, carried forward so export can name the original source."""
+    meta = base_dir / "meta.json"
+    if not meta.exists():
+        return {}
+    raw = read_json(meta)
+    return {k: raw[k] for k in ("stage", "source", "n_params", "params", "git_sha", "finished_at") if k in raw}
+
+
+def _pass_through(params: Params, base: str, base_dir: Path, out: str, checkpoints: str, metrics: str,
+                  started: float, base_hash: str) -> dict:
+    from tempering import backend
+
+    # Old checkpoints of an enabled run are stale now: the fingerprint differs, so they go.
+    backend.prepare_checkpoints(checkpoints, backend.fingerprint(params.cpt, base=base_hash))
+    target = os.path.relpath(Path(base).resolve(), Path(out).resolve())
+    with atomic_path(out) as tmp:
+        tmp.mkdir()
+        write_json(tmp / POINTER_FILE, {"model": Path(target).as_posix()})
+    write_meta(out, stage="cpt", params=params.cpt, inputs={"base": base_hash}, started=started,
+               extra={"enabled": False, "pointer": Path(target).as_posix(), "base_model": str(base),
+                      "base_meta": _base_meta(base_dir)})
+    summary = {"enabled": False, "steps": 0, "pointer": Path(target).as_posix(),
+               "wall_time_s": round(time.time() - started, 2)}
+    write_json(metrics, summary)
+    return {"out": out, **summary}
+
+
+def run(params: Params, base: str, data: str, out: str, checkpoints: str, metrics: str,
+        live: str | None = None) -> dict:
+    started = time.time()
+    cfg = params.cpt
+    base_dir = resolve_model_dir(base)
+    if not (base_dir / "config.json").exists():
+        raise TemperingError(f"{base}: base model folder not found (run the base_model stage)")
+    base_hash = hash_path(base_dir)
+    if not cfg.enabled:
+        return _pass_through(params, base, base_dir, out, checkpoints, metrics, started, base_hash)
+
+    import torch
+
+    from tempering import backend
+
+    data_file = Path(data) / "text.jsonl"
+    rows = read_jsonl(data_file)
+    if not rows:
+        raise TemperingError(f"{data_file}: cpt.enabled is true but there are no text rows")
+    data_hash = hash_path(data_file)
+    fp = backend.fingerprint(cfg, data=data_hash, base=base_hash)
+    resume = backend.prepare_checkpoints(checkpoints, fp)
+
+    threads = backend.setup_torch()
+    backend.quiet_transformers()
+    precision = backend.choose_precision(cfg.precision)
+    tokenizer = backend.load_tokenizer(base_dir)
+    dataset, data_stats = backend.pack_text(rows, tokenizer, cfg.block_size, source=str(data_file))
+    model = backend.load_model(base_dir, method=cfg.adapter.method, precision=precision, section="cpt")
+    model = backend.apply_adapter(model, cfg.adapter, seed=cfg.seed)
+    before = backend.snapshot_trainable(model)
+    args = backend.training_config("cpt", cfg, params.tracking, output_dir=checkpoints,
+                                   precision=precision, run_name="cpt", max_length=cfg.block_size)
+    resume_step = int(resume.name.split("-")[1]) if resume else None
+    trainer = backend.build_sft_trainer(model, tokenizer, dataset, args, stage="cpt",
+                                        checkpoints=checkpoints, live_dir=live,
+                                        tracking=params.tracking, resume_step=resume_step)
+    summary = backend.train(trainer, resume, before)
+
+    merged = trainer.model
+    if hasattr(merged, "merge_and_unload"):
+        merged = merged.merge_and_unload()
+    merged = merged.to(getattr(torch, cfg.dtype))
+    merged.config.dtype = cfg.dtype
+    merged.config.use_cache = True
+    with atomic_path(out) as tmp:
+        merged.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+
+    summary.update({"enabled": True, "precision": precision.name, "device": precision.device,
+                    "threads": threads, "data": data_stats, "method": cfg.adapter.method,
+                    "wall_time_s": round(time.time() - started, 2)})
+    curve = summary.pop("loss_curve")
+    write_meta(out, stage="cpt", params=cfg, inputs={"base": base_hash, "data": data_hash},
+               started=started, extra={"enabled": True, "base_model": str(base), "train": summary,
+                                       "loss_curve": curve, "fingerprint": fp,
+                                       "base_meta": _base_meta(base_dir)})
+    write_json(metrics, summary)
+    return {"out": out, **{k: summary[k] for k in ("enabled", "steps", "train_loss_first", "train_loss_last",
+                                                   "tokens_per_s", "weights_changed", "resumed_from")}}
+
+
+def _args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--base", default="models/base", help="base model folder")
+    parser.add_argument("--data", default="data/clean", help="folder holding text.jsonl")
+    parser.add_argument("--out", default="models/cpt", help="output model folder (or pointer)")
+    parser.add_argument("--checkpoints", default="checkpoints/cpt", help="resumable checkpoints")
+    parser.add_argument("--metrics", default="metrics/cpt.json")
+    parser.add_argument("--live", default=None, help="dvclive folder for loss curves (optional)")
+
+
+def main(argv=None) -> int:
+    return stage_main("cpt", run, _args, argv, doc=__doc__)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,419 @@
+"""Stage ``dedup``: decontaminate against the benchmarks, then drop exact and near duplicates.
+
+    python -m tasks.dedup --data data/validated --benchmarks data/generated/benchmarks \\
+        --out data/clean --quarantine data/quarantine/dedup.jsonl --metrics metrics/dedup.json
+
+Per kind (``sft``, ``preference``, ``text``), rows in file order, the first occurrence wins:
+
+1. **Decontamination** (``dedup.decontam_ngram`` = n; 0 disables): a training row is dropped
+   (``contaminated``, with the benchmark and item) when it shares an n-word sequence (lowercased
+   ``\\w+`` tokens) with a benchmark item: its question followed by its choices, its question alone,
+   or its question followed by the correct choice. Sequences shorter than n words count whole when
+   they have at least 8 words (shorter ones are too generic to be evidence). Runs first, so a kept
+   row never points at a contaminated one as its original.
+2. **Exact duplicates**: same hash of the normalized text (lowercased, punctuation removed,
+   whitespace collapsed) -> ``exact_duplicate``.
+3. **Near duplicates**: MinHash (datasketch, ``num_perm`` permutations over word ``shingle``-grams)
+   in a ``MinHashLSH`` index finds candidates at a slightly lower threshold; a candidate counts only
+   when the exact Jaccard similarity of the two shingle sets is >= ``dedup.threshold``
+   (``near_duplicate``, with the similarity). So ``threshold`` means Jaccard, with no false
+   positives from sketch noise. Shingle hashing and the MinHash permutations are vectorised in
+   numpy (one array operation per row instead of one ``update`` per shingle).
+
+The text compared is: SFT rows, all message contents joined; preference rows, prompt + chosen
+(decontamination also reads rejected); text rows, the text. Removed rows go to ``--quarantine`` with
+``duplicate_of`` (the kept row's ``id``). ``--metrics`` has counts per kind, per reason and per
+benchmark, and the throughput. kept + removed = read for every kind (asserted).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import hashlib
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+
+from tempering import TemperingError
+from tempering.cli import stage_main
+from tempering.config import DedupParams, Params
+from tempering.io import atomic_path, dump_jsonl, read_jsonl, write_json, write_meta
+
+KINDS = ("sft", "preference", "text")
+MIN_SHORT_ITEM_WORDS = 8
+# Candidates come from an LSH index at (threshold - LSH_MARGIN); exact Jaccard decides.
+LSH_MARGIN = 0.1
+MINHASH_SEED = 1
+
+_WORD = re.compile(r"\w+")
+_PUNCT = re.compile(r"[^\w\s]")
+_SPACE = re.compile(r"\s+")
+_PRIME = np.uint64(1099511628211)  # FNV-64 prime: the rolling n-gram hash multiplier
+_M32 = np.uint64(0xFFFFFFFF)
+
+
+# ----------------------------------------------------------------------------- text + hashing
+
+
+def row_text(kind: str, row: dict, *, with_rejected: bool = False) -> str:
+    """The text compared for a row (see the module docstring)."""
+    if kind == "sft":
+        return "\n".join(m["content"] for m in row["messages"])
+    if kind == "preference":
+        parts = [m["content"] for m in row["prompt"]] + [row["chosen"]]
+        if with_rejected:
+            parts.append(row["rejected"])
+        return "\n".join(parts)
+    return row["text"]
+
+
+def normalize(text: str) -> str:
+    """Exact-dedup normal form: lowercase, punctuation stripped, whitespace collapsed."""
+    return _SPACE.sub(" ", _PUNCT.sub(" ", text.lower())).strip()
+
+
+def words(text: str) -> list[str]:
+    return _WORD.findall(text.lower())
+
+
+class WordHasher:
+    """Stable 64-bit word hashes (blake2b), cached: each distinct word is hashed once."""
+
+    def __init__(self) -> None:
+        self._cache: dict[str, int] = {}
+
+    def __call__(self, tokens: list[str]) -> np.ndarray:
+        cache = self._cache
+        for tok in set(tokens).difference(cache):
+            cache[tok] = int.from_bytes(hashlib.blake2b(tok.encode("utf-8"), digest_size=8).digest(), "little")
+        return np.fromiter(map(cache.__getitem__, tokens), dtype=np.uint64, count=len(tokens))
+
+
+def ngram_hashes(word_hashes: np.ndarray, n: int) -> np.ndarray:
+    """Rolling 64-bit hashes of every n-word window (vectorised; uint64 arithmetic wraps)."""
+    m = len(word_hashes) - n + 1
+    if m <= 0:
+        return np.empty(0, dtype=np.uint64)
+    acc = word_hashes[:m].copy()
+    for j in range(1, n):
+        acc = acc * _PRIME + word_hashes[j:j + m]
+    return acc
+
+
+def shingle_hashes(word_hashes: np.ndarray, k: int) -> np.ndarray:
+    """k-word shingle hashes (may repeat); a row shorter than k words is one shingle of all its words."""
+    if len(word_hashes) == 0:
+        return np.empty(0, dtype=np.uint64)
+    return ngram_hashes(word_hashes, min(k, len(word_hashes)))
+
+
+def jaccard(a: np.ndarray, b: np.ndarray) -> float:
+    """Exact Jaccard similarity of two shingle-hash multisets, taken as sets."""
+    a, b = np.unique(a), np.unique(b)
+    if len(a) == 0 or len(b) == 0:
+        return 0.0
+    inter = len(np.intersect1d(a, b, assume_unique=True))
+    return inter / (len(a) + len(b) - inter)
+
+
+def _fmix32(h: np.ndarray) -> np.ndarray:
+    """MurmurHash3's 32-bit finalizer (datasketch's affine32 pre-mix)."""
+    h = h ^ (h >> np.uint32(16))
+    h = h * np.uint32(0x85EBCA6B)
+    h = h ^ (h >> np.uint32(13))
+    h = h * np.uint32(0xC2B2AE35)
+    return h ^ (h >> np.uint32(16))
+
+
+class MinHasher:
+    """datasketch ``affine32`` MinHash computed in one numpy operation per row."""
+
+    def __init__(self, num_perm: int, seed: int = MINHASH_SEED) -> None:
+        from datasketch import MinHash
+
+        self.seed = seed
+        template = MinHash(num_perm=num_perm, seed=seed, scheme="affine32")
+        self.permutations = template.permutations
+        self.a = template.permutations[0].astype(np.uint32)[None, :]
+        self.b = template.permutations[1].astype(np.uint32)[None, :]
+
+    def values(self, shingles: np.ndarray) -> np.ndarray:
+        hv = ((shingles ^ (shingles >> np.uint64(32))) & _M32).astype(np.uint32)
+        hv = _fmix32(hv)[:, None]
+        return (hv * self.a + self.b).min(axis=0)
+
+    def minhash(self, shingles: np.ndarray) -> "_Sketch":
+        return _Sketch(self.values(shingles))
+
+
+class _Sketch:
+    """The part of a datasketch ``MinHash`` that ``MinHashLSH`` reads (hash values, scheme, length).
+
+    Building a full ``MinHash`` re-validates the permutation arrays on every row (~30% of the
+    per-row cost); the values here are exactly what ``MinHash(scheme="affine32")`` computes.
+    """
+
+    __slots__ = ("hashvalues",)
+    scheme = "affine32"
+
+    def __init__(self, hashvalues: np.ndarray) -> None:
+        self.hashvalues = hashvalues
+
+    def __len__(self) -> int:
+        return len(self.hashvalues)
+
+
+# ----------------------------------------------------------------------------- benchmarks
+
+
+def load_benchmarks(folder: str | Path) -> dict[str, list[dict]]:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise TemperingError(f"{folder}: benchmarks folder not found")
+    out = {}
+    for path in sorted(folder.glob("*.jsonl")):
+        items = read_jsonl(path)
+        for i, item in enumerate(items, 1):
+            if not isinstance(item.get("question"), str) or not isinstance(item.get("choices"), list):
+                raise TemperingError(f"{path}: item {i}: needs a string 'question' and a list 'choices'")
+        out[path.stem] = items
+    return out
+
+
+class ContaminationIndex:
+    """n-gram hashes of benchmark items -> (benchmark, item id)."""
+
+    def __init__(self, benchmarks: dict[str, list[dict]], n: int, hasher: WordHasher) -> None:
+        self.n = n
+        self.hasher = hasher
+        self.by_len: dict[int, dict[int, tuple[str, str]]] = {}
+        self._sequences: list[list[str]] = []
+        self._lengths: list[int] = []
+        if n <= 0:
+            return
+        for name, items in benchmarks.items():
+            for i, item in enumerate(items):
+                q = words(item["question"])
+                choices = [words(str(c)) for c in item["choices"]]
+                seqs = [q + [w for c in choices for w in c], q]
+                ans = item.get("answer")
+                if isinstance(ans, int) and 0 <= ans < len(choices):
+                    seqs.append(q + choices[ans])
+                item_id = str(item.get("id", f"{name}:{i + 1}"))
+                for seq in seqs:
+                    if len(seq) >= n:
+                        length = n
+                    elif len(seq) >= MIN_SHORT_ITEM_WORDS:
+                        length = len(seq)
+                    else:
+                        continue
+                    self._sequences.append(seq)
+                    table = self.by_len.setdefault(length, {})
+                    for h in ngram_hashes(hasher(seq), length).tolist():
+                        table.setdefault(h, (name, item_id))
+        self._lengths = sorted(self.by_len)
+        self._keys = {length: np.sort(np.fromiter(table.keys(), dtype=np.uint64, count=len(table)))
+                      for length, table in self.by_len.items()}
+        # Prefilter: every p-gram (p = the shortest indexed length) of every indexed sequence. A row
+        # can only match if it shares one of them, so most rows cost one hash pass and one search.
+        self._p = self._lengths[0] if self._lengths else 0
+        pre = set()
+        for seq in self._sequences:
+            pre.update(ngram_hashes(hasher(seq), self._p).tolist())
+        self._prefilter = np.sort(np.fromiter(pre, dtype=np.uint64, count=len(pre)))
+        del self._sequences
+
+    def __bool__(self) -> bool:
+        return bool(self.by_len)
+
+    @staticmethod
+    def _member(keys: np.ndarray, values: np.ndarray) -> np.ndarray:
+        pos = np.minimum(np.searchsorted(keys, values), len(keys) - 1)
+        return keys[pos] == values
+
+    def match(self, word_hashes: np.ndarray) -> tuple[str, str] | None:
+        """The (benchmark, item id) of the first shared sequence, or None."""
+        n = len(word_hashes)
+        if not self._lengths or n < self._p:
+            return None
+        if not self._member(self._prefilter, ngram_hashes(word_hashes, self._p)).any():
+            return None
+        # Rare path: one pass builds the rolling hashes of every indexed length (the L-gram hashes
+        # are the (L-1)-gram hashes times the prime plus the next word).
+        acc = word_hashes
+        for length in range(2, min(self._lengths[-1], n) + 1):
+            m = n - length + 1
+            acc = acc[:m] * _PRIME + word_hashes[length - 1:length - 1 + m]
+            keys = self._keys.get(length)
+            if keys is None:
+                continue
+            hit = self._member(keys, acc)
+            if hit.any():
+                return self.by_len[length][int(acc[int(np.argmax(hit))])]
+        return None
+
+
+# ----------------------------------------------------------------------------- dedup
+
+
+def _where(row: dict) -> tuple[str, int | None]:
+    src = str(row.get("source", ""))
+    path, _, num = src.rpartition(":")
+    return (path, int(num)) if path and num.isdigit() else (src, None)
+
+
+def _quarantine(row: dict, reason: str, message: str, duplicate_of: str | None, **extra) -> dict:
+    path, num = _where(row)
+    return {"source": path, "row": num, "reason": reason, "message": f"{row.get('source')}: {message}",
+            "stage": "dedup", "original": row, "duplicate_of": duplicate_of, **extra}
+
+
+@functools.lru_cache(maxsize=8)
+def _lsh_params(cfg: DedupParams) -> tuple[int, int]:
+    """(bands, rows) datasketch picks for the candidate threshold (computed once: it integrates)."""
+    from datasketch import MinHashLSH
+
+    lsh = MinHashLSH(threshold=max(0.05, cfg.threshold - LSH_MARGIN), num_perm=cfg.num_perm)
+    return lsh.b, lsh.r
+
+
+def dedup_kind(kind: str, rows: list[dict], cfg: DedupParams, index: ContaminationIndex | None,
+               hasher: WordHasher, minhasher: MinHasher) -> tuple[list[dict], list[dict], dict]:
+    """Decontaminate, exact- and near-dedup one kind's rows: (kept, quarantined, counts)."""
+    from datasketch import MinHashLSH
+
+    lsh = MinHashLSH(threshold=max(0.05, cfg.threshold - LSH_MARGIN), num_perm=cfg.num_perm,
+                     params=_lsh_params(cfg))
+    exact: dict[str, dict] = {}
+    kept: list[dict] = []
+    kept_shingles: list[np.ndarray] = []
+    removed: list[dict] = []
+    counts = {"read": len(rows), "kept": 0, "exact_duplicate": 0, "near_duplicate": 0, "contaminated": 0}
+    by_benchmark: dict[str, int] = {}
+    for row in rows:
+        text = row_text(kind, row)
+        tokens = words(text)
+        wh = hasher(tokens)
+        if index:
+            dtext = row_text(kind, row, with_rejected=True) if kind == "preference" else text
+            dwh = wh if dtext is text else hasher(words(dtext))
+            hit = index.match(dwh)
+            if hit:
+                bench, item = hit
+                removed.append(_quarantine(row, "contaminated",
+                                           f"shares a {index.n}-word sequence with benchmark {bench} item {item}",
+                                           None, benchmark=bench, benchmark_item=item))
+                counts["contaminated"] += 1
+                by_benchmark[bench] = by_benchmark.get(bench, 0) + 1
+                continue
+        norm = " ".join(tokens)  # == normalize(text), reusing the tokens
+        key = hashlib.sha1((norm if norm else "raw:" + _SPACE.sub(" ", text).strip()).encode("utf-8")).hexdigest()
+        first = exact.get(key)
+        if first is not None:
+            removed.append(_quarantine(row, "exact_duplicate", f"exact duplicate of {first.get('source')} "
+                                       f"(id {first['id']})", first["id"]))
+            counts["exact_duplicate"] += 1
+            continue
+        exact[key] = row
+        shingles = shingle_hashes(wh, cfg.shingle)
+        if len(shingles):
+            mh = minhasher.minhash(shingles)
+            best, best_j = None, 0.0
+            for cand in lsh.query(mh):
+                j = jaccard(shingles, kept_shingles[cand])
+                if j >= cfg.threshold and (j > best_j or (j == best_j and cand < best)):
+                    best, best_j = cand, j
+            if best is not None:
+                orig = kept[best]
+                removed.append(_quarantine(row, "near_duplicate",
+                                           f"near duplicate (Jaccard {best_j:.3f}) of {orig.get('source')} "
+                                           f"(id {orig['id']})", orig["id"], similarity=round(best_j, 4)))
+                counts["near_duplicate"] += 1
+                continue
+            lsh.insert(len(kept), mh)
+        kept.append(row)
+        kept_shingles.append(shingles)
+    counts["kept"] = len(kept)
+    if counts["kept"] + len(removed) != counts["read"]:  # the bookkeeping invariant
+        raise AssertionError(f"dedup {kind}: kept {counts['kept']} + removed {len(removed)} != read {counts['read']}")
+    counts["contaminated_by_benchmark"] = by_benchmark
+    return kept, removed, counts
+
+
+def dedup_rows(rows_by_kind: dict[str, list[dict]], cfg: DedupParams,
+               benchmarks: dict[str, list[dict]] | None = None) -> tuple[dict[str, list[dict]], list[dict], dict]:
+    """Dedup every kind; returns (kept rows per kind, quarantine rows, metrics)."""
+    started = time.time()
+    hasher = WordHasher()
+    minhasher = MinHasher(cfg.num_perm)
+    index = ContaminationIndex(benchmarks or {}, cfg.decontam_ngram, hasher)
+    kept, removed, per_kind = {}, [], {}
+    for kind in KINDS:
+        kept[kind], rem, per_kind[kind] = dedup_kind(kind, rows_by_kind.get(kind, []), cfg, index, hasher, minhasher)
+        removed.extend(rem)
+    elapsed = time.time() - started
+    read = sum(c["read"] for c in per_kind.values())
+    by_bench = {name: 0 for name in (benchmarks or {})}
+    for c in per_kind.values():
+        for name, n in c.pop("contaminated_by_benchmark").items():
+            by_bench[name] = by_bench.get(name, 0) + n
+    totals = {key: sum(c[key] for c in per_kind.values())
+              for key in ("read", "kept", "exact_duplicate", "near_duplicate", "contaminated")}
+    metrics = {
+        **totals,
+        "removed": len(removed),
+        "removed_share": round(len(removed) / read, 4) if read else 0.0,
+        "kinds": per_kind,
+        "contaminated_by_benchmark": by_bench,
+        "benchmark_items": {name: len(items) for name, items in (benchmarks or {}).items()},
+        "docs_per_s": round(read / elapsed, 1) if elapsed > 0 else None,
+        "dedup_s": round(elapsed, 3),
+    }
+    assert totals["kept"] + len(removed) == totals["read"]
+    return kept, removed, metrics
+
+
+def run(params: Params, data: str, benchmarks: str, out: str, quarantine: str, metrics: str) -> dict:
+    started = time.time()
+    cfg = params.dedup
+    rows = {kind: read_jsonl(Path(data) / f"{kind}.jsonl") for kind in KINDS}
+    benches = load_benchmarks(benchmarks) if cfg.decontam_ngram > 0 else {}
+    kept, removed, summary = dedup_rows(rows, cfg, benches)
+    summary["wall_time_s"] = round(time.time() - started, 2)
+
+    with atomic_path(out) as tmp:
+        tmp.mkdir()
+        for kind in KINDS:
+            with open(tmp / f"{kind}.jsonl", "w", encoding="utf-8") as fh:
+                dump_jsonl(kept[kind], fh)
+        write_meta(tmp, stage="dedup", params=cfg, started=started,
+                   inputs={"data": data, "benchmarks": benchmarks},
+                   extra={"counts": {k: len(v) for k, v in kept.items()}})
+    with atomic_path(quarantine) as tmp:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            dump_jsonl(removed, fh)
+    write_json(metrics, summary)
+    return {"out": out, "read": summary["read"], "kept": summary["kept"],
+            "exact_duplicate": summary["exact_duplicate"], "near_duplicate": summary["near_duplicate"],
+            "contaminated": summary["contaminated"], "kept_by_kind": {k: len(v) for k, v in kept.items()},
+            "docs_per_s": summary["docs_per_s"], "wall_time_s": summary["wall_time_s"]}
+
+
+def _args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", default="data/validated", help="folder with sft/preference/text.jsonl")
+    parser.add_argument("--benchmarks", default="data/generated/benchmarks",
+                        help="folder of benchmark JSONL files to decontaminate against")
+    parser.add_argument("--out", default="data/clean", help="output folder")
+    parser.add_argument("--quarantine", default="data/quarantine/dedup.jsonl", help="removed rows (JSONL)")
+    parser.add_argument("--metrics", default="metrics/dedup.json", help="metrics JSON")
+
+
+def main(argv=None) -> int:
+    return stage_main("dedup", run, _args, argv, doc=__doc__)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,116 @@
+"""Stage ``dpo``: direct preference optimisation on top of the SFT model.
+
+    python -m tasks.dpo --base models/cpt --sft models/sft --data data/clean --out models/dpo \
+        --checkpoints checkpoints/dpo --metrics metrics/dpo.json --live dvclive/dpo
+
+The base model is loaded in float32 and the SFT adapter merged into it; a fresh LoRA goes on top.
+The reference model is the same network with that LoRA disabled, i.e. exactly the SFT model, so
+there is no second copy in memory (with ``dpo.adapter.method: full`` the reference log-probs are
+computed once before training instead). ``beta``, ``loss_type``, ``max_length`` and
+``max_prompt_length`` come from the ``dpo`` params (long prompts keep their end).
+
+Checkpoints/resume as in ``tasks.sft``. Writes the DPO adapter (+ tokenizer) to ``--out``
+atomically with ``meta.json``; metrics (loss, rewards/accuracies, margins, speed) to
+``--metrics``; curves to ``--live``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from tempering import TemperingError
+from tempering.cli import stage_main
+from tempering.config import Params
+from tempering.io import hash_path, read_jsonl, resolve_model_dir, write_json, write_meta
+
+
+def _policy_base(base_dir: Path, sft: Path, method: str, precision):
+    """The SFT model as a plain (merged) network; for qlora, merged then re-loaded in 4-bit."""
+    from tempering import backend
+
+    if method != "qlora":
+        return backend.load_merged(base_dir, [sft])
+    backend._check_qlora(method, "dpo")  # one-line error without CUDA + bitsandbytes
+    tmp = Path(tempfile.mkdtemp(prefix="tempering-dpo-merged-"))
+    try:
+        merged = backend.load_merged(base_dir, [sft])
+        merged.save_pretrained(tmp)
+        del merged
+        return backend.load_model(tmp, method="qlora", precision=precision, section="dpo")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def run(params: Params, base: str, sft: str, data: str, out: str, checkpoints: str, metrics: str,
+        live: str | None = None) -> dict:
+    from tempering import backend
+
+    started = time.time()
+    cfg = params.dpo
+    data_file = Path(data) / "preference.jsonl"
+    base_dir = resolve_model_dir(base)
+    sft_dir = Path(sft)
+    if not (base_dir / "config.json").exists():
+        raise TemperingError(f"{base}: base model folder not found")
+    if not sft_dir.exists():
+        raise TemperingError(f"{sft}: SFT output not found (run the sft stage)")
+    rows = read_jsonl(data_file)
+    dataset = backend.dpo_dataset(rows, source=str(data_file))
+    data_hash, base_hash, sft_hash = hash_path(data_file), hash_path(base_dir), hash_path(sft_dir)
+    fp = backend.fingerprint(cfg, data=data_hash, base=base_hash, sft=sft_hash)
+    resume = backend.prepare_checkpoints(checkpoints, fp)
+
+    threads = backend.setup_torch()
+    backend.quiet_transformers()
+    precision = backend.choose_precision(cfg.precision)
+    tok_dir = sft_dir if (sft_dir / "tokenizer_config.json").exists() else base_dir
+    tokenizer = backend.load_tokenizer(tok_dir)
+    model = _policy_base(base_dir, sft_dir, cfg.adapter.method, precision)
+    model.config.use_cache = False
+    if cfg.adapter.method == "full":  # merging left the weights frozen (peft freezes the base)
+        backend.apply_adapter(model, cfg.adapter)
+    args = backend.training_config("dpo", cfg, params.tracking, output_dir=checkpoints,
+                                   precision=precision, run_name="dpo")
+    resume_step = int(resume.name.split("-")[1]) if resume else None
+    trainer = backend.build_dpo_trainer(model, tokenizer, dataset, args, adapter=cfg.adapter,
+                                        max_prompt_length=cfg.max_prompt_length, stage="dpo",
+                                        checkpoints=checkpoints, live_dir=live,
+                                        tracking=params.tracking, resume_step=resume_step)
+    before = backend.snapshot_trainable(trainer.model)
+    summary = backend.train(trainer, resume, before)
+    backend.save_trained(trainer, tokenizer, out)
+
+    summary.update({"precision": precision.name, "device": precision.device, "threads": threads,
+                    "pairs": len(dataset), "method": cfg.adapter.method, "beta": cfg.beta,
+                    "loss_type": cfg.loss_type, "wall_time_s": round(time.time() - started, 2)})
+    curve = summary.pop("loss_curve")
+    write_meta(out, stage="dpo", params=cfg,
+               inputs={"base": base_hash, "sft": sft_hash, "data": data_hash}, started=started,
+               extra={"base_model": str(base), "sft": str(sft), "train": summary, "loss_curve": curve,
+                      "fingerprint": fp})
+    write_json(metrics, summary)
+    keys = ("steps", "train_loss_first", "train_loss_last", "rewards_accuracies_last",
+            "rewards_margins_last", "tokens_per_s", "s_per_step", "weights_changed", "resumed_from")
+    return {"out": out, **{k: summary.get(k) for k in keys}}
+
+
+def _args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--base", default="models/cpt", help="model folder the SFT adapter was trained on")
+    parser.add_argument("--sft", default="models/sft", help="SFT adapter (or full model) folder")
+    parser.add_argument("--data", default="data/clean", help="folder holding preference.jsonl")
+    parser.add_argument("--out", default="models/dpo", help="DPO adapter output folder")
+    parser.add_argument("--checkpoints", default="checkpoints/dpo", help="resumable checkpoints")
+    parser.add_argument("--metrics", default="metrics/dpo.json")
+    parser.add_argument("--live", default=None, help="dvclive folder for curves")
+
+
+def main(argv=None) -> int:
+    return stage_main("dpo", run, _args, argv, doc=__doc__)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

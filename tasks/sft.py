@@ -1,0 +1,94 @@
+"""Stage ``sft``: supervised fine-tuning (LoRA by default, or full) on the clean SFT conversations.
+
+    python -m tasks.sft --base models/cpt --data data/clean --out models/sft \
+        --checkpoints checkpoints/sft --metrics metrics/sft.json --live dvclive/sft
+
+Every assistant turn is trained and only assistant tokens (with the end-of-turn token) are in the
+loss: we render each conversation with the chat template ourselves and locate the assistant spans
+(see ``tempering.backend.tokenize_conversation``); the tokenized set is cached, so a re-run that
+only changes e.g. the learning rate does not tokenize again.
+
+Checkpoints go to ``--checkpoints`` (a DVC ``persist`` output) with a fingerprint of the ``sft``
+params, the data and the base model: a re-run after a crash resumes from the last checkpoint when
+the fingerprint matches, and starts fresh otherwise. Writes the adapter (peft ``save_pretrained``
+plus tokenizer) to ``--out`` atomically, with ``meta.json``; metrics to ``--metrics``; loss curves
+to ``--live`` (dvclive, for ``dvc plots show``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from tempering import TemperingError
+from tempering.cli import stage_main
+from tempering.config import Params
+from tempering.io import hash_path, read_jsonl, resolve_model_dir, write_json, write_meta
+
+
+def run(params: Params, base: str, data: str, out: str, checkpoints: str, metrics: str,
+        live: str | None = None) -> dict:
+    from tempering import backend
+
+    started = time.time()
+    cfg = params.sft
+    data_file = Path(data) / "sft.jsonl"
+    base_dir = resolve_model_dir(base)
+    if not (base_dir / "config.json").exists():
+        raise TemperingError(f"{base}: base model folder not found (run the base_model/cpt stages)")
+    rows = read_jsonl(data_file)
+    if not rows:
+        raise TemperingError(f"{data_file}: no SFT rows to train on")
+    data_hash, base_hash = hash_path(data_file), hash_path(base_dir)
+    fp = backend.fingerprint(cfg, data=data_hash, base=base_hash)
+    resume = backend.prepare_checkpoints(checkpoints, fp)
+
+    threads = backend.setup_torch()
+    backend.quiet_transformers()
+    precision = backend.choose_precision(cfg.precision)
+    tokenizer = backend.load_tokenizer(base_dir, cfg.chat_template)
+    dataset, data_stats = backend.tokenize_sft(
+        rows, tokenizer, max_length=cfg.max_length, data_hash=data_hash,
+        tokenizer_id=backend.tokenizer_hash(base_dir), chat_template=cfg.chat_template,
+        source=str(data_file))
+    model = backend.load_model(base_dir, method=cfg.adapter.method, precision=precision, section="sft")
+    model = backend.apply_adapter(model, cfg.adapter, seed=cfg.seed)
+    before = backend.snapshot_trainable(model)
+    args = backend.training_config("sft", cfg, params.tracking, output_dir=checkpoints,
+                                   precision=precision, run_name="sft")
+    resume_step = int(resume.name.split("-")[1]) if resume else None
+    trainer = backend.build_sft_trainer(model, tokenizer, dataset, args, stage="sft",
+                                        checkpoints=checkpoints, live_dir=live,
+                                        tracking=params.tracking, resume_step=resume_step)
+    summary = backend.train(trainer, resume, before)
+    backend.save_trained(trainer, tokenizer, out)
+
+    summary.update({"precision": precision.name, "device": precision.device, "threads": threads,
+                    "data": data_stats, "method": cfg.adapter.method,
+                    "wall_time_s": round(time.time() - started, 2)})
+    curve = summary.pop("loss_curve")
+    write_meta(out, stage="sft", params=cfg, inputs={"base": base_hash, "data": data_hash},
+               started=started, extra={"base_model": str(base), "train": summary, "loss_curve": curve,
+                                       "fingerprint": fp})
+    write_json(metrics, summary)
+    return {"out": out, **{k: summary[k] for k in ("steps", "train_loss_first", "train_loss_last",
+                                                   "tokens_per_s", "s_per_step", "weights_changed",
+                                                   "resumed_from", "precision")}}
+
+
+def _args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--base", default="models/cpt", help="model folder (pointer.json followed)")
+    parser.add_argument("--data", default="data/clean", help="folder holding sft.jsonl")
+    parser.add_argument("--out", default="models/sft", help="adapter output folder")
+    parser.add_argument("--checkpoints", default="checkpoints/sft", help="resumable checkpoints")
+    parser.add_argument("--metrics", default="metrics/sft.json")
+    parser.add_argument("--live", default=None, help="dvclive folder for loss curves")
+
+
+def main(argv=None) -> int:
+    return stage_main("sft", run, _args, argv, doc=__doc__)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

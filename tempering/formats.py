@@ -1,0 +1,622 @@
+"""Ingest and normalize training data files into the internal row contracts.
+
+``iter_source(spec)`` reads one ``SourceSpec`` (a file, or a folder of text files) and yields, per raw
+row, either :class:`Accepted` (the normalized internal row) or :class:`Rejected` (a machine-readable
+reason, a one-line message naming ``file:row`` and the field, and the original row):
+
+- SFT row: ``{"id", "source", "messages": [{"role", "content"}, ...]}``
+- preference row: ``{"id", "source", "prompt": [messages], "chosen": str, "rejected": str}``
+- text row: ``{"id", "source", "text"}``
+
+``id`` is :func:`tempering.io.content_id` of the normalized content; ``source`` is ``"path:row"``.
+
+Files
+    ``.json`` (one array; a ``.json`` file that is really JSON Lines is read as such), ``.jsonl``,
+    ``.parquet`` (read through pyarrow, pandas' parquet engine, as plain Python objects) and the
+    ``.gz`` of each; plain text (``.txt``, ``.md``, ``.txt.gz``, or a folder of them) for the
+    ``text`` format. Row numbers are 1-based: the array index for JSON and parquet, the line
+    number for JSON Lines and text (the line where a text chunk starts).
+
+Text
+    Text is split on blank lines into paragraphs; consecutive paragraphs are merged (joined by a
+    blank line) while the chunk stays within ``chunk_chars`` (default 2,000) characters. A paragraph
+    longer than that becomes its own row(s), split at line breaks (one overlong line stays whole).
+    Project Gutenberg files keep only the text between the ``*** START OF`` and ``*** END OF``
+    lines. Line endings are normalized to ``\\n``. A ``text`` source that is a JSON/JSONL/parquet
+    file reads its ``text`` field instead.
+
+Formats (``SourceSpec.format``)
+    ``alpaca``: ``instruction``, ``input`` (optional, appended to the instruction after a blank line),
+    ``output``, optional ``system`` and ``history`` (``[[user, assistant], ...]`` earlier turns).
+    ``sharegpt``: ``conversations`` of ``{from, value}`` (human/user -> user, gpt/assistant/model ->
+    assistant, system -> system; other names are kept so validation reports them) plus an optional
+    top-level ``system``. ``messages``: OpenAI ``{role, content}`` (content may be a list of
+    ``{"type": "text", "text"}`` parts). ``pairs``: ``prompt`` (string or messages), ``chosen`` and
+    ``rejected`` (strings, or conversations whose last turn is the assistant answer; the prompt is
+    then taken from ``chosen`` when missing), optional ``system``. ``hh``: Anthropic HH-RLHF whole
+    dialogues (``"\\n\\nHuman: ...\\n\\nAssistant: ..."``) in ``chosen``/``rejected`` that share all turns
+    but the last: split into prompt messages and the two final answers. ``text``: see above.
+
+Field mapping
+    ``SourceSpec.fields`` maps our field name to the file's: ``{output: response}`` reads the
+    ``response`` key as ``output``. It also applies to message keys (``from``/``value``,
+    ``role``/``content``) and to ``conversations``/``messages``/``text``.
+
+Errors
+    File-level problems (missing path, a folder where a file is expected, an empty file, truncated
+    or corrupt gzip, undecodable JSON array or text, UTF-16) raise :class:`tempering.TemperingError`
+    with one line naming the file. A bad JSON Lines line only rejects that row (``invalid_json``,
+    ``invalid_encoding``). A UTF-8 byte-order mark is skipped. Row-level reasons: ``invalid_json``,
+    ``invalid_encoding``, ``not_an_object``, ``missing_field``, ``null_field``, ``wrong_type``,
+    ``bad_structure``. Content checks (empty fields, roles, role order, lengths, control characters,
+    chosen == rejected) are validation's job (``tasks/validate.py``), not this module's.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import re
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tempering import TemperingError
+from tempering.io import content_id
+
+# Which formats can produce which kind of row.
+KIND_FORMATS: dict[str, tuple[str, ...]] = {
+    "sft": ("alpaca", "sharegpt", "messages"),
+    "preference": ("pairs", "hh"),
+    "text": ("text",),
+}
+DEFAULT_CHUNK_CHARS = 2000
+TEXT_SUFFIXES = (".txt", ".md", ".text")
+SHAREGPT_ROLES = {
+    "human": "user", "user": "user",
+    "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant", "bard": "assistant",
+    "model": "assistant", "bing": "assistant",
+    "system": "system",
+}
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """A raw row that normalized into an internal row."""
+
+    row: dict
+    file: str
+    index: int
+    original: Any
+
+
+@dataclass(frozen=True)
+class Rejected:
+    """A raw row that could not be normalized: reason code, one-line message, original row."""
+
+    file: str
+    index: int
+    reason: str
+    message: str
+    original: Any
+
+    def quarantine(self, stage: str) -> dict:
+        return {"source": self.file, "row": self.index, "reason": self.reason, "message": self.message,
+                "stage": stage, "original": self.original}
+
+
+Result = Accepted | Rejected
+
+
+class RowError(Exception):
+    """Raised inside a normalizer: this row is rejected with ``reason``; the message names the field."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def check_spec(kind: str, fmt: str) -> None:
+    if fmt not in KIND_FORMATS.get(kind, ()):
+        raise TemperingError(f"format {fmt!r} cannot produce {kind!r} rows "
+                             f"(use one of: {', '.join(KIND_FORMATS.get(kind, ()))})")
+
+
+def iter_source(spec: Any, *, chunk_chars: int = DEFAULT_CHUNK_CHARS) -> Iterator[Result]:
+    """Yield one :class:`Accepted` or :class:`Rejected` per raw row of ``spec`` (a ``SourceSpec``).
+
+    Raises :class:`TemperingError` (one line naming the file) for file-level problems.
+    """
+    check_spec(spec.kind, spec.format)
+    fields = dict(spec.fields or {})
+    path = Path(spec.path)
+    if not path.exists():
+        raise TemperingError(f"{spec.path}: file not found")
+    if spec.format == "text" and (path.is_dir() or _is_text_file(path)):
+        yield from _iter_text_source(path, spec.path, chunk_chars)
+        return
+    if path.is_dir():
+        raise TemperingError(f"{spec.path}: is a directory; format {spec.format!r} expects a file "
+                             "(only the text format reads folders)")
+    normalize = _NORMALIZERS[spec.format]
+    for index, raw in iter_records(path, spec.path):
+        if isinstance(raw, Rejected):
+            yield raw
+            continue
+        yield _normalize_one(normalize, raw, fields, spec.path, index)
+
+
+def normalize_record(fmt: str, raw: Any, *, fields: dict | None = None, file: str = "<row>",
+                     index: int = 1) -> Result:
+    """Normalize one already-parsed record (used by tests and callers holding rows in memory)."""
+    return _normalize_one(_NORMALIZERS[fmt], raw, dict(fields or {}), file, index)
+
+
+def iter_records(path: Path, name: str | None = None) -> Iterator[tuple[int, Any]]:
+    """Yield ``(row_number, record)`` for a JSON / JSONL / parquet file (plain or ``.gz``).
+
+    A JSON Lines line that does not parse yields ``(line, Rejected)`` instead of a record.
+    """
+    name = name or str(path)
+    suffixes = [s.lower() for s in path.suffixes]
+    gz = bool(suffixes) and suffixes[-1] == ".gz"
+    ext = suffixes[-2] if gz and len(suffixes) >= 2 else (suffixes[-1] if suffixes else "")
+    if ext == ".parquet":
+        yield from _iter_parquet(path, name)
+    elif ext == ".jsonl" or ext == ".ndjson":
+        yield from _iter_jsonl(path, name, gz)
+    elif ext == ".json":
+        yield from _iter_json(path, name, gz)
+    else:
+        raise TemperingError(f"{name}: unknown file type {''.join(path.suffixes) or '(none)'}; "
+                             "expected .json, .jsonl, .parquet (optionally .gz) or text files")
+
+
+# ----------------------------------------------------------------------------- raw readers
+
+
+def _read_bytes(path: Path, name: str) -> bytes:
+    try:
+        data = path.read_bytes()
+        if path.suffix.lower() == ".gz":
+            data = gzip.decompress(data)
+    except EOFError:
+        raise TemperingError(f"{name}: truncated gzip file (compressed data ends early)") from None
+    except (gzip.BadGzipFile, zlib.error) as exc:
+        raise TemperingError(f"{name}: corrupt gzip file ({exc})") from None
+    except IsADirectoryError:
+        raise TemperingError(f"{name}: is a directory, expected a file") from None
+    except OSError as exc:
+        raise TemperingError(f"{name}: cannot read ({exc.strerror or exc})") from None
+    return data
+
+
+def _check_bom(head: bytes, name: str) -> None:
+    if head.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise TemperingError(f"{name}: UTF-16 encoded; convert it to UTF-8")
+
+
+def _decode(data: bytes, name: str) -> str:
+    """Decode a whole file as UTF-8 (a BOM is skipped); errors name the line."""
+    _check_bom(data[:2], name)
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise TemperingError(f"{name}: line {line}: not valid UTF-8 (byte 0x{data[exc.start]:02x}); "
+                             "convert the file to UTF-8") from None
+
+
+def _iter_json(path: Path, name: str, gz: bool) -> Iterator[tuple[int, Any]]:
+    text = _decode(_read_bytes(path, name), name)
+    if not text.strip():
+        raise TemperingError(f"{name}: file is empty")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        if exc.msg == "Extra data" and text.lstrip().startswith("{"):
+            # A .json file that is really JSON Lines (common in the wild).
+            yield from _jsonl_lines(text.encode("utf-8").splitlines(keepends=True), name)
+            return
+        raise TemperingError(f"{name}: line {exc.lineno} column {exc.colno}: invalid JSON ({exc.msg})") from None
+    if isinstance(data, dict):
+        lists = [k for k, v in data.items() if isinstance(v, list)]
+        hint = f" (it is an object; the rows may be under {lists[0]!r})" if lists else ""
+        raise TemperingError(f"{name}: expected a JSON array of rows{hint}")
+    if not isinstance(data, list):
+        raise TemperingError(f"{name}: expected a JSON array of rows, got {type(data).__name__}")
+    for i, item in enumerate(data, 1):
+        yield i, item
+
+
+def _iter_jsonl(path: Path, name: str, gz: bool) -> Iterator[tuple[int, Any]]:
+    try:
+        fh = gzip.open(path, "rb") if gz else open(path, "rb")
+    except IsADirectoryError:
+        raise TemperingError(f"{name}: is a directory, expected a file") from None
+    except OSError as exc:
+        raise TemperingError(f"{name}: cannot read ({exc.strerror or exc})") from None
+    with fh:
+        try:
+            yield from _jsonl_lines(fh, name)
+        except EOFError:
+            raise TemperingError(f"{name}: truncated gzip file (compressed data ends early)") from None
+        except (gzip.BadGzipFile, zlib.error) as exc:
+            raise TemperingError(f"{name}: corrupt gzip file ({exc})") from None
+
+
+def _jsonl_lines(lines, name: str) -> Iterator[tuple[int, Any]]:
+    seen = False
+    for lineno, raw in enumerate(lines, 1):
+        if lineno == 1:
+            _check_bom(raw[:2], name)
+            if raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            seen = True
+            yield lineno, Rejected(name, lineno, "invalid_encoding",
+                                   f"{name}:{lineno}: line is not valid UTF-8 (byte 0x{raw[exc.start]:02x} "
+                                   f"at column {exc.start + 1})",
+                                   raw.decode("utf-8", errors="replace").rstrip("\r\n"))
+            continue
+        if not line.strip():
+            continue
+        seen = True
+        try:
+            yield lineno, json.loads(line)
+        except json.JSONDecodeError as exc:
+            yield lineno, Rejected(name, lineno, "invalid_json",
+                                   f"{name}:{lineno}: invalid JSON at column {exc.colno} ({exc.msg})",
+                                   line.rstrip("\r\n"))
+    if not seen:
+        raise TemperingError(f"{name}: file is empty")
+
+
+def _iter_parquet(path: Path, name: str) -> Iterator[tuple[int, Any]]:
+    if path.is_dir():
+        raise TemperingError(f"{name}: is a directory, expected a file")
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        source = io.BytesIO(_read_bytes(path, name)) if path.suffix.lower() == ".gz" else path
+        table = pq.read_table(source)
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        raise TemperingError(f"{name}: not a readable parquet file ({str(exc).splitlines()[0]})") from None
+    if table.num_rows == 0:
+        raise TemperingError(f"{name}: file is empty (0 rows)")
+    for i, rec in enumerate(table.to_pylist(), 1):
+        yield i, rec
+
+
+# ----------------------------------------------------------------------------- text
+
+
+def _is_text_file(path: Path) -> bool:
+    name = path.name.lower()
+    if name.endswith(".gz"):
+        name = name[:-3]
+    return name.endswith(TEXT_SUFFIXES)
+
+
+def _text_files(path: Path, name: str) -> list[tuple[Path, str]]:
+    if path.is_file():
+        return [(path, name)]
+    files = sorted(p for p in path.rglob("*") if p.is_file() and _is_text_file(p)
+                   and not any(part.startswith(".") for part in p.relative_to(path).parts))
+    if not files:
+        raise TemperingError(f"{name}: folder holds no .txt, .md or .txt.gz files")
+    return [(p, f"{name.rstrip('/')}/{p.relative_to(path).as_posix()}") for p in files]
+
+
+_START = re.compile(r"^\s*\*\*\*\s*START OF (THE |THIS )?PROJECT GUTENBERG", re.I)
+_END = re.compile(r"^\s*\*\*\*\s*END OF (THE |THIS )?PROJECT GUTENBERG", re.I)
+_END_NOTE = re.compile(r"^\s*End of (the )?Project Gutenberg", re.I)
+
+
+def strip_gutenberg(lines: list[str]) -> tuple[int, int]:
+    """Return the ``[start, end)`` line range of the book proper (the whole file if no markers)."""
+    start, end = 0, len(lines)
+    for i, line in enumerate(lines):
+        if _START.match(line):
+            start = i + 1
+            break
+    for i in range(len(lines) - 1, start - 1, -1):
+        if _END.match(lines[i]):
+            end = i
+            break
+    if end < len(lines):  # the "End of the Project Gutenberg EBook ..." note just above the marker
+        for i in range(end - 1, max(start, end - 10) - 1, -1):
+            if _END_NOTE.match(lines[i]):
+                end = i
+                break
+    return start, end
+
+
+def split_text(text: str, chunk_chars: int = DEFAULT_CHUNK_CHARS) -> list[tuple[int, str]]:
+    """Split ``text`` into ``(start_line, chunk)`` rows (see the module docstring)."""
+    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    start, end = strip_gutenberg(lines)
+    paragraphs: list[tuple[int, list[str]]] = []
+    current: list[str] = []
+    first = 0
+    for i in range(start, end):
+        line = lines[i].rstrip()
+        if line.strip():
+            if not current:
+                first = i + 1
+            current.append(line)
+        elif current:
+            paragraphs.append((first, current))
+            current = []
+    if current:
+        paragraphs.append((first, current))
+
+    chunks: list[tuple[int, str]] = []
+    buf: list[str] = []
+    buf_start, buf_len = 0, 0
+
+    def flush() -> None:
+        nonlocal buf, buf_len
+        if buf:
+            chunks.append((buf_start, "\n\n".join(buf)))
+        buf, buf_len = [], 0
+
+    for para_start, para_lines in paragraphs:
+        para = "\n".join(para_lines)
+        if len(para) > chunk_chars:
+            flush()
+            piece: list[str] = []
+            piece_start, piece_len = para_start, 0
+            for offset, line in enumerate(para_lines):
+                if piece and piece_len + 1 + len(line) > chunk_chars:
+                    chunks.append((piece_start, "\n".join(piece)))
+                    piece, piece_len = [], 0
+                if not piece:
+                    piece_start = para_start + offset
+                piece.append(line)
+                piece_len += len(line) + (1 if piece_len else 0)
+            if piece:
+                chunks.append((piece_start, "\n".join(piece)))
+            continue
+        if buf and buf_len + 2 + len(para) > chunk_chars:
+            flush()
+        if not buf:
+            buf_start = para_start
+        buf.append(para)
+        buf_len += len(para) + (2 if buf_len else 0)
+    flush()
+    return chunks
+
+
+def _iter_text_source(path: Path, name: str, chunk_chars: int) -> Iterator[Result]:
+    for file, file_name in _text_files(path, name):
+        text = _decode(_read_bytes(file, file_name), file_name)
+        if not text.strip():
+            raise TemperingError(f"{file_name}: file is empty")
+        for line, chunk in split_text(text, chunk_chars):
+            yield Accepted({"id": content_id({"text": chunk}), "source": f"{file_name}:{line}", "text": chunk},
+                           file_name, line, chunk)
+
+
+# ----------------------------------------------------------------------------- normalizers
+
+
+def _normalize_one(normalize, raw: Any, fields: dict, file: str, index: int) -> Result:
+    if not isinstance(raw, dict):
+        return Rejected(file, index, "not_an_object",
+                        f"{file}:{index}: row is a {_type_name(raw)}, expected an object", raw)
+    try:
+        content = normalize(raw, fields)
+    except RowError as err:
+        return Rejected(file, index, err.reason, f"{file}:{index}: {err.message}", raw)
+    row = {"id": content_id(content), "source": f"{file}:{index}", **content}
+    return Accepted(row, file, index, raw)
+
+
+def _type_name(value: Any) -> str:
+    return {bool: "boolean", int: "number", float: "number", str: "string", list: "list", dict: "object",
+            type(None): "null"}.get(type(value), type(value).__name__)
+
+
+def clean_text(value: str) -> str:
+    """Normalize line endings and surrounding whitespace (control characters are left for validation)."""
+    return value.replace("\r\n", "\n").replace("\r", "\n").strip()
+
+
+def _key(fields: dict, name: str) -> str:
+    return fields.get(name, name)
+
+
+def _get(rec: dict, fields: dict, name: str, *, required: bool = True) -> Any:
+    key = _key(fields, name)
+    label = name if key == name else f"{key} (as {name})"
+    if key not in rec:
+        if required:
+            present = ", ".join(sorted(map(str, rec))[:8]) or "none"
+            raise RowError("missing_field", f"field '{label}' is missing (fields present: {present})")
+        return None
+    value = rec[key]
+    if value is None and required:
+        raise RowError("null_field", f"field '{label}' is null")
+    return value
+
+
+def _string(value: Any, label: str) -> str:
+    if isinstance(value, str):
+        return clean_text(value)
+    shown = json.dumps(value, ensure_ascii=False, default=str)
+    shown = shown if len(shown) <= 40 else shown[:37] + "..."
+    raise RowError("wrong_type", f"field '{label}' must be a string, got {_type_name(value)} ({shown})")
+
+
+def _req_str(rec: dict, fields: dict, name: str) -> str:
+    return _string(_get(rec, fields, name), _key(fields, name))
+
+
+def _opt_str(rec: dict, fields: dict, name: str) -> str:
+    value = _get(rec, fields, name, required=False)
+    return "" if value is None else _string(value, _key(fields, name))
+
+
+def _content(value: Any, label: str) -> str:
+    """Message content: a string, or a list of OpenAI text parts."""
+    if value is None:
+        raise RowError("null_field", f"field '{label}' is null")
+    if isinstance(value, list) and value and all(isinstance(p, dict) and p.get("type") == "text"
+                                                 and isinstance(p.get("text"), str) for p in value):
+        return clean_text("".join(p["text"] for p in value))
+    return _string(value, label)
+
+
+def _messages(value: Any, label: str, fields: dict, role_key: str, content_key: str,
+              role_map: dict | None = None) -> list[dict]:
+    if value is None:
+        raise RowError("null_field", f"field '{label}' is null")
+    if not isinstance(value, list):
+        raise RowError("wrong_type", f"field '{label}' must be a list of messages, got {_type_name(value)}")
+    if not value:
+        raise RowError("bad_structure", f"field '{label}' is an empty list")
+    rk, ck = _key(fields, role_key), _key(fields, content_key)
+    out = []
+    for i, msg in enumerate(value):
+        where = f"{label}[{i}]"
+        if not isinstance(msg, dict):
+            raise RowError("wrong_type", f"field '{where}' must be an object, got {_type_name(msg)}")
+        if rk not in msg:
+            raise RowError("missing_field", f"field '{where}.{rk}' is missing")
+        if ck not in msg:
+            raise RowError("missing_field", f"field '{where}.{ck}' is missing")
+        role = msg[rk]
+        if role is None:
+            raise RowError("null_field", f"field '{where}.{rk}' is null")
+        if not isinstance(role, str):
+            raise RowError("wrong_type", f"field '{where}.{rk}' must be a string, got {_type_name(role)}")
+        role = role.strip().lower()
+        if role_map is not None:
+            role = role_map.get(role, role)
+        out.append({"role": role, "content": _content(msg[ck], f"{where}.{ck}")})
+    return out
+
+
+def _norm_alpaca(rec: dict, fields: dict) -> dict:
+    instruction = _req_str(rec, fields, "instruction")
+    extra = _opt_str(rec, fields, "input")
+    output = _req_str(rec, fields, "output")
+    system = _opt_str(rec, fields, "system")
+    history = _get(rec, fields, "history", required=False)
+    messages = [{"role": "system", "content": system}] if system else []
+    if history is not None:
+        hk = _key(fields, "history")
+        if not isinstance(history, list):
+            raise RowError("wrong_type", f"field '{hk}' must be a list of [user, assistant] pairs, "
+                                         f"got {_type_name(history)}")
+        for i, pair in enumerate(history):
+            if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+                raise RowError("bad_structure", f"field '{hk}[{i}]' must be a [user, assistant] pair")
+            messages.append({"role": "user", "content": _string(pair[0], f"{hk}[{i}][0]")})
+            messages.append({"role": "assistant", "content": _string(pair[1], f"{hk}[{i}][1]")})
+    user = "\n\n".join(part for part in (instruction, extra) if part)
+    messages += [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
+    return {"messages": messages}
+
+
+def _norm_sharegpt(rec: dict, fields: dict) -> dict:
+    conv = _get(rec, fields, "conversations")
+    messages = _messages(conv, _key(fields, "conversations"), fields, "from", "value", SHAREGPT_ROLES)
+    system = _opt_str(rec, fields, "system")
+    if system and messages[0]["role"] != "system":
+        messages.insert(0, {"role": "system", "content": system})
+    return {"messages": messages}
+
+
+def _norm_messages(rec: dict, fields: dict) -> dict:
+    msgs = _get(rec, fields, "messages")
+    return {"messages": _messages(msgs, _key(fields, "messages"), fields, "role", "content")}
+
+
+def _answer(value: Any, label: str, fields: dict) -> tuple[str, list[dict] | None]:
+    """A preference answer: a string, or a conversation whose last turn is the answer."""
+    if isinstance(value, list):
+        msgs = _messages(value, label, fields, "role", "content")
+        if msgs[-1]["role"] != "assistant":
+            raise RowError("bad_structure", f"field '{label}': the last message must be the assistant's answer")
+        return msgs[-1]["content"], msgs[:-1]
+    return _string(value, label), None
+
+
+def _norm_pairs(rec: dict, fields: dict) -> dict:
+    ck, rk = _key(fields, "chosen"), _key(fields, "rejected")
+    chosen, chosen_ctx = _answer(_get(rec, fields, "chosen"), ck, fields)
+    rejected, _ = _answer(_get(rec, fields, "rejected"), rk, fields)
+    raw_prompt = _get(rec, fields, "prompt", required=chosen_ctx is None or not chosen_ctx)
+    pk = _key(fields, "prompt")
+    if raw_prompt is None:
+        prompt = chosen_ctx or []
+    elif isinstance(raw_prompt, list):
+        prompt = _messages(raw_prompt, pk, fields, "role", "content")
+    else:
+        prompt = [{"role": "user", "content": _string(raw_prompt, pk)}]
+    system = _opt_str(rec, fields, "system")
+    if system and (not prompt or prompt[0]["role"] != "system"):
+        prompt.insert(0, {"role": "system", "content": system})
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+
+
+_HH_TURN = re.compile(r"\n\n(Human|Assistant):[ \t]?")
+
+
+def parse_hh(dialogue: str) -> list[dict]:
+    """Split an HH-RLHF dialogue into messages (Human -> user, Assistant -> assistant)."""
+    text = dialogue.replace("\r\n", "\n")
+    if not text.startswith("\n\n"):
+        text = "\n\n" + text
+    parts = _HH_TURN.split(text)
+    if parts[0].strip():
+        raise ValueError("text before the first 'Human:' turn")
+    return [{"role": "user" if who == "Human" else "assistant", "content": body.strip()}
+            for who, body in zip(parts[1::2], parts[2::2])]
+
+
+def _norm_hh(rec: dict, fields: dict) -> dict:
+    ck, rk = _key(fields, "chosen"), _key(fields, "rejected")
+    chosen_raw = _req_str(rec, fields, "chosen")
+    rejected_raw = _req_str(rec, fields, "rejected")
+    turns = {}
+    for label, raw in ((ck, chosen_raw), (rk, rejected_raw)):
+        try:
+            msgs = parse_hh(raw)
+        except ValueError as exc:
+            raise RowError("bad_structure", f"field '{label}': {exc}") from None
+        if not msgs:
+            raise RowError("bad_structure", f"field '{label}': no 'Human:'/'Assistant:' turns found")
+        if msgs[-1]["role"] != "assistant":
+            raise RowError("bad_structure", f"field '{label}': the dialogue does not end with an Assistant turn")
+        turns[label] = msgs
+    if turns[ck][:-1] != turns[rk][:-1]:
+        raise RowError("bad_structure", f"fields '{ck}' and '{rk}' do not share the same earlier turns")
+    return {"prompt": turns[ck][:-1], "chosen": turns[ck][-1]["content"], "rejected": turns[rk][-1]["content"]}
+
+
+def _norm_text(rec: dict, fields: dict) -> dict:
+    return {"text": _req_str(rec, fields, "text")}
+
+
+_NORMALIZERS = {
+    "alpaca": _norm_alpaca,
+    "sharegpt": _norm_sharegpt,
+    "messages": _norm_messages,
+    "pairs": _norm_pairs,
+    "hh": _norm_hh,
+    "text": _norm_text,
+}

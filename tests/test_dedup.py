@@ -1,0 +1,213 @@
+"""tasks.dedup: exact and near duplicates, decontamination, templated rows kept, speed."""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tasks import dedup, make_data, validate
+from tempering import TemperingError
+from tempering.config import DedupParams, Params, SourceSpec, ValidateParams
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory) -> dict:
+    """make_data -> validate -> dedup on the default generated data."""
+    root = tmp_path_factory.mktemp("dd")
+    gen = root / "generated"
+    make_data.run(Params(), out=str(gen))
+    sources = tuple(SourceSpec(path=str(gen / f), kind=k, format=fmt) for f, k, fmt in (
+        ("sft_alpaca.json", "sft", "alpaca"), ("sft_messages.jsonl", "sft", "messages"),
+        ("preference.jsonl", "preference", "pairs"), ("corpus.txt", "text", "text")))
+    params = Params(validate_=ValidateParams(sources=sources))
+    validate.run(params, out=str(root / "validated"), quarantine=str(root / "vq.jsonl"),
+                 report=str(root / "v.md"), metrics=str(root / "v.json"))
+    summary = dedup.run(params, data=str(root / "validated"), benchmarks=str(gen / "benchmarks"),
+                        out=str(root / "clean"), quarantine=str(root / "dq.jsonl"), metrics=str(root / "d.json"))
+    return {"root": root, "gen": gen, "summary": summary}
+
+
+def test_generated_data_only_planted_duplicates_removed(pipeline):
+    root, gen = pipeline["root"], pipeline["gen"]
+    manifest = json.loads((gen / "manifest.json").read_text())
+    removed = read_jsonl(root / "dq.jsonl")
+    validated = {k: read_jsonl(root / "validated" / f"{k}.jsonl") for k in dedup.KINDS}
+    clean = {k: read_jsonl(root / "clean" / f"{k}.jsonl") for k in dedup.KINDS}
+    by_source = {r["source"]: r for rows in validated.values() for r in rows}
+
+    planted = {(str(gen / d["file"]), d["row"]): d for d in manifest["dirty"] if d["caught_by"] == "dedup"}
+    got = {(q["source"], q["row"]): q for q in removed}
+    # Exactly the planted duplicates go; every templated row stays.
+    assert set(got) == set(planted)
+    for key, q in got.items():
+        d = planted[key]
+        assert q["reason"] == d["defect"] and q["stage"] == "dedup"
+        original = by_source[f"{gen / d.get('of_file', d['file'])}:{d['of_row']}"]
+        assert q["duplicate_of"] == original["id"]
+        if q["reason"] == "near_duplicate":
+            assert 0.8 <= q["similarity"] < 1.0
+    # kept + removed = read, per kind; clean ids unique and all pointed-to rows kept
+    metrics = json.loads((root / "d.json").read_text())
+    for kind in dedup.KINDS:
+        k = metrics["kinds"][kind]
+        assert k["kept"] + k["exact_duplicate"] + k["near_duplicate"] + k["contaminated"] == k["read"]
+        assert k["read"] == len(validated[kind]) and k["kept"] == len(clean[kind])
+        assert len({r["id"] for r in clean[kind]}) == len(clean[kind])
+    kept_ids = {r["id"] for rows in clean.values() for r in rows}
+    assert all(q["duplicate_of"] in kept_ids for q in removed)
+    assert metrics["contaminated"] == 0
+    assert metrics["contaminated_by_benchmark"] == {"domain": 0, "general_arithmetic": 0, "general_knowledge": 0}
+    assert sorted(p.name for p in (root / "clean").iterdir()) == ["meta.json", "preference.jsonl", "sft.jsonl",
+                                                                 "text.jsonl"]
+
+
+def test_templated_rows_stay_below_threshold(pipeline):
+    """The closest pair of clean generated SFT rows is far from the near-duplicate threshold."""
+    clean = read_jsonl(pipeline["root"] / "clean" / "sft.jsonl")
+    hasher = dedup.WordHasher()
+    sets = [np.unique(dedup.shingle_hashes(hasher(dedup.words(dedup.row_text("sft", r))), 5)) for r in clean]
+    worst = 0.0
+    for i in range(len(sets)):
+        for j in range(i + 1, len(sets)):
+            inter = len(np.intersect1d(sets[i], sets[j], assume_unique=True))
+            worst = max(worst, inter / (len(sets[i]) + len(sets[j]) - inter))
+    assert worst < 0.6, worst
+
+
+def row(i: int, text: str, kind: str = "text") -> dict:
+    if kind == "sft":
+        return {"id": f"id{i}", "source": f"f.jsonl:{i}", "messages": [{"role": "user", "content": "q"},
+                                                                      {"role": "assistant", "content": text}]}
+    return {"id": f"id{i}", "source": f"f.jsonl:{i}", "text": text}
+
+
+def sentence(rng: random.Random, n: int) -> str:
+    vocab = [f"w{i}" for i in range(500)]
+    return " ".join(rng.choice(vocab) for _ in range(n))
+
+
+def test_exact_and_near_duplicates():
+    rng = random.Random(0)
+    base = sentence(rng, 60)
+    words = base.split()
+    near = " ".join(words[:30] + ["changed"] + words[31:])  # one word changed: Jaccard ~0.85
+    far = " ".join(words[:20] + [sentence(rng, 40)])  # a third shared
+    rows = [row(1, base), row(2, base.upper() + " !!"), row(3, near), row(4, far), row(5, "..."), row(6, "?!")]
+    kept, removed, metrics = dedup.dedup_rows({"text": rows}, DedupParams())
+    reasons = {q["row"]: (q["reason"], q["duplicate_of"]) for q in removed}
+    assert reasons == {2: ("exact_duplicate", "id1"), 3: ("near_duplicate", "id1")}
+    assert [r["id"] for r in kept["text"]] == ["id1", "id4", "id5", "id6"]  # punctuation-only rows differ
+    assert metrics["kinds"]["text"]["near_duplicate"] == 1 and metrics["exact_duplicate"] == 1
+    # a stricter threshold keeps the near duplicate
+    kept, removed, _ = dedup.dedup_rows({"text": rows}, DedupParams(threshold=0.95))
+    assert {q["row"] for q in removed} == {2}
+
+
+def test_dedup_is_per_kind_and_uses_message_text():
+    text = sentence(random.Random(1), 30)
+    rows = {"sft": [row(1, text, "sft"), row(2, text, "sft")], "text": [row(3, "q\n" + text)]}
+    kept, removed, _ = dedup.dedup_rows(rows, DedupParams())
+    assert [q["row"] for q in removed] == [2] and len(kept["text"]) == 1
+
+
+def test_near_duplicate_recall_at_default_threshold():
+    """One changed word in a ~100-word row (exact Jaccard ~0.9) is found: LSH recall there is ~99.9% a pair."""
+    rng = random.Random(2)
+    rows, expected = [], set()
+    for i in range(40):
+        doc = sentence(rng, 100).split()
+        rows.append(row(len(rows) + 1, " ".join(doc)))
+        doc[rng.randrange(10, 90)] = "zz"
+        rows.append(row(len(rows) + 1, " ".join(doc)))
+        expected.add(len(rows))
+    _, removed, _ = dedup.dedup_rows({"text": rows}, DedupParams())
+    assert {q["row"] for q in removed} == expected
+
+
+def test_decontamination():
+    bench = {"quiz": [{"id": "quiz-1", "question": "Which river flows through the ancient city of Zarnak in spring?",
+                       "choices": ["The Ollo", "The Pim", "The Varr", "The Uze"], "answer": 2},
+                      {"id": "quiz-2", "question": "What is 2 + 2?", "choices": ["4", "5", "6", "7"], "answer": 0}]}
+    rows = [
+        row(1, "Q: Which river flows through the ancient city of Zarnak in spring? A: The Varr."),  # whole question
+        row(2, "Which river flows through the ancient city of Zarnak?"),  # 9 words, below n and not the whole item
+        row(3, "What is 2 + 2? It is 4."),  # too short to count
+        row(4, "An unrelated sentence about rivers and cities and spring floods in general terms only."),
+    ]
+    kept, removed, metrics = dedup.dedup_rows({"text": rows}, DedupParams(), bench)
+    assert [(q["row"], q["reason"], q["benchmark"], q["benchmark_item"]) for q in removed] == \
+        [(1, "contaminated", "quiz", "quiz-1")]
+    assert metrics["contaminated_by_benchmark"] == {"quiz": 1}
+    # a short whole item (8..12 words) counts when quoted whole
+    short = {"s": [{"id": "s-1", "question": "Name the capital city of Freedonia today", "choices": ["A", "B", "C",
+                                                                                                    "D"], "answer": 0}]}
+    _, removed, _ = dedup.dedup_rows({"text": [row(1, "so: name the capital city of freedonia today, a!")]},
+                                     DedupParams(), short)
+    assert [q["reason"] for q in removed] == ["contaminated"]
+    # decontam_ngram 0 disables it
+    _, removed, _ = dedup.dedup_rows({"text": rows}, DedupParams(decontam_ngram=0), bench)
+    assert not removed
+    # contamination runs first: a duplicate of a contaminated row is contaminated too, never "of" it
+    _, removed, _ = dedup.dedup_rows({"text": [rows[0], rows[0]]}, DedupParams(), bench)
+    assert [q["reason"] for q in removed] == ["contaminated", "contaminated"]
+
+
+def test_preference_decontamination_reads_rejected():
+    bench = {"b": [{"id": "b-1", "question": "one two three four five six seven eight nine ten eleven twelve",
+                    "choices": ["x", "y", "z", "w"], "answer": 0}]}
+    pref = {"id": "p1", "source": "p.jsonl:1", "prompt": [{"role": "user", "content": "hi"}], "chosen": "fine",
+            "rejected": "one two three four five six seven eight nine ten eleven twelve x"}
+    _, removed, _ = dedup.dedup_rows({"preference": [pref]}, DedupParams(), bench)
+    assert removed and removed[0]["reason"] == "contaminated"
+
+
+def test_minhash_matches_datasketch():
+    from datasketch import MinHash
+
+    hasher = dedup.WordHasher()
+    sh = dedup.shingle_hashes(hasher(dedup.words("the quick brown fox jumps over the lazy dog again and again")), 3)
+    ours = dedup.MinHasher(64).values(sh)
+    folded = [int(x) for x in ((sh ^ (sh >> np.uint64(32))) & np.uint64(0xFFFFFFFF))]
+    ref = MinHash(num_perm=64, seed=dedup.MINHASH_SEED, scheme="affine32", hashfunc=lambda v: v)
+    ref.update_batch(folded)
+    assert np.array_equal(ours, ref.hashvalues)
+
+
+def test_normal_form():
+    text = "Hello,   World! It's  a\tTEST-case."
+    assert dedup.normalize(text) == " ".join(dedup.words(text)) == "hello world it s a test case"
+
+
+def test_speed():
+    """~1,000-character documents; the stage's target is 2,000 docs/s on 2 cores (loose bound here)."""
+    rng = random.Random(3)
+    vocab = [f"{rng.choice('bcdfgklmnprst')}{rng.choice('aeiou')}{rng.choice('bcdfgklmnprst')}{i}"
+             for i in range(3000)]
+    rows = [row(i, " ".join(rng.choices(vocab, k=170))[:1000]) for i in range(1500)]
+    started = time.perf_counter()
+    dedup.dedup_rows({"text": rows}, DedupParams(), {"b": [{"id": "1", "question": "a b c d e f g h i j k l m n",
+                                                            "choices": ["x"] * 4}]})
+    rate = len(rows) / (time.perf_counter() - started)
+    assert rate > 300, rate
+
+
+def test_cli_errors(tmp_path, capsys):
+    rc = dedup.main(["--data", str(tmp_path / "none"), "--benchmarks", str(tmp_path), "--out", str(tmp_path / "o"),
+                     "--quarantine", str(tmp_path / "q.jsonl"), "--metrics", str(tmp_path / "m.json")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "sft.jsonl: file not found" in err and err.count("\n") == 1
+    (tmp_path / "v").mkdir()
+    for k in dedup.KINDS:
+        (tmp_path / "v" / f"{k}.jsonl").write_text("", encoding="utf-8")
+    with pytest.raises(TemperingError, match="benchmarks folder not found"):
+        dedup.run(Params(), data=str(tmp_path / "v"), benchmarks=str(tmp_path / "nob"), out=str(tmp_path / "o"),
+                  quarantine=str(tmp_path / "q.jsonl"), metrics=str(tmp_path / "m.json"))

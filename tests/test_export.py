@@ -1,0 +1,192 @@
+"""export: base + SFT + DPO merged into a standalone model that generates what the adapter model
+generates (LLaMA-Factory #5232 is a merge that silently does not), with card and lineage."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tempering import TemperingError, backend
+from tempering.config import from_dict
+
+SMALL = {
+    "sft": {"max_steps": 4, "batch_size": 4, "save_steps": 10, "learning_rate": 1e-2, "max_length": 96},
+    "dpo": {"max_steps": 2, "batch_size": 4, "save_steps": 10, "learning_rate": 1e-2, "max_length": 96,
+            "max_prompt_length": 64},
+    "export": {"dtype": "float32", "check_prompts": 3, "check_max_new_tokens": 8},
+    "tracking": {"wandb": "disabled", "dvclive": False},
+}
+
+
+def _params(**export):
+    raw = {k: dict(v) for k, v in SMALL.items()}
+    raw["export"].update(export)
+    return from_dict(raw)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny base with SFT and DPO adapters trained on it."""
+    from tasks.dpo import run as dpo
+    from tasks.sft import run as sft
+    from tempering.testing import make_tiny_model
+
+    root = tmp_path_factory.mktemp("export")
+    mp = pytest.MonkeyPatch()
+    mp.setenv(backend.CACHE_ENV, str(root / "cache"))
+    base = make_tiny_model(root / "base")
+    (base / "meta.json").write_text(json.dumps({"stage": "base_model", "source": "tiny-test-model", "n_params": 1}))
+    data = root / "clean"
+    data.mkdir()
+    sft_rows = [{"id": str(i), "source": f"s:{i}", "messages": [
+        {"role": "user", "content": f"what is the colour of {i}?"},
+        {"role": "assistant", "content": f"the colour is {['red', 'blue', 'green'][i % 3]}"}]} for i in range(12)]
+    pref = [{"id": str(i), "source": f"p:{i}", "prompt": [{"role": "user", "content": f"colour of {i}?"}],
+             "chosen": "red", "rejected": "the dog"} for i in range(8)]
+    (data / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in sft_rows))
+    (data / "preference.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pref))
+    p = _params()
+    try:
+        sft(p, base=str(base), data=str(data), out=str(root / "sft"), checkpoints=str(root / "ck_sft"),
+            metrics=str(root / "sft.json"))
+        dpo(p, base=str(base), sft=str(root / "sft"), data=str(data), out=str(root / "dpo"),
+            checkpoints=str(root / "ck_dpo"), metrics=str(root / "dpo.json"))
+    finally:
+        mp.undo()
+    return root
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models gain nothing from more threads, and under CPU contention (other jobs on the
+    box) OpenMP oversubscription made these tests ~7x slower. setup_torch respects this env."""
+    import torch
+
+    previous = torch.get_num_threads()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("OMP_NUM_THREADS", "1")
+        torch.set_num_threads(1)
+        yield
+    torch.set_num_threads(previous)
+
+
+def _export(root: Path, out: Path, params) -> dict:
+    from tasks.export import run
+
+    return run(params, base=str(root / "base"), sft=str(root / "sft"), dpo=str(root / "dpo"), data=str(root / "clean"),
+               out=str(out), metrics=str(out.parent / "export.json"))
+
+
+def test_export_is_standalone_and_matches_the_adapter_model(trained, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from tasks.export import check_prompts, greedy
+
+    out = tmp_path / "export"
+    summary = _export(trained, out, _params())
+    assert summary["match_rate"] == 1.0 and summary["token_agreement"] == 1.0 and summary["prompts"] == 3
+    metrics = json.loads((tmp_path / "export.json").read_text())
+    assert metrics["match_rate"] == 1.0 and metrics["max_logit_diff"] < 1e-4  # float32 export: exact merge
+    assert list(out.glob("*.safetensors")) and not (out / "adapter_config.json").exists()
+    # Independent check: reload as a user would (no peft) and compare with base+SFT merged+DPO adapter.
+    tok = backend.load_tokenizer(out)
+    assert tok.chat_template
+    exported = AutoModelForCausalLM.from_pretrained(out)
+    assert not any("lora" in k for k in exported.state_dict())
+    reference = PeftModel.from_pretrained(backend.load_merged(trained / "base", [trained / "sft"]), trained / "dpo")
+    prompts = check_prompts(str(trained / "clean"), 3)
+    assert prompts[0] == [{"role": "user", "content": "what is the colour of 0?"}]
+    assert greedy(exported, tok, prompts, 8) == greedy(reference, tok, prompts, 8)
+    # Greedy text from a tiny random model is degenerate, so also compare the logits: the export
+    # computes what the adapter model computes, and not what base + SFT alone computes.
+    import torch
+
+    enc = tok.apply_chat_template(prompts[0], add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    without_dpo = backend.load_merged(trained / "base", [trained / "sft"])
+    with torch.no_grad():
+        got, want, sft_only = (m.eval()(**enc).logits for m in (exported, reference, without_dpo))
+    assert torch.allclose(got, want, atol=1e-4)
+    assert not torch.allclose(got, sft_only, atol=1e-4)
+    # The tuned model differs from the base (the adapters were really merged).
+    base = AutoModelForCausalLM.from_pretrained(trained / "base")
+    assert any((a != b).any() for a, b in zip(exported.parameters(), base.parameters()))
+
+
+def test_model_card_and_lineage(trained, tmp_path):
+    out = tmp_path / "export"
+    _export(trained, out, _params())
+    meta = json.loads((out / "meta.json").read_text())
+    lineage = meta["lineage"]
+    assert lineage["base_model"]["source"] == "tiny-test-model"
+    assert lineage["sft"]["params"]["learning_rate"] == 1e-2 and lineage["dpo"]["params"]["beta"] == 0.1
+    assert lineage["sft"]["train"]["steps"] == 4 and lineage["dpo"]["train"]["steps"] == 2
+    assert set(meta["data_hashes"]) == {"sft", "dpo"}
+    card = (out / "model_card.md").read_text()
+    assert "tiny-test-model" in card and meta["data_hashes"]["sft"] in card
+    assert "### sft" in card and "### dpo" in card and "3/3" in card
+
+
+def test_bfloat16_export_is_checked_and_saved_in_bf16(trained, tmp_path):
+    out = tmp_path / "export"
+    summary = _export(trained, out, _params(dtype="bfloat16", min_agreement=0.0))
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    assert 0.0 <= summary["token_agreement"] <= 1.0
+
+
+def test_a_broken_merge_fails_and_writes_nothing(trained, tmp_path, monkeypatch):
+    """Simulate #5232: the merged weights are not what the adapter model computes."""
+    import torch
+
+    import tasks.export as export
+
+    real = export._merged
+
+    def broken(adapter_model):
+        model = real(adapter_model)
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn(p.shape, generator=g) * 0.5)
+        return model
+
+    monkeypatch.setattr(export, "_merged", broken)
+    out = tmp_path / "export"
+    with pytest.raises(TemperingError, match="disagrees with the adapter model") as err:
+        _export(trained, out, _params(min_agreement=0.9))
+    assert "\n" not in str(err.value)
+    assert not out.exists() and not list(tmp_path.glob(".tmp-*"))
+
+
+def test_lineage_through_an_enabled_cpt(trained, tmp_path, monkeypatch):
+    """base -> cpt (merged) -> sft -> dpo -> export: the card still names the original base."""
+    from tasks.cpt import run as cpt
+    from tasks.dpo import run as dpo
+    from tasks.export import run as export
+    from tasks.sft import run as sft
+
+    import shutil
+
+    monkeypatch.setenv(backend.CACHE_ENV, str(tmp_path / "cache"))
+    shutil.copytree(trained / "clean", tmp_path / "clean")
+    text = tmp_path / "clean" / "text.jsonl"
+    text.write_text("".join(json.dumps({"id": str(i), "text": "the quick brown fox jumps over the lazy dog " * 3})
+                            + "\n" for i in range(4)))
+    raw = {k: dict(v) for k, v in SMALL.items()}
+    raw["cpt"] = {"enabled": True, "max_steps": 2, "batch_size": 2, "block_size": 16, "save_steps": 10}
+    p = from_dict(raw)
+    data, m = str(tmp_path / "clean"), tmp_path
+    cpt(p, base=str(trained / "base"), data=data, out=str(m / "cpt"), checkpoints=str(m / "ck_c"),
+        metrics=str(m / "cpt.json"))
+    sft(p, base=str(m / "cpt"), data=data, out=str(m / "sft"), checkpoints=str(m / "ck_s"), metrics=str(m / "s.json"))
+    dpo(p, base=str(m / "cpt"), sft=str(m / "sft"), data=data, out=str(m / "dpo"), checkpoints=str(m / "ck_d"),
+        metrics=str(m / "d.json"))
+    summary = export(p, base=str(m / "cpt"), sft=str(m / "sft"), dpo=str(m / "dpo"), data=data,
+                     out=str(m / "export"), metrics=str(m / "e.json"))
+    assert summary["match_rate"] == 1.0
+    lineage = json.loads((m / "export" / "meta.json").read_text())["lineage"]
+    assert lineage["base_model"]["source"] == "tiny-test-model"
+    assert lineage["cpt"]["enabled"] is True and lineage["cpt"]["train"]["steps"] == 2
+    assert set(json.loads((m / "export" / "meta.json").read_text())["data_hashes"]) == {"cpt", "sft", "dpo"}

@@ -1,0 +1,355 @@
+"""cpt / sft / dpo stages on a tiny random Llama (the TRL way: real code paths, millisecond steps).
+
+Covers: loss finite and adapter weights changed, metrics and dvclive curves, DPO's reference being
+the SFT model with the adapter disabled, CPT pass-through and merge, resume after SIGKILL,
+fingerprint mismatch restarting, and the NaN guard keeping the last good checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tempering import TemperingError, backend
+from tempering.config import from_dict
+from tempering.io import resolve_model_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SMALL = {
+    "sft": {"max_steps": 6, "batch_size": 4, "save_steps": 3, "logging_steps": 2, "learning_rate": 5e-3,
+            "max_length": 96},
+    "dpo": {"max_steps": 4, "batch_size": 4, "save_steps": 2, "logging_steps": 1, "max_length": 96,
+            "max_prompt_length": 64},
+    "cpt": {"enabled": True, "max_steps": 3, "batch_size": 2, "block_size": 32, "save_steps": 2},
+    "tracking": {"wandb": "disabled", "dvclive": True},
+}
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out.get(k) or {}, v) if isinstance(v, dict) else v
+    return out
+
+
+def make_params(**sections):
+    return from_dict(_merge(SMALL, sections))
+
+
+def write_rows(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    colours = ["red", "blue", "green", "yellow", "black", "white"]
+    sft, pref, text = [], [], []
+    for i, colour in enumerate(colours * 3):
+        sft.append({"id": f"s{i}", "source": f"sft.jsonl:{i + 1}", "messages": [
+            {"role": "system", "content": "answer the question"},
+            {"role": "user", "content": f"what is the colour of {i}?"},
+            {"role": "assistant", "content": f"the colour is {colour}"},
+            {"role": "user", "content": "and the town?"},
+            {"role": "assistant", "content": f"the town is {colours[(i + 1) % 6]} town"}]})
+    for i, colour in enumerate(colours * 2):
+        pref.append({"id": f"p{i}", "source": f"preference.jsonl:{i + 1}",
+                     "prompt": [{"role": "user", "content": f"what colour is {i}?"}],
+                     "chosen": f"it is {colour}", "rejected": "the lazy dog"})
+    for i in range(8):
+        text.append({"id": f"t{i}", "source": f"text.jsonl:{i + 1}",
+                     "text": f"the quick brown fox {i} jumps over the lazy dog. " * 4})
+    for name, rows in (("sft", sft), ("preference", pref), ("text", text)):
+        (folder / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    from tempering.testing import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return write_rows(tmp_path_factory.mktemp("data") / "clean")
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv(backend.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models gain nothing from more threads, and under CPU contention (other jobs on the
+    box) OpenMP oversubscription made these tests ~7x slower. setup_torch respects this env."""
+    import torch
+
+    previous = torch.get_num_threads()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("OMP_NUM_THREADS", "1")
+        torch.set_num_threads(1)
+        yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(autouse=True)
+def _no_injected_callbacks():
+    yield
+    backend.EXTRA_CALLBACKS.clear()
+
+
+def run_sft(params, tiny, data, root: Path, **kw) -> dict:
+    from tasks.sft import run
+
+    return run(params, base=str(tiny), data=str(data), out=str(root / "sft"), checkpoints=str(root / "ck_sft"),
+               metrics=str(root / "sft.json"), live=kw.get("live", str(root / "live_sft")))
+
+
+@pytest.fixture(scope="module")
+def sft_done(tiny, data, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("sft_done")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(backend.CACHE_ENV, str(root / "cache"))
+        run_sft(make_params(), tiny, data, root)
+    return root
+
+
+# ----------------------------------------------------------------------------- sft
+
+
+def _lora_b_nonzero(folder: Path) -> bool:
+    from safetensors.torch import load_file
+
+    tensors = load_file(folder / "adapter_model.safetensors")
+    bs = [t for k, t in tensors.items() if "lora_B" in k]
+    assert bs, "adapter has no LoRA B matrices"
+    return any(t.abs().sum().item() > 0 for t in bs)  # B starts at zero: nonzero = trained
+
+
+def test_sft_trains_the_adapter_and_reports(sft_done: Path):
+    m = json.loads((sft_done / "sft.json").read_text())
+    assert m["steps"] == 6 and m["session_steps"] == 6 and m["resumed_from"] is None
+    assert math.isfinite(m["train_loss_first"]) and math.isfinite(m["train_loss_last"])
+    assert m["final_loss_finite"] is True and m["weights_changed"] is True
+    assert m["tokens_seen"] > 0 and m["tokens_per_s"] > 0 and m["s_per_step"] > 0
+    assert 0 < m["trainable_params"] < 200_000
+    assert m["data"]["examples"] == 18 and m["data"]["target_tokens"] > 0
+    out = sft_done / "sft"
+    assert (out / "adapter_config.json").exists() and (out / "meta.json").exists()
+    assert (out / "chat_template.jinja").exists() or "chat_template" in (out / "tokenizer_config.json").read_text()
+    assert _lora_b_nonzero(out)
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["stage"] == "sft" and meta["params"]["learning_rate"] == 5e-3 and meta["train"]["steps"] == 6
+    # dvclive curves where dvc.yaml's plots read them, indexed by optimizer step.
+    tsv = sft_done / "live_sft" / "plots" / "metrics" / "train" / "loss.tsv"
+    lines = tsv.read_text().splitlines()
+    assert lines[0].split("\t") == ["step", "loss"] and len(lines) >= 3
+    assert not list(sft_done.glob(".tmp-*"))
+
+
+def test_sft_full_finetune_saves_a_model(tiny, data, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    params = make_params(sft={"adapter": {"method": "full"}, "max_steps": 2, "learning_rate": 1e-3})
+    run_sft(params, tiny, data, tmp_path)
+    m = json.loads((tmp_path / "sft.json").read_text())
+    assert m["weights_changed"] is True and m["trainable_params"] > 100_000
+    tuned = AutoModelForCausalLM.from_pretrained(tmp_path / "sft")
+    base = AutoModelForCausalLM.from_pretrained(tiny)
+    assert any((a != b).any() for a, b in zip(tuned.parameters(), base.parameters()))
+
+
+# ----------------------------------------------------------------------------- dpo
+
+
+def test_dpo_starts_from_the_sft_model_and_learns(sft_done, tiny, data, tmp_path):
+    from tasks.dpo import run
+
+    run(make_params(), base=str(tiny), sft=str(sft_done / "sft"), data=str(data), out=str(tmp_path / "dpo"),
+        checkpoints=str(tmp_path / "ck"), metrics=str(tmp_path / "dpo.json"), live=str(tmp_path / "live"))
+    m = json.loads((tmp_path / "dpo.json").read_text())
+    # At step 1 the policy (SFT merged + fresh LoRA) equals the reference (adapter disabled), so
+    # the sigmoid DPO loss is exactly log 2. A reference other than the SFT model would not give it.
+    assert m["train_loss_first"] == pytest.approx(math.log(2), abs=1e-4)
+    assert m["steps"] == 4 and math.isfinite(m["train_loss_last"]) and m["weights_changed"] is True
+    assert "rewards_accuracies_last" in m and "rewards_margins_last" in m
+    assert _lora_b_nonzero(tmp_path / "dpo")
+    assert (tmp_path / "live" / "plots" / "metrics" / "train" / "loss.tsv").exists()
+
+
+def test_full_dpo_uses_precomputed_reference_from_the_sft_model(sft_done, tiny, data, tmp_path):
+    from tasks.dpo import run
+
+    run(make_params(dpo={"adapter": {"method": "full"}, "max_steps": 2}), base=str(tiny), sft=str(sft_done / "sft"),
+        data=str(data), out=str(tmp_path / "dpo"), checkpoints=str(tmp_path / "ck"),
+        metrics=str(tmp_path / "dpo.json"))
+    m = json.loads((tmp_path / "dpo.json").read_text())
+    assert m["train_loss_first"] == pytest.approx(math.log(2), abs=1e-4)
+    assert m["weights_changed"] is True and m["trainable_params"] > 100_000
+    assert (tmp_path / "dpo" / "config.json").exists() and not (tmp_path / "dpo" / "adapter_config.json").exists()
+
+
+def test_dpo_reference_is_the_policy_with_adapter_disabled(sft_done, tiny, data, tmp_path):
+    """No second model in memory: TRL gets no ref_model and disables the adapter instead."""
+    from peft import PeftModel
+
+    p = make_params()
+    tok = backend.load_tokenizer(sft_done / "sft")
+    model = backend.load_merged(tiny, [sft_done / "sft"])
+    args = backend.training_config("dpo", p.dpo, p.tracking, output_dir=str(tmp_path),
+                                   precision=backend.choose_precision("fp32"), run_name="dpo")
+    trainer = backend.build_dpo_trainer(
+        model, tok, backend.dpo_dataset([json.loads(x) for x in (data / "preference.jsonl").read_text().splitlines()]),
+        args, adapter=p.dpo.adapter, max_prompt_length=5, stage="dpo", checkpoints=str(tmp_path),
+        live_dir=None, tracking=p.tracking)
+    assert trainer.ref_model is None and isinstance(trainer.model, PeftModel)
+    assert max(len(x) for x in trainer.train_dataset["prompt_ids"]) <= 5  # dpo.max_prompt_length
+
+
+# ----------------------------------------------------------------------------- cpt
+
+
+def test_cpt_disabled_passes_the_base_through(tiny, data, tmp_path):
+    from tasks.cpt import run
+
+    out = tmp_path / "models" / "cpt"
+    summary = run(make_params(cpt={"enabled": False}), base=str(tiny), data=str(data), out=str(out),
+                  checkpoints=str(tmp_path / "ck"), metrics=str(tmp_path / "cpt.json"))
+    assert summary["enabled"] is False
+    pointer = json.loads((out / "pointer.json").read_text())
+    assert not Path(pointer["model"]).is_absolute()
+    assert resolve_model_dir(out) == tiny.resolve()
+    assert not list(out.glob("*.safetensors")) and (out / "meta.json").exists()
+    assert json.loads((tmp_path / "cpt.json").read_text())["steps"] == 0
+
+
+def test_cpt_enabled_trains_and_saves_a_merged_model(tiny, data, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from tasks.cpt import run
+
+    out = tmp_path / "cpt"
+    run(make_params(), base=str(tiny), data=str(data), out=str(out), checkpoints=str(tmp_path / "ck"),
+        metrics=str(tmp_path / "cpt.json"))
+    m = json.loads((tmp_path / "cpt.json").read_text())
+    assert m["enabled"] is True and m["steps"] == 3 and m["weights_changed"] is True
+    assert math.isfinite(m["train_loss_last"])
+    assert not (out / "pointer.json").exists() and (out / "tokenizer.json").exists()
+    merged = AutoModelForCausalLM.from_pretrained(out)
+    base = AutoModelForCausalLM.from_pretrained(tiny)
+    assert not any("lora" in k for k in merged.state_dict())
+    assert any((a != b).any() for a, b in zip(merged.parameters(), base.parameters()))
+    assert merged.config.use_cache is True
+
+
+# ----------------------------------------------------------------------------- resume
+
+
+def _write_params(path: Path, **sections) -> Path:
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    path.write_text(yaml.safe_dump(_merge(_merge(raw, SMALL), sections)))
+    return path
+
+
+def _sft_cmd(params: Path, tiny: Path, data: Path, root: Path) -> list[str]:
+    return [sys.executable, "-m", "tasks.sft", "--params", str(params), "--base", str(tiny), "--data", str(data),
+            "--out", str(root / "sft"), "--checkpoints", str(root / "ck"), "--metrics", str(root / "sft.json"),
+            "--live", str(root / "live")]
+
+
+def test_resume_after_sigkill(tiny, data, tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), CI="true", WANDB_MODE="disabled",
+               **{backend.CACHE_ENV: str(tmp_path / "cache")})
+    params = _write_params(tmp_path / "params.yaml", sft={"max_steps": 100, "save_steps": 5, "logging_steps": 1})
+    cmd = _sft_cmd(params, tiny, data, tmp_path)
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    try:
+        while not backend.valid_checkpoints(tmp_path / "ck"):
+            assert proc.poll() is None, f"sft exited before its first checkpoint: {proc.stderr.read()[-2000:]}"
+            assert time.time() < deadline, "no checkpoint within 120 s"
+            time.sleep(0.02)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert not (tmp_path / "sft").exists(), "killed run must not leave a final output"
+    killed_at = int(backend.valid_checkpoints(tmp_path / "ck")[-1].name.split("-")[1])
+    assert killed_at < 100
+
+    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    m = json.loads((tmp_path / "sft.json").read_text())
+    resumed = int(Path(m["resumed_from"]).name.split("-")[1])
+    assert resumed >= killed_at
+    assert m["steps"] == 100 and m["session_steps"] == 100 - resumed
+    # The trainer state carried over: the loss log starts at step 1, from the killed run.
+    state = json.loads((backend.valid_checkpoints(tmp_path / "ck")[-1] / "trainer_state.json").read_text())
+    assert state["global_step"] == 100 and state["log_history"][0]["step"] == 1
+    # Every step's exact loss, across the kill: steps 1..killed from the first process.
+    curve = json.loads((tmp_path / "sft" / "meta.json").read_text())["loss_curve"]
+    assert [c["step"] for c in curve] == list(range(1, 101))
+    steps = [int(x.split("\t")[0]) for x in (tmp_path / "live/plots/metrics/train/loss.tsv").read_text().splitlines()[1:]]
+    assert steps == sorted(steps) and len(steps) == len(set(steps)) and steps[-1] == 100
+
+
+def test_same_fingerprint_resumes_other_fingerprint_restarts(tiny, data, tmp_path):
+    p = make_params(sft={"max_steps": 4, "save_steps": 2})
+    first = run_sft(p, tiny, data, tmp_path)
+    assert first["resumed_from"] is None
+    again = run_sft(p, tiny, data, tmp_path)  # e.g. the stage crashed after training
+    assert again["resumed_from"].endswith("checkpoint-4") and again["steps"] == 4
+    assert (again["train_loss_first"], again["train_loss_last"]) == (first["train_loss_first"], first["train_loss_last"])
+    assert json.loads((tmp_path / "sft.json").read_text())["session_steps"] == 0
+    changed = run_sft(make_params(sft={"max_steps": 4, "save_steps": 2, "learning_rate": 1e-3}), tiny, data, tmp_path)
+    assert changed["resumed_from"] is None and changed["steps"] == 4
+    fp = json.loads((tmp_path / "ck_sft" / "fingerprint.json").read_text())["fingerprint"]
+    assert fp == json.loads((tmp_path / "sft" / "meta.json").read_text())["fingerprint"]
+
+
+# ----------------------------------------------------------------------------- NaN guard
+
+
+def _poison(when: str, step: int):
+    """A callback that breaks training at ``step`` (NaN weights before the forward, or inf grads
+    before the optimizer step)."""
+    import torch
+    from transformers import TrainerCallback
+
+    class Poison(TrainerCallback):
+        def on_step_begin(self, args, state, control, model=None, **kw):
+            if when == "loss" and state.global_step + 1 == step:
+                with torch.no_grad():
+                    next(p for p in model.parameters() if p.requires_grad).fill_(float("nan"))
+
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kw):
+            if when == "grad" and state.global_step + 1 == step:
+                next(p for p in model.parameters() if p.requires_grad).grad.fill_(float("inf"))
+
+    return Poison()
+
+
+@pytest.mark.parametrize("when", ["loss", "grad"])
+def test_nan_stops_with_the_step_and_keeps_the_last_good_checkpoint(tiny, data, tmp_path, when):
+    backend.EXTRA_CALLBACKS.append(_poison(when, 3))
+    with pytest.raises(TemperingError) as err:
+        run_sft(make_params(sft={"max_steps": 6, "save_steps": 1}), tiny, data, tmp_path)
+    msg = str(err.value)
+    assert "step 3" in msg and "checkpoint-2" in msg and "\n" not in msg
+    good = backend.valid_checkpoints(tmp_path / "ck_sft")
+    assert good[-1].name == "checkpoint-2"  # the poisoned step was never saved
+    from safetensors.torch import load_file
+
+    import torch
+
+    weights = load_file(good[-1] / "adapter_model.safetensors")
+    assert all(torch.isfinite(t).all() for t in weights.values())
+    assert not (tmp_path / "sft").exists()
