@@ -46,3 +46,26 @@ test-all: setup
 
 clean:
 	rm -rf models checkpoints eval dvclive data/generated data/validated data/clean data/quarantine reports metrics/*.json wandb .cache
+
+# Prefect orchestration (docs/orchestration.md): a local server, the work pools, the deployments.
+.PHONY: prefect-server work-pools deploy serve refresh
+prefect-server: setup
+	$(BIN)/prefect server start --host 127.0.0.1
+
+work-pools: setup
+	$(BIN)/prefect work-pool create local-process --type process --overwrite
+	$(BIN)/prefect work-pool create gpu-docker --type docker --overwrite \
+		--base-job-template infra/work-pools/docker-gpu.json
+	$(BIN)/prefect work-pool create gpu-kubernetes --type kubernetes --overwrite \
+		--base-job-template infra/work-pools/kubernetes-gpu.json
+
+deploy: setup
+	$(BIN)/prefect deploy --all
+
+# Both flows from this process, the refresh on its weekly schedule (no work pool needed).
+serve: setup
+	$(BIN)/python -m flows.serve
+
+# One refresh now: snapshot refresh.source, run, push, promote if the gate passes.
+refresh: setup
+	$(BIN)/python -m flows.refresh

@@ -1,1 +1,2 @@
-"""Prefect composition of the DVC stages. No pipeline logic lives here: see ``flows/pipeline.py``."""
+"""Prefect composition of the DVC stages (pipeline, refresh, serve). No pipeline logic lives here:
+the stages are in ``tasks/``, their order in ``dvc.yaml``; see docs/orchestration.md."""

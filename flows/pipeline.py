@@ -2,11 +2,16 @@
 
     python -m flows.pipeline                 # whole pipeline (temporary local Prefect server)
     python -m flows.pipeline --stages sft dpo
+    python -m flows.pipeline --params params.gpu.yaml --set sft.learning_rate=5e-4
 
 Each task asks DVC to reproduce exactly one stage (``dvc repro --single-item <stage>``), so DVC
 keeps owning caching, skipping and lineage, and Prefect owns scheduling, retries and artifacts.
 The stage list comes from ``dvc.yaml`` (``tempering.dag.stage_order``); there is no second copy
 of the DAG here, and no pipeline logic: that lives in ``tasks/``.
+
+A run holds the workspace lock (``flows.workspace``) and first makes ``params.yaml`` the
+requested params file plus overrides (checked by the typed schema, like ``dvc exp run -S``).
+Deployments (``prefect.yaml``) pass ``params_file`` and ``overrides`` as parameters.
 """
 
 from __future__ import annotations
@@ -24,8 +29,13 @@ env.setup()
 from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.artifacts import create_markdown_artifact  # noqa: E402
 
+from flows.workspace import check_params, use_params, workspace_lock  # noqa: E402
 from tempering import TemperingError  # noqa: E402
 from tempering.dag import stage_order  # noqa: E402
+
+# The HTML report of a run (tempering.html_report); linked from the flow run's artifacts.
+REPORT_HTML = "reports/report.html"
+DEFAULT_LOCK_TIMEOUT_S = 3600.0
 
 # Stages whose failure can be transient (OOM, preempted GPU node): retry, resuming from the
 # last checkpoint. Data stages are deterministic: a retry would fail the same way.
@@ -70,36 +80,71 @@ def _stage_task(stage: str):
     )
 
 
-def summary_artifact(root: str | os.PathLike = ".") -> str:
-    """Markdown table of metrics and the gate's reasons, attached to the flow run."""
+def report_link(root: str | os.PathLike = ".") -> str:
+    """Markdown line pointing at the run's HTML report; also attaches it as a link artifact."""
+    from prefect.artifacts import create_link_artifact
+
+    path = (Path(root) / REPORT_HTML).resolve()
+    if not path.exists():
+        return f"HTML report: not generated (`{REPORT_HTML}`)"
+    create_link_artifact(key="tempering-report", link=path.as_uri(), link_text=str(path),
+                         description="tempering: HTML report of this run")
+    return f"HTML report: [{REPORT_HTML}]({path.as_uri()}) (`{path}`)"
+
+
+def summary_markdown(root: str | os.PathLike = ".") -> str:
+    """Markdown table of metrics, the gate's reasons and the promotion (from the metrics files)."""
     from tempering.report import summarize, to_markdown
 
-    md = to_markdown(summarize(root))
+    return to_markdown(summarize(root))
+
+
+def summary_artifact(root: str | os.PathLike = ".") -> str:
+    """Markdown table of metrics and the gate's reasons, attached to the flow run."""
+    md = summary_markdown(root) + "\n" + report_link(root) + "\n"
     create_markdown_artifact(key="tempering-run-summary", markdown=md,
                              description="tempering: benchmarks, gate verdict, promotion")
     return md
 
 
+def _lock_timeout(root: Path, params_file: str, overrides) -> float:
+    """refresh.lock_timeout_s of the run's params; the default for projects without params."""
+    if not (root / params_file).exists() and params_file == "params.yaml" and not overrides:
+        return DEFAULT_LOCK_TIMEOUT_S
+    return check_params(root, params_file, overrides or ()).refresh.lock_timeout_s
+
+
 @flow(name="tempering-pipeline", log_prints=True)
-def pipeline(root: str = ".", stages: list[str] | None = None) -> dict:
-    """Reproduce the DVC stages in order; returns {stage: "ran" | "skipped"} and attaches a summary."""
+def pipeline(root: str = ".", stages: list[str] | None = None, params_file: str = "params.yaml",
+             overrides: list[str] | None = None) -> dict:
+    """Reproduce the DVC stages in order; returns {stage: "ran" | "skipped"} and attaches a summary.
+
+    ``params_file`` (relative to ``root``) and ``overrides`` (``section.key=value``) choose the
+    params of the run; they are written into ``params.yaml`` before the first stage.
+    """
     logger = get_run_logger()
-    dvc_yaml = Path(root) / "dvc.yaml"
+    root_path = Path(root)
+    dvc_yaml = root_path / "dvc.yaml"
     order = stage_order(dvc_yaml)
     if stages:
         unknown = sorted(set(stages) - set(order))
         if unknown:
             raise TemperingError(f"{dvc_yaml}: unknown stage(s) {unknown}; stages are {order}")
         order = [s for s in order if s in stages]
-    # Sequential on purpose: DVC holds one lock per workspace, and the DAG is a near-chain.
-    # Parallelism lives inside the stages (and, past one machine, in work pools).
-    result = {}
-    for stage in order:
-        out = _stage_task(stage)(stage, root)
-        result[stage] = "skipped" if "didn't change, skipping" in out else "ran"
-        logger.info("stage %s: %s", stage, result[stage])
-    if "promote" in result or not stages:
-        summary_artifact(root)
+    timeout = _lock_timeout(root_path, params_file, overrides)
+    with workspace_lock(root_path, timeout=timeout, what="tempering-pipeline"):
+        if overrides or params_file != "params.yaml":
+            if use_params(root_path, params_file, overrides or ()):
+                logger.info("params.yaml set from %s with overrides %s", params_file, overrides or [])
+        # Sequential on purpose: DVC holds one lock per workspace, and the DAG is a near-chain.
+        # Parallelism lives inside the stages (and, past one machine, in work pools).
+        result = {}
+        for stage in order:
+            out = _stage_task(stage)(stage, root)
+            result[stage] = "skipped" if "didn't change, skipping" in out else "ran"
+            logger.info("stage %s: %s", stage, result[stage])
+        if "promote" in result or not stages:
+            summary_artifact(root)
     return result
 
 
@@ -107,9 +152,13 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flows.pipeline", description=__doc__.splitlines()[0])
     parser.add_argument("--root", default=".", help="project root holding dvc.yaml")
     parser.add_argument("--stages", nargs="*", help="run only these stages (in DAG order)")
+    parser.add_argument("--params", default="params.yaml", help="params file (relative to --root)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a param for this run, e.g. --set sft.learning_rate=1e-4")
     args = parser.parse_args(argv)
     try:
-        result = pipeline(root=args.root, stages=args.stages)
+        result = pipeline(root=args.root, stages=args.stages, params_file=args.params,
+                          overrides=args.overrides)
     except (StageFailed, TemperingError) as exc:
         print(f"tempering pipeline: error: {exc}", file=sys.stderr)
         return 2

@@ -84,20 +84,23 @@ def run(params: Params, base: str, data: str, out: str, checkpoints: str, metric
     precision = backend.choose_precision(cfg.precision)
     tokenizer = backend.load_tokenizer(base_dir)
     dataset, data_stats = backend.pack_text(rows, tokenizer, cfg.block_size, source=str(data_file))
-    model = backend.load_model(base_dir, method=cfg.adapter.method, precision=precision, section="cpt")
+    train_set, eval_set = backend.split_eval(dataset, cfg.eval_share, cfg.seed)
+    data_stats.update({"train_blocks": len(train_set), "eval_blocks": len(eval_set) if eval_set else 0})
+    model = backend.load_model(base_dir, method=cfg.adapter.method, precision=precision, section="cpt",
+                               frozen=cfg.adapter.frozen_dtype)
     model = backend.apply_adapter(model, cfg.adapter, seed=cfg.seed)
     before = backend.snapshot_trainable(model)
     args = backend.training_config("cpt", cfg, params.tracking, output_dir=checkpoints,
                                    precision=precision, run_name="cpt", max_length=cfg.block_size)
     resume_step = int(resume.name.split("-")[1]) if resume else None
-    trainer = backend.build_sft_trainer(model, tokenizer, dataset, args, stage="cpt",
+    trainer = backend.build_sft_trainer(model, tokenizer, train_set, args, stage="cpt",
                                         checkpoints=checkpoints, live_dir=live,
-                                        tracking=params.tracking, resume_step=resume_step)
+                                        tracking=params.tracking, resume_step=resume_step,
+                                        eval_dataset=eval_set, cfg=cfg)
     summary = backend.train(trainer, resume, before)
 
-    merged = trainer.model
-    if hasattr(merged, "merge_and_unload"):
-        merged = merged.merge_and_unload()
+    # Merge in float32 (the frozen base may be stored in bf16 while training: see backend.frozen_dtype).
+    merged = backend.merged_float32(trainer.model, base_dir)
     merged = merged.to(getattr(torch, cfg.dtype))
     merged.config.dtype = cfg.dtype
     merged.config.use_cache = True
@@ -109,9 +112,10 @@ def run(params: Params, base: str, data: str, out: str, checkpoints: str, metric
                     "threads": threads, "data": data_stats, "method": cfg.adapter.method,
                     "wall_time_s": round(time.time() - started, 2)})
     curve = summary.pop("loss_curve")
+    eval_curve = summary.pop("eval_loss_curve", None)
     write_meta(out, stage="cpt", params=cfg, inputs={"base": base_hash, "data": data_hash},
                started=started, extra={"enabled": True, "base_model": str(base), "train": summary,
-                                       "loss_curve": curve, "fingerprint": fp,
+                                       "loss_curve": curve, "eval_loss_curve": eval_curve, "fingerprint": fp,
                                        "base_meta": _base_meta(base_dir)})
     write_json(metrics, summary)
     return {"out": out, **{k: summary[k] for k in ("enabled", "steps", "train_loss_first", "train_loss_last",

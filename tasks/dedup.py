@@ -1,7 +1,8 @@
 """Stage ``dedup``: decontaminate against the benchmarks, then drop exact and near duplicates.
 
     python -m tasks.dedup --data data/validated --benchmarks data/generated/benchmarks \\
-        --out data/clean --quarantine data/quarantine/dedup.jsonl --metrics metrics/dedup.json
+        --out data/clean --quarantine data/quarantine/dedup.jsonl --metrics metrics/dedup.json \\
+        --index data/dedup_index --report reports/data_dedup.md
 
 Per kind (``sft``, ``preference``, ``text``), rows in file order, the first occurrence wins:
 
@@ -20,10 +21,19 @@ Per kind (``sft``, ``preference``, ``text``), rows in file order, the first occu
    positives from sketch noise. Shingle hashing and the MinHash permutations are vectorised in
    numpy (one array operation per row instead of one ``update`` per shingle).
 
+4. **Earlier snapshots** (``--index``, ``dedup.index``): the index folder keeps, per snapshot label,
+   the exact-hash digest and MinHash signature of every row kept before (never the text). Rows are
+   also checked against it: an exact-hash hit or a signature match (estimated Jaccard >=
+   ``threshold``; the earlier texts are not re-read) removes the row with ``of_snapshot`` and the
+   earlier row's id. The rows kept now are then written to the index under ``dedup.snapshot``
+   (replacing that label's entry, so re-running the same snapshot never dedups it against itself).
+   The folder is a DVC output (``persist: true``): pushed and versioned like any other artifact.
+
 The text compared is: SFT rows, all message contents joined; preference rows, prompt + chosen
 (decontamination also reads rejected); text rows, the text. Removed rows go to ``--quarantine`` with
-``duplicate_of`` (the kept row's ``id``). ``--metrics`` has counts per kind, per reason and per
-benchmark, and the throughput. kept + removed = read for every kind (asserted).
+``duplicate_of`` (the kept row's ``id``). ``--metrics`` has counts per kind, per source file, per
+reason and per benchmark, and the throughput; ``--report`` the same as markdown. kept + removed =
+read for every kind (asserted).
 """
 
 from __future__ import annotations
@@ -31,6 +41,7 @@ from __future__ import annotations
 import argparse
 import functools
 import hashlib
+import json
 import re
 import time
 from pathlib import Path
@@ -40,7 +51,7 @@ import numpy as np
 from tempering import TemperingError
 from tempering.cli import stage_main
 from tempering.config import DedupParams, Params
-from tempering.io import atomic_path, dump_jsonl, read_jsonl, write_json, write_meta
+from tempering.io import atomic_path, dump_jsonl, read_jsonl, write_json, write_meta, write_text
 
 KINDS = ("sft", "preference", "text")
 MIN_SHORT_ITEM_WORDS = 8
@@ -256,6 +267,103 @@ class ContaminationIndex:
         return None
 
 
+# ----------------------------------------------------------------------------- incremental index
+
+INDEX_VERSION = 1
+INDEX_FILE = "index.json"
+
+
+class DedupIndex:
+    """Exact hashes and MinHash signatures of every row kept by earlier snapshots (a folder).
+
+    ``index.json`` names the signature parameters and one shard per snapshot label
+    (``snap-<label>.npz``: kind, exact-hash digest, signature, id and source of every kept row).
+    Texts are never stored: a later snapshot is deduplicated against the signatures alone.
+    """
+
+    def __init__(self, folder: str | Path, cfg: DedupParams) -> None:
+        self.folder = Path(folder)
+        self.cfg = cfg
+        self.meta = {"version": INDEX_VERSION, "num_perm": cfg.num_perm, "shingle": cfg.shingle,
+                     "seed": MINHASH_SEED, "scheme": "affine32", "normal_form": "lowercased \\w+ words",
+                     "snapshots": {}}
+        self.prior: dict[str, dict[str, np.ndarray]] = {k: {} for k in KINDS}
+        self.pending: dict[str, list] = {}  # this snapshot's kept rows, set by dedup_rows, written by save()
+        path = self.folder / INDEX_FILE
+        if self.folder.exists() and not self.folder.is_dir():
+            raise TemperingError(f"{self.folder}: dedup index must be a folder")
+        if not path.exists():
+            return
+        try:
+            meta = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise TemperingError(f"{path}: unreadable dedup index ({exc}); restore it (dvc checkout) or delete "
+                                 "the folder to start a new one") from None
+        earlier = {k: v for k, v in meta.get("snapshots", {}).items() if k != cfg.snapshot}
+        if earlier:
+            for key in ("version", "num_perm", "shingle", "seed"):
+                if meta.get(key) != self.meta[key]:
+                    raise TemperingError(
+                        f"{path}: built with {key}={meta.get(key)} but dedup.{key if key != 'seed' else 'seed'} is "
+                        f"{self.meta[key]}; signatures of earlier snapshots ({', '.join(earlier)}) are not comparable. "
+                        "Restore the old value or delete the index to start over")
+        self.meta["snapshots"] = dict(meta.get("snapshots", {}))
+        parts: dict[str, list[dict]] = {k: [] for k in KINDS}
+        for label, info in earlier.items():
+            shard = self.folder / info["file"]
+            try:
+                with np.load(shard, allow_pickle=False) as z:
+                    data = {name: z[name] for name in z.files}
+            except (OSError, ValueError, KeyError) as exc:
+                raise TemperingError(f"{shard}: unreadable dedup index shard ({exc})") from None
+            for code, kind in enumerate(KINDS):
+                sel = data["kind"] == code
+                if sel.any():
+                    parts[kind].append({"exact": data["exact"][sel], "sig": data["sig"][sel],
+                                        "has_sig": data["has_sig"][sel], "id": data["id"][sel],
+                                        "source": data["source"][sel],
+                                        "snapshot": np.full(int(sel.sum()), label)})
+        for kind, chunks in parts.items():
+            if chunks:
+                self.prior[kind] = {name: np.concatenate([c[name] for c in chunks]) for name in chunks[0]}
+
+    def earlier_rows(self) -> dict[str, int]:
+        return {label: sum(info["rows"].values()) for label, info in self.meta["snapshots"].items()
+                if label != self.cfg.snapshot}
+
+    def save(self) -> dict:
+        """Write this snapshot's shard (replacing the same label's) and the updated ``index.json``."""
+        from tempering.io import atomic_path, write_json
+
+        entries = self.pending
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        kinds, exact, sigs, has, ids, sources = [], [], [], [], [], []
+        empty = np.zeros(self.cfg.num_perm, dtype=np.uint32)
+        for code, kind in enumerate(KINDS):
+            for digest, sig, row_id, source in entries.get(kind, []):
+                kinds.append(code)
+                exact.append(digest)
+                sigs.append(empty if sig is None else sig.astype(np.uint32))
+                has.append(sig is not None)
+                ids.append(row_id)
+                sources.append(source)
+        name = f"snap-{self.cfg.snapshot}.npz"
+        with atomic_path(self.folder / name) as tmp:
+            with open(tmp, "wb") as fh:
+                np.savez_compressed(
+                    fh, kind=np.asarray(kinds, dtype=np.uint8),
+                    exact=np.frombuffer(b"".join(exact), dtype=np.uint8).reshape(len(exact), 20),
+                    sig=np.asarray(sigs, dtype=np.uint32).reshape(len(sigs), self.cfg.num_perm),
+                    has_sig=np.asarray(has, dtype=bool), id=np.asarray(ids, dtype=str),
+                    source=np.asarray(sources, dtype=str))
+        self.meta["snapshots"][self.cfg.snapshot] = {
+            "file": name, "rows": {kind: len(entries.get(kind, [])) for kind in KINDS},
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        write_json(self.folder / INDEX_FILE, self.meta)
+        return self.meta
+
+
 # ----------------------------------------------------------------------------- dedup
 
 
@@ -281,18 +389,33 @@ def _lsh_params(cfg: DedupParams) -> tuple[int, int]:
 
 
 def dedup_kind(kind: str, rows: list[dict], cfg: DedupParams, index: ContaminationIndex | None,
-               hasher: WordHasher, minhasher: MinHasher) -> tuple[list[dict], list[dict], dict]:
-    """Decontaminate, exact- and near-dedup one kind's rows: (kept, quarantined, counts)."""
+               hasher: WordHasher, minhasher: MinHasher, prior: dict[str, np.ndarray] | None = None,
+               ) -> tuple[list[dict], list[dict], dict, list]:
+    """Decontaminate, exact- and near-dedup one kind's rows, also against ``prior`` (earlier snapshots'
+    index entries). Returns (kept, quarantined, counts, index entries of the kept rows)."""
     from datasketch import MinHashLSH
 
     lsh = MinHashLSH(threshold=max(0.05, cfg.threshold - LSH_MARGIN), num_perm=cfg.num_perm,
                      params=_lsh_params(cfg))
-    exact: dict[str, dict] = {}
+    prior = prior or {}
+    prior_exact: dict[bytes, int] = {}
+    if prior:
+        prior_exact = {d.tobytes(): i for i, d in reversed(list(enumerate(prior["exact"])))}
+        with lsh.insertion_session() as session:
+            for i in np.flatnonzero(prior["has_sig"]).tolist():
+                session.insert(-(i + 1), _Sketch(prior["sig"][i]))
+    exact: dict[bytes, dict] = {}
     kept: list[dict] = []
     kept_shingles: list[np.ndarray] = []
+    entries: list[tuple[bytes, np.ndarray | None, str, str]] = []
     removed: list[dict] = []
-    counts = {"read": len(rows), "kept": 0, "exact_duplicate": 0, "near_duplicate": 0, "contaminated": 0}
+    counts = {"read": len(rows), "kept": 0, "exact_duplicate": 0, "near_duplicate": 0, "contaminated": 0,
+              "of_earlier_snapshot": 0}
     by_benchmark: dict[str, int] = {}
+
+    def earlier(i: int) -> tuple[str, str, str]:
+        return str(prior["id"][i]), str(prior["source"][i]), str(prior["snapshot"][i])
+
     for row in rows:
         text = row_text(kind, row)
         tokens = words(text)
@@ -310,49 +433,71 @@ def dedup_kind(kind: str, rows: list[dict], cfg: DedupParams, index: Contaminati
                 by_benchmark[bench] = by_benchmark.get(bench, 0) + 1
                 continue
         norm = " ".join(tokens)  # == normalize(text), reusing the tokens
-        key = hashlib.sha1((norm if norm else "raw:" + _SPACE.sub(" ", text).strip()).encode("utf-8")).hexdigest()
+        key = hashlib.sha1((norm if norm else "raw:" + _SPACE.sub(" ", text).strip()).encode("utf-8")).digest()
         first = exact.get(key)
         if first is not None:
             removed.append(_quarantine(row, "exact_duplicate", f"exact duplicate of {first.get('source')} "
                                        f"(id {first['id']})", first["id"]))
             counts["exact_duplicate"] += 1
             continue
+        if key in prior_exact:
+            pid, psrc, snap = earlier(prior_exact[key])
+            removed.append(_quarantine(row, "exact_duplicate", f"exact duplicate of {psrc} (id {pid}) in earlier "
+                                       f"snapshot {snap}", pid, of_snapshot=snap))
+            counts["exact_duplicate"] += 1
+            counts["of_earlier_snapshot"] += 1
+            continue
         exact[key] = row
         shingles = shingle_hashes(wh, cfg.shingle)
+        mh = None
         if len(shingles):
             mh = minhasher.minhash(shingles)
             best, best_j = None, 0.0
             for cand in lsh.query(mh):
-                j = jaccard(shingles, kept_shingles[cand])
-                if j >= cfg.threshold and (j > best_j or (j == best_j and cand < best)):
+                if cand >= 0:  # this snapshot: the exact Jaccard of the shingle sets decides
+                    j = jaccard(shingles, kept_shingles[cand])
+                else:  # an earlier snapshot: only its signature is kept, so the MinHash estimate decides
+                    j = float(np.mean(prior["sig"][-cand - 1] == mh.hashvalues))
+                if j >= cfg.threshold and (best is None or j > best_j or (j == best_j and cand < best)):
                     best, best_j = cand, j
             if best is not None:
-                orig = kept[best]
+                if best >= 0:
+                    orig = kept[best]
+                    oid, osrc, extra, where = orig["id"], orig.get("source"), {}, ""
+                else:
+                    oid, osrc, snap = earlier(-best - 1)
+                    extra, where = {"of_snapshot": snap}, f" in earlier snapshot {snap}"
+                    counts["of_earlier_snapshot"] += 1
                 removed.append(_quarantine(row, "near_duplicate",
-                                           f"near duplicate (Jaccard {best_j:.3f}) of {orig.get('source')} "
-                                           f"(id {orig['id']})", orig["id"], similarity=round(best_j, 4)))
+                                           f"near duplicate (Jaccard {best_j:.3f}) of {osrc} (id {oid}){where}",
+                                           oid, similarity=round(best_j, 4), **extra))
                 counts["near_duplicate"] += 1
                 continue
             lsh.insert(len(kept), mh)
         kept.append(row)
         kept_shingles.append(shingles)
+        entries.append((key, None if mh is None else mh.hashvalues, str(row.get("id")), str(row.get("source"))))
     counts["kept"] = len(kept)
     if counts["kept"] + len(removed) != counts["read"]:  # the bookkeeping invariant
         raise AssertionError(f"dedup {kind}: kept {counts['kept']} + removed {len(removed)} != read {counts['read']}")
     counts["contaminated_by_benchmark"] = by_benchmark
-    return kept, removed, counts
+    return kept, removed, counts, entries
 
 
 def dedup_rows(rows_by_kind: dict[str, list[dict]], cfg: DedupParams,
-               benchmarks: dict[str, list[dict]] | None = None) -> tuple[dict[str, list[dict]], list[dict], dict]:
-    """Dedup every kind; returns (kept rows per kind, quarantine rows, metrics)."""
+               benchmarks: dict[str, list[dict]] | None = None, dedup_index: DedupIndex | None = None,
+               ) -> tuple[dict[str, list[dict]], list[dict], dict]:
+    """Dedup every kind (also against ``dedup_index``'s earlier snapshots, whose entry for this
+    snapshot is then replaced); returns (kept rows per kind, quarantine rows, metrics)."""
     started = time.time()
     hasher = WordHasher()
     minhasher = MinHasher(cfg.num_perm)
     index = ContaminationIndex(benchmarks or {}, cfg.decontam_ngram, hasher)
-    kept, removed, per_kind = {}, [], {}
+    kept, removed, per_kind, entries = {}, [], {}, {}
     for kind in KINDS:
-        kept[kind], rem, per_kind[kind] = dedup_kind(kind, rows_by_kind.get(kind, []), cfg, index, hasher, minhasher)
+        prior = dedup_index.prior[kind] if dedup_index is not None else None
+        kept[kind], rem, per_kind[kind], entries[kind] = dedup_kind(kind, rows_by_kind.get(kind, []), cfg, index,
+                                                                    hasher, minhasher, prior)
         removed.extend(rem)
     elapsed = time.time() - started
     read = sum(c["read"] for c in per_kind.values())
@@ -361,7 +506,21 @@ def dedup_rows(rows_by_kind: dict[str, list[dict]], cfg: DedupParams,
         for name, n in c.pop("contaminated_by_benchmark").items():
             by_bench[name] = by_bench.get(name, 0) + n
     totals = {key: sum(c[key] for c in per_kind.values())
-              for key in ("read", "kept", "exact_duplicate", "near_duplicate", "contaminated")}
+              for key in ("read", "kept", "exact_duplicate", "near_duplicate", "contaminated", "of_earlier_snapshot")}
+    sources: dict[str, dict] = {}
+    for kind, rows in ((k, rows_by_kind.get(k, [])) for k in KINDS):
+        for row in rows:
+            s = sources.setdefault(_where(row)[0], {"kind": kind, "read": 0, "kept": 0, "exact_duplicate": 0,
+                                                    "near_duplicate": 0, "contaminated": 0})
+            s["read"] += 1
+    for q in removed:
+        sources[q["source"]][q["reason"]] += 1
+    for s in sources.values():
+        s["kept"] = s["read"] - s["exact_duplicate"] - s["near_duplicate"] - s["contaminated"]
+    index_info = None
+    if dedup_index is not None:
+        index_info = {"snapshot": cfg.snapshot, "earlier_snapshots": dedup_index.earlier_rows(),
+                      "folder": str(dedup_index.folder)}
     metrics = {
         **totals,
         "removed": len(removed),
@@ -371,17 +530,43 @@ def dedup_rows(rows_by_kind: dict[str, list[dict]], cfg: DedupParams,
         "benchmark_items": {name: len(items) for name, items in (benchmarks or {}).items()},
         "docs_per_s": round(read / elapsed, 1) if elapsed > 0 else None,
         "dedup_s": round(elapsed, 3),
+        "index": index_info,
+        "sources": sources,
     }
     assert totals["kept"] + len(removed) == totals["read"]
+    if dedup_index is not None:
+        dedup_index.pending = entries
     return kept, removed, metrics
 
 
-def run(params: Params, data: str, benchmarks: str, out: str, quarantine: str, metrics: str) -> dict:
+def render_report(m: dict) -> str:
+    lines = ["# Dedup and decontamination report", "",
+             f"Read **{m['read']}** validated rows: kept **{m['kept']}**, removed **{m['removed']}** "
+             f"({100 * m['removed_share']:.1f}%): {m['exact_duplicate']} exact duplicates, {m['near_duplicate']} near "
+             f"duplicates, {m['contaminated']} contaminated. {m['docs_per_s']} docs/s.", ""]
+    if m.get("index"):
+        earlier = m["index"]["earlier_snapshots"]
+        lines += [f"Snapshot **{m['index']['snapshot']}**, deduplicated against "
+                  + (", ".join(f"{k} ({v} rows)" for k, v in earlier.items()) if earlier else "no earlier snapshot")
+                  + f": {m['of_earlier_snapshot']} rows removed as duplicates of earlier snapshots.", ""]
+    lines += ["## Per source", "", "| source | kind | read | kept | exact | near | contaminated |",
+              "|---|---|---:|---:|---:|---:|---:|"]
+    lines += [f"| `{p}` | {s['kind']} | {s['read']} | {s['kept']} | {s['exact_duplicate']} | {s['near_duplicate']} | "
+              f"{s['contaminated']} |" for p, s in m["sources"].items()]
+    lines += ["", "## Decontamination per benchmark", "", "| benchmark | items | training rows dropped |",
+              "|---|---:|---:|"]
+    lines += [f"| {b} | {m['benchmark_items'].get(b, 0)} | {n} |" for b, n in m["contaminated_by_benchmark"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def run(params: Params, data: str, benchmarks: str, out: str, quarantine: str, metrics: str,
+        index: str | None = None, report: str | None = None) -> dict:
     started = time.time()
     cfg = params.dedup
     rows = {kind: read_jsonl(Path(data) / f"{kind}.jsonl") for kind in KINDS}
     benches = load_benchmarks(benchmarks) if cfg.decontam_ngram > 0 else {}
-    kept, removed, summary = dedup_rows(rows, cfg, benches)
+    dedup_index = DedupIndex(index, cfg) if index and cfg.index else None
+    kept, removed, summary = dedup_rows(rows, cfg, benches, dedup_index)
     summary["wall_time_s"] = round(time.time() - started, 2)
 
     with atomic_path(out) as tmp:
@@ -395,10 +580,15 @@ def run(params: Params, data: str, benchmarks: str, out: str, quarantine: str, m
     with atomic_path(quarantine) as tmp:
         with open(tmp, "w", encoding="utf-8") as fh:
             dump_jsonl(removed, fh)
+    if dedup_index is not None:
+        dedup_index.save()
+    if report:
+        write_text(report, render_report(summary))
     write_json(metrics, summary)
     return {"out": out, "read": summary["read"], "kept": summary["kept"],
             "exact_duplicate": summary["exact_duplicate"], "near_duplicate": summary["near_duplicate"],
-            "contaminated": summary["contaminated"], "kept_by_kind": {k: len(v) for k, v in kept.items()},
+            "contaminated": summary["contaminated"], "of_earlier_snapshot": summary["of_earlier_snapshot"],
+            "kept_by_kind": {k: len(v) for k, v in kept.items()},
             "docs_per_s": summary["docs_per_s"], "wall_time_s": summary["wall_time_s"]}
 
 
@@ -409,6 +599,10 @@ def _args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="data/clean", help="output folder")
     parser.add_argument("--quarantine", default="data/quarantine/dedup.jsonl", help="removed rows (JSONL)")
     parser.add_argument("--metrics", default="metrics/dedup.json", help="metrics JSON")
+    parser.add_argument("--index", default=None,
+                        help="incremental dedup index folder (earlier snapshots; this one is added under "
+                             "dedup.snapshot); without it each run stands alone")
+    parser.add_argument("--report", default=None, help="markdown report (counts per source and benchmark)")
 
 
 def main(argv=None) -> int:

@@ -5,8 +5,10 @@
 
 The base model is loaded in float32 and the SFT adapter merged into it; a fresh LoRA goes on top.
 The reference model is the same network with that LoRA disabled, i.e. exactly the SFT model, so
-there is no second copy in memory (with ``dpo.adapter.method: full`` the reference log-probs are
-computed once before training instead). ``beta``, ``loss_type``, ``max_length`` and
+there is no second copy in memory. With ``dpo.precompute_ref`` (default) the reference log-probs are
+computed once before training and cached under ``.cache/tempering/dpo_ref/`` keyed by (preference
+data, reference model = base + SFT, tokenizer, max lengths, precision): no reference forward in
+any epoch, and none at all in a later run with the same inputs (LoRA and full alike). ``beta``, ``loss_type``, ``max_length`` and
 ``max_prompt_length`` come from the ``dpo`` params (long prompts keep their end).
 
 Checkpoints/resume as in ``tasks.sft``. Writes the DPO adapter (+ tokenizer) to ``--out``
@@ -25,7 +27,7 @@ from pathlib import Path
 from tempering import TemperingError
 from tempering.cli import stage_main
 from tempering.config import Params
-from tempering.io import hash_path, read_jsonl, resolve_model_dir, write_json, write_meta
+from tempering.io import content_id, hash_path, read_jsonl, resolve_model_dir, write_json, write_meta
 
 
 def _policy_base(base_dir: Path, sft: Path, method: str, precision):
@@ -73,13 +75,23 @@ def run(params: Params, base: str, sft: str, data: str, out: str, checkpoints: s
     model.config.use_cache = False
     if cfg.adapter.method == "full":  # merging left the weights frozen (peft freezes the base)
         backend.apply_adapter(model, cfg.adapter)
+    else:  # the frozen SFT model in the autocast dtype (see backend.frozen_dtype)
+        model = backend.cast_frozen(model, cfg.adapter, precision)
     args = backend.training_config("dpo", cfg, params.tracking, output_dir=checkpoints,
                                    precision=precision, run_name="dpo")
+    # The reference is the SFT model: base + SFT adapter (and the frozen dtype they are run in).
+    ref_key = backend.reference_cache_key(
+        data=data_hash, reference=content_id({"base": base_hash, "sft": sft_hash,
+                                              "frozen": str(backend.frozen_dtype(cfg.adapter.method, precision,
+                                                                                 cfg.adapter.frozen_dtype))}),
+        tokenizer=backend.tokenizer_hash(tok_dir), max_length=cfg.max_length,
+        max_prompt_length=cfg.max_prompt_length, precision=precision.name)
     resume_step = int(resume.name.split("-")[1]) if resume else None
     trainer = backend.build_dpo_trainer(model, tokenizer, dataset, args, adapter=cfg.adapter,
                                         max_prompt_length=cfg.max_prompt_length, stage="dpo",
                                         checkpoints=checkpoints, live_dir=live,
-                                        tracking=params.tracking, resume_step=resume_step)
+                                        tracking=params.tracking, resume_step=resume_step,
+                                        ref_cache_key=ref_key)
     before = backend.snapshot_trainable(trainer.model)
     summary = backend.train(trainer, resume, before)
     backend.save_trained(trainer, tokenizer, out)

@@ -15,6 +15,8 @@ its value, delta, interval and verdict. The thresholds (``gate`` in ``params.yam
   ``max_forgetting`` budget. With an interval test it fails only when the whole interval of the
   drop lies above the budget, so noise alone never rejects a model: the same model scored twice
   passes every forgetting and champion check.
+- **kl** / **perplexity**, every ``general`` benchmark, when ``max_kl`` / ``max_perplexity_ratio``
+  are set: label-free forgetting signals (point values; the evaluate stage measures them).
 - **champion**, every ``domain`` benchmark, when ``min_gain_vs_production`` is set and a
   production model was scored: the candidate must not fall short of production by more than the
   interval allows.
@@ -175,6 +177,29 @@ def _judge(kind: str, name: str, threshold: float, cand: float, ref: float, delt
                  ci=ci, n=n, passed=passed, reason=why, p_value=p_value)
 
 
+def _signal_checks(name: str, b: dict, cfg: GateParams) -> list[Check]:
+    """Label-free forgetting thresholds (point values): KL from the base, perplexity ratio."""
+    out = []
+    n = int(b.get("n") or 0)
+    if cfg.max_kl is not None and b.get("kl_vs_base") is not None:
+        kl = float(b["kl_vs_base"])
+        ok = kl <= cfg.max_kl + EPS
+        out.append(Check(benchmark=name, kind="kl", threshold=cfg.max_kl, candidate=kl, reference=0.0, delta=kl,
+                         ci=None, n=n, passed=ok,
+                         reason=f"{name}: kl: mean per-token KL from the base {kl:.4f} "
+                                f"{'within' if ok else 'over'} the limit {cfg.max_kl:.4f}"))
+    ppl_c = (b.get("candidate") or {}).get("perplexity")
+    ppl_b = (b.get("base") or {}).get("perplexity")
+    if cfg.max_perplexity_ratio is not None and ppl_c and ppl_b:
+        ratio = float(ppl_c) / float(ppl_b)
+        ok = ratio <= cfg.max_perplexity_ratio + EPS
+        out.append(Check(benchmark=name, kind="perplexity", threshold=cfg.max_perplexity_ratio, candidate=float(ppl_c),
+                         reference=float(ppl_b), delta=ratio, ci=None, n=n, passed=ok,
+                         reason=f"{name}: perplexity: candidate {ppl_c:.2f} vs base {ppl_b:.2f} is x{ratio:.2f}, "
+                                f"{'within' if ok else 'over'} the limit x{cfg.max_perplexity_ratio:.2f}"))
+    return out
+
+
 def decide(evaluation: dict, samples: dict | None, cfg: GateParams) -> Verdict:
     """The gate: one check per threshold; passed only when every check passes.
 
@@ -227,6 +252,8 @@ def decide(evaluation: dict, samples: dict | None, cfg: GateParams) -> Verdict:
                 cand, ref = sum(xs) / n, sum(ys) / n
                 ci, p_value = _interval(xs, ys, cfg, salt=1000 * i + j)
             checks.append(_judge(kind, name, threshold, cand, ref, delta, ci, n, level, p_value))
+        if role == "general":
+            checks += _signal_checks(name, b, cfg)
     passed = not notes and bool(checks) and all(c.passed for c in checks)
     return Verdict(passed=passed, checks=tuple(checks), test=cfg.test if use_items else "none",
                    confidence=cfg.confidence, metric=metric, notes=tuple(notes))

@@ -8,6 +8,11 @@ loss: we render each conversation with the chat template ourselves and locate th
 (see ``tempering.backend.tokenize_conversation``); the tokenized set is cached, so a re-run that
 only changes e.g. the learning rate does not tokenize again.
 
+``sft.packing`` packs conversations into ``max_length`` blocks (attention kept within each);
+``sft.eval_share`` holds out rows for an eval loss at every checkpoint and
+``sft.early_stopping_patience`` stops on it (keeping the best checkpoint). ``adapter.method`` may
+also be ``prefix`` or ``prompt`` (peft prefix / prompt tuning; not mergeable, so not for dpo/export).
+
 Checkpoints go to ``--checkpoints`` (a DVC ``persist`` output) with a fingerprint of the ``sft``
 params, the data and the base model: a re-run after a crash resumes from the last checkpoint when
 the fingerprint matches, and starts fresh otherwise. Writes the adapter (peft ``save_pretrained``
@@ -52,15 +57,24 @@ def run(params: Params, base: str, data: str, out: str, checkpoints: str, metric
         rows, tokenizer, max_length=cfg.max_length, data_hash=data_hash,
         tokenizer_id=backend.tokenizer_hash(base_dir), chat_template=cfg.chat_template,
         source=str(data_file))
-    model = backend.load_model(base_dir, method=cfg.adapter.method, precision=precision, section="sft")
+    train_set, eval_set = backend.split_eval(dataset, cfg.eval_share, cfg.seed)
+    data_stats.update({"train_examples": len(train_set), "eval_examples": len(eval_set) if eval_set else 0})
+    if cfg.packing:
+        train_set, pack_stats = backend.pack_sft(train_set, cfg.max_length)
+        if eval_set is not None:
+            eval_set, _ = backend.pack_sft(eval_set, cfg.max_length)
+        data_stats["packing"] = pack_stats
+    model = backend.load_model(base_dir, method=cfg.adapter.method, precision=precision, section="sft",
+                               frozen=cfg.adapter.frozen_dtype)
     model = backend.apply_adapter(model, cfg.adapter, seed=cfg.seed)
     before = backend.snapshot_trainable(model)
     args = backend.training_config("sft", cfg, params.tracking, output_dir=checkpoints,
                                    precision=precision, run_name="sft")
     resume_step = int(resume.name.split("-")[1]) if resume else None
-    trainer = backend.build_sft_trainer(model, tokenizer, dataset, args, stage="sft",
+    trainer = backend.build_sft_trainer(model, tokenizer, train_set, args, stage="sft",
                                         checkpoints=checkpoints, live_dir=live,
-                                        tracking=params.tracking, resume_step=resume_step)
+                                        tracking=params.tracking, resume_step=resume_step,
+                                        eval_dataset=eval_set, cfg=cfg)
     summary = backend.train(trainer, resume, before)
     backend.save_trained(trainer, tokenizer, out)
 
@@ -68,9 +82,10 @@ def run(params: Params, base: str, data: str, out: str, checkpoints: str, metric
                     "data": data_stats, "method": cfg.adapter.method,
                     "wall_time_s": round(time.time() - started, 2)})
     curve = summary.pop("loss_curve")
+    eval_curve = summary.pop("eval_loss_curve", None)
     write_meta(out, stage="sft", params=cfg, inputs={"base": base_hash, "data": data_hash},
                started=started, extra={"base_model": str(base), "train": summary, "loss_curve": curve,
-                                       "fingerprint": fp})
+                                       "eval_loss_curve": eval_curve, "fingerprint": fp})
     write_json(metrics, summary)
     return {"out": out, **{k: summary[k] for k in ("steps", "train_loss_first", "train_loss_last",
                                                    "tokens_per_s", "s_per_step", "weights_changed",

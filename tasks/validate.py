@@ -1,7 +1,8 @@
 """Stage ``validate``: ingest every configured source, check it, keep the good rows, quarantine the rest.
 
     python -m tasks.validate --out data/validated --quarantine data/quarantine/validate.jsonl \\
-        --report reports/data_validate.md --metrics metrics/validate.json
+        --report reports/data_validate.md --html reports/data_validate.html \\
+        --metrics metrics/validate.json --tokenizer models/base
 
 1. Ingest: each ``validate.sources`` entry (path, kind, format, field mapping) is read and
    normalized by :mod:`tempering.formats`. Rows that cannot be normalized (invalid JSON line,
@@ -22,13 +23,21 @@
    ``too_long``                nothing longer than ``max_chars``
    ==========================  =====================================================================
 
-3. Write: kept rows to ``--out/{sft,preference,text}.jsonl`` (+ ``meta.json``), rejected rows to
+3. PII (``validate.pii``): e-mail addresses, phone numbers and secret-looking tokens in kept rows
+   are replaced by ``[REDACTED_*]`` (ids recomputed) and counted per kind and source.
+4. Token checks (``validate.tokens``, with ``--tokenizer``): every kept SFT row is tokenized with
+   :func:`tempering.backend.tokenize_conversation` at ``sft.max_length`` / ``sft.chat_template``
+   (declared in ``dvc.yaml``); a second great-expectations suite quarantines rows whose supervised
+   share is below ``min_supervised_share`` (``low_supervision``; ``chat_template_error`` when the
+   template cannot render a row) and checks the truncation rate and the share of examples whose
+   end-of-turn token is outside the loss mask against their limits.
+5. Write: kept rows to ``--out/{sft,preference,text}.jsonl`` (+ ``meta.json``), rejected rows to
    ``--quarantine`` (``{source, row, reason, reasons, message, stage, original}``), a markdown data
-   report and ``--metrics`` (totals, per-source counts, reject shares). kept + quarantined = read
-   for every source (asserted).
-4. Fail with a one-line error when any source's reject share exceeds ``max_reject_share``, after
-   the quarantine, report and metrics are written (so the evidence is kept) but before ``--out``
-   is, so later stages never train on a broken export.
+   report (``--html``: the same as a standalone page) and ``--metrics`` (totals, per-source counts,
+   reject shares, token stats, PII counts). kept + quarantined = read for every source (asserted).
+6. Fail with a one-line error when any source's reject share exceeds ``max_reject_share`` or a token
+   threshold is broken, after the quarantine, report and metrics are written (so the evidence is
+   kept) but before ``--out`` is, so later stages never train on a broken export.
 """
 
 from __future__ import annotations
@@ -42,13 +51,15 @@ from tempering import TemperingError
 from tempering.cli import stage_main
 from tempering.config import Params, ValidateParams
 from tempering.formats import Accepted, Rejected, iter_source
-from tempering.io import atomic_path, dump_jsonl, write_json, write_meta, write_text
+from tempering.io import atomic_path, content_id, write_json, write_meta, write_text
 
 KINDS = ("sft", "preference", "text")
 # Priority order: the first failing check names the row's reason.
 CHECKS = ("unknown_role", "bad_role_order", "empty_field", "chosen_equals_rejected", "control_chars",
           "too_short", "too_long")
-CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f\ufffd]")
+# C0 controls but \t and \n, DEL, the replacement character (a decode already failed upstream)
+# and lone UTF-16 surrogates (from "\ud800"-style JSON escapes; they cannot be written as UTF-8).
+CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f\ufffd\ud800-\udfff]")
 STANDARD_ROLES = ("system", "user", "assistant")
 
 
@@ -133,6 +144,19 @@ def build_suite(kind: str, vp: ValidateParams):
     return suite
 
 
+def gx_context():
+    """An ephemeral great-expectations context (no files, no network) with its progress bars off."""
+    import logging
+
+    import great_expectations as gx
+    from great_expectations.data_context.types.base import ProgressBarsConfig
+
+    logging.getLogger("great_expectations").setLevel(logging.ERROR)
+    context = gx.get_context(mode="ephemeral")
+    context.variables.progress_bars = ProgressBarsConfig(globally=False, metric_calculations=False)
+    return context
+
+
 def run_expectations(kind: str, rows: list[dict], vp: ValidateParams) -> dict[int, list[str]]:
     """Run the kind's suite over ``rows``; return {row position: [failed reasons, priority order]}."""
     if not rows:
@@ -144,7 +168,7 @@ def run_expectations(kind: str, rows: list[dict], vp: ValidateParams) -> dict[in
 
     logging.getLogger("great_expectations").setLevel(logging.ERROR)
     df = pd.DataFrame([derive(kind, row, vp) for row in rows])
-    context = gx.get_context(mode="ephemeral")
+    context = gx_context()
     asset = context.data_sources.add_pandas(f"tempering_{kind}").add_dataframe_asset(kind)
     batch = asset.add_batch_definition_whole_dataframe("all").get_batch(batch_parameters={"dataframe": df})
     result = batch.validate(build_suite(kind, vp), result_format={"result_format": "COMPLETE"})
@@ -202,11 +226,198 @@ def explain(reason: str, kind: str, row: dict, vp: ValidateParams) -> str:
     return reason
 
 
+# ----------------------------------------------------------------------------- PII
+
+PII_PATTERNS: dict[str, list[re.Pattern]] = {
+    "email": [re.compile(r"(?<![\w.%+-])[A-Za-z0-9][A-Za-z0-9._%+-]{1,63}@((?:[A-Za-z0-9-]{1,63}\.)+[A-Za-z]{2,24})"
+                         r"(?![\w@-])")],
+    "phone": [
+        # international: +CC then 7-14 more digits in groups ("+44 20 7946 0958", "+1-202-555-0143")
+        re.compile(r"(?<![\w+])\+\d{1,3}(?:[ .-]?\(?\d{1,4}\)?){1,2}(?:[ .-]?\d{2,4}){2,4}(?![\w-])"),
+        # North American: "(202) 555-0143", "202-555-0143", "1-202.555.0143" (one separator style)
+        re.compile(r"(?<![\w-])(?:1[-. ])?(?:\(\d{3}\) ?\d{3}[-. ]\d{4}|\d{3}([-.])\d{3}\1\d{4})(?![\w-])"),
+    ],
+    "secret": [
+        re.compile(r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY-----[\s\S]*?-----END (?:[A-Z0-9]+ )*PRIVATE KEY-----"),
+        re.compile(r"(?<![A-Za-z0-9])(?:AKIA|ASIA)[0-9A-Z]{16}(?![A-Za-z0-9])"),             # AWS access key id
+        re.compile(r"(?<![A-Za-z0-9])(?:gh[pousr]_[A-Za-z0-9]{36,255}|github_pat_[A-Za-z0-9_]{22,255})"),  # GitHub
+        re.compile(r"(?<![A-Za-z0-9])sk-(?:proj-|ant-)?[A-Za-z0-9_-]{20,}"),                  # OpenAI / Anthropic
+        re.compile(r"(?<![A-Za-z0-9])xox[abposr]-[A-Za-z0-9-]{10,}"),                          # Slack
+        re.compile(r"(?<![A-Za-z0-9])AIza[0-9A-Za-z_-]{35}"),                                  # Google API key
+        re.compile(r"(?<![A-Za-z0-9])hf_[A-Za-z0-9]{30,}"),                                    # Hugging Face
+        re.compile(r"(?<![A-Za-z0-9])eyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}"),  # JWT
+        # key = "literal" assignments: only the literal is replaced
+        re.compile(r"(?i)(?<![A-Za-z0-9])(?:api[_-]?key|secret[_-]?key|client[_-]?secret|access[_-]?token|auth[_-]?token"
+                   r"|password|passwd|secret)[\"']?\s*[:=]\s*[\"']([^\s\"']{8,})[\"']"),
+    ],
+}
+PII_PLACEHOLDER = {"email": "[REDACTED_EMAIL]", "phone": "[REDACTED_PHONE]", "secret": "[REDACTED_SECRET]"}
+_PII_HINT = {"email": "@", "phone": None, "secret": None}
+
+
+def redact_text(text: str, pp) -> tuple[str, Counter]:
+    """Replace PII in ``text`` (``pp`` = PiiParams); returns (text, counts per kind)."""
+    counts: Counter = Counter()
+    allow = {d.lower() for d in pp.allow_email_domains}
+    for kind in pp.kinds:
+        hint = _PII_HINT[kind]
+        if hint and hint not in text:
+            continue
+        for pattern in PII_PATTERNS[kind]:
+            def sub(m: re.Match, kind=kind) -> str:
+                if kind == "email" and m.group(1).lower() in allow:
+                    return m.group(0)
+                if kind == "phone" and not 8 <= sum(c.isdigit() for c in m.group(0)) <= 15:
+                    return m.group(0)
+                counts[kind] += 1
+                if kind == "secret" and m.lastindex:  # key = "literal": replace the literal only
+                    start, end = m.span(m.lastindex)
+                    whole = m.group(0)
+                    return whole[: start - m.start()] + PII_PLACEHOLDER[kind] + whole[end - m.start():]
+                return PII_PLACEHOLDER[kind]
+            text = pattern.sub(sub, text)
+    return text, counts
+
+
+def redact_row(kind: str, row: dict, pp) -> tuple[dict, Counter]:
+    """A copy of an internal row with PII replaced in every content field (``id`` recomputed)."""
+    total: Counter = Counter()
+
+    def red(text: str) -> str:
+        out, c = redact_text(text, pp)
+        total.update(c)
+        return out
+
+    if kind == "sft":
+        content = {"messages": [{**m, "content": red(m["content"])} for m in row["messages"]]}
+    elif kind == "preference":
+        content = {"prompt": [{**m, "content": red(m["content"])} for m in row["prompt"]],
+                   "chosen": red(row["chosen"]), "rejected": red(row["rejected"])}
+    else:
+        content = {"text": red(row["text"])}
+    if not total:
+        return row, total
+    return {"id": content_id(content), "source": row["source"], **content}, total
+
+
+# ----------------------------------------------------------------------------- token checks
+
+TOKEN_CHECKS = ("chat_template_error", "low_supervision")
+
+
+def end_of_turn_marker(tokenizer, chat_template: str | None) -> tuple[str, list[int]]:
+    """What the template appends after an assistant reply inside the trained span (e.g. ``<|im_end|>``)."""
+    from tempering.backend import assistant_char_spans
+
+    probe = [{"role": "user", "content": "ping"}, {"role": "assistant", "content": "pong"}]
+    text, spans = assistant_char_spans(tokenizer, probe, chat_template)
+    if not spans:
+        return "", []
+    reply = text[spans[-1][0]:spans[-1][1]]
+    marker = reply[reply.rfind("pong") + 4:] if "pong" in reply else ""
+    ids = tokenizer(marker, add_special_tokens=False)["input_ids"] if marker.strip() else []
+    return marker, list(ids)
+
+
+def token_stats(rows: list[dict], tokenizer, *, max_length: int, chat_template: str | None) -> list[dict]:
+    """Per SFT row: tokens, supervised share after truncation, truncation, end-of-turn in the mask.
+
+    Uses :func:`tempering.backend.tokenize_conversation`, the exact tokenization SFT trains on.
+    """
+    from tempering.backend import tokenize_conversation
+
+    _, eot = end_of_turn_marker(tokenizer, chat_template)
+    out = []
+    for row in rows:
+        try:
+            enc = tokenize_conversation(tokenizer, row["messages"], None, chat_template)
+        except (ValueError, TypeError, KeyError) as exc:
+            out.append({"error": str(exc).splitlines()[0] if str(exc) else type(exc).__name__})
+            continue
+        ids, labels = enc["input_ids"], enc["labels"]
+        n = len(ids)
+        kept_labels = labels[:max_length]
+        supervised = sum(1 for x in kept_labels if x != -100)
+        last = max((k for k, x in enumerate(labels) if x != -100), default=-1)
+        eot_ok = bool(eot) and last >= len(eot) - 1 and ids[last - len(eot) + 1:last + 1] == eot
+        out.append({"error": None, "tokens": n, "supervised": supervised,
+                    "supervised_share": supervised / min(n, max_length) if n else 0.0,
+                    "truncated": n > max_length, "eot_missing": not eot_ok,
+                    "eot_cut": eot_ok and last >= max_length})
+    return out
+
+
+def run_token_expectations(stats: list[dict], tp) -> tuple[dict[int, str], dict]:
+    """The SFT token suite (great-expectations): per-row failures and the aggregate results."""
+    import logging
+
+    import great_expectations as gx
+    import pandas as pd
+
+    logging.getLogger("great_expectations").setLevel(logging.ERROR)
+    per_row = {i: "chat_template_error" for i, s in enumerate(stats) if s["error"]}
+    ok = [(i, s) for i, s in enumerate(stats) if not s["error"]]
+    agg = {"truncation_rate": None, "eot_missing_rate": None, "failed": []}
+    if not ok:
+        return per_row, agg
+    df = pd.DataFrame([{"supervised_share": s["supervised_share"], "truncated": float(s["truncated"]),
+                        "eot_missing": float(s["eot_missing"])} for _, s in ok])
+    E = gx.expectations
+    suite = gx.ExpectationSuite(name="tempering_sft_tokens")
+    # A row with no supervised token fails even at min_supervised_share 0 (strict minimum).
+    suite.add_expectation(E.ExpectColumnValuesToBeBetween(
+        column="supervised_share", min_value=tp.min_supervised_share, strict_min=tp.min_supervised_share == 0,
+        meta={"reason": "low_supervision"}))
+    suite.add_expectation(E.ExpectColumnMeanToBeBetween(column="truncated", max_value=tp.max_truncation_rate,
+                                                        meta={"reason": "truncation_rate"}))
+    suite.add_expectation(E.ExpectColumnMeanToBeBetween(column="eot_missing", max_value=tp.max_eot_missing_rate,
+                                                        meta={"reason": "eot_missing_rate"}))
+    context = gx_context()
+    asset = context.data_sources.add_pandas("tempering_tokens").add_dataframe_asset("sft_tokens")
+    batch = asset.add_batch_definition_whole_dataframe("all").get_batch(batch_parameters={"dataframe": df})
+    result = batch.validate(suite, result_format={"result_format": "COMPLETE"})
+    for res in result.results:
+        reason = res.expectation_config.meta["reason"]
+        if res.exception_info and res.exception_info.get("raised_exception"):
+            raise TemperingError(f"validate: token expectation {reason} failed to run: "
+                                 f"{res.exception_info.get('exception_message')}")
+        if reason == "low_supervision":
+            for idx in res.result.get("unexpected_index_list") or []:
+                per_row[ok[int(idx)][0]] = reason
+        else:
+            agg[reason] = round(float(res.result["observed_value"]), 4)
+            if not res.success:
+                agg["failed"].append(reason)
+    return per_row, agg
+
+
+def _token_summary(stats: list[dict], agg: dict, tp, max_length: int, marker: str, eos: str | None) -> dict:
+    import numpy as np
+
+    ok = [s for s in stats if not s["error"]]
+    shares = np.asarray([s["supervised_share"] for s in ok]) if ok else np.zeros(1)
+    tokens = np.asarray([s["tokens"] for s in ok]) if ok else np.zeros(1)
+    return {
+        "checked": True, "examples": len(stats), "max_length": max_length,
+        "end_of_turn": marker, "end_of_turn_is_eos": bool(marker) and marker.strip() == (eos or "").strip(),
+        "tokens_p50": int(np.percentile(tokens, 50)), "tokens_p95": int(np.percentile(tokens, 95)),
+        "tokens_max": int(tokens.max()),
+        "supervised_share_p5": round(float(np.percentile(shares, 5)), 4),
+        "supervised_share_p50": round(float(np.percentile(shares, 50)), 4),
+        "supervised_share_min": round(float(shares.min()), 4),
+        "truncated": sum(1 for s in ok if s["truncated"]), "truncation_rate": agg["truncation_rate"],
+        "eot_missing": sum(1 for s in ok if s["eot_missing"]), "eot_missing_rate": agg["eot_missing_rate"],
+        "eot_cut_by_truncation": sum(1 for s in ok if s["eot_cut"]),
+        "min_supervised_share": tp.min_supervised_share, "max_truncation_rate": tp.max_truncation_rate,
+        "max_eot_missing_rate": tp.max_eot_missing_rate, "failed": agg["failed"],
+    }
+
+
 # ----------------------------------------------------------------------------- report
 
 
-def _pct(x: float) -> str:
-    return f"{100 * x:.1f}%"
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
 
 
 def render_report(metrics: dict, examples: dict[str, list[str]]) -> str:
@@ -216,6 +427,9 @@ def render_report(metrics: dict, examples: dict[str, list[str]]) -> str:
              f"Limit per source: {_pct(metrics['max_reject_share'])}.", ""]
     if metrics["failed_sources"]:
         lines += [f"**FAILED**: reject share above the limit in {', '.join(metrics['failed_sources'])}.", ""]
+    tok = metrics.get("tokens") or {}
+    if tok.get("failed"):
+        lines += [f"**FAILED**: token checks broken: {', '.join(tok['failed'])} (see Token checks).", ""]
     lines += ["## Per source", "", "| source | kind | format | read | kept | dropped | reject share | reasons |",
               "|---|---|---|---:|---:|---:|---:|---|"]
     for path, s in metrics["sources"].items():
@@ -231,15 +445,93 @@ def render_report(metrics: dict, examples: dict[str, list[str]]) -> str:
     lines += ["", f"SFT and preference rows over {metrics['long_row_chars']} characters (`validate.long_row_chars`) "
               "are likely to exceed a 256-token training `max_length` (about 4 characters per token) and be "
               "truncated; text rows are packed into blocks, so their length does not matter.", ""]
+    lines += ["## Token checks (SFT, after the chat template)", ""]
+    if not tok.get("checked"):
+        lines += [f"Not run: {tok.get('skipped', 'no tokenizer given')}.", ""]
+    else:
+        def mark(name: str) -> str:
+            return " **(over limit)**" if name in tok["failed"] else ""
+        lines += ["| check | value | limit |", "|---|---:|---:|",
+                  f"| examples checked | {tok['examples']} | |",
+                  f"| tokens p50 / p95 / max | {tok['tokens_p50']} / {tok['tokens_p95']} / {tok['tokens_max']} | "
+                  f"max_length {tok['max_length']} |",
+                  f"| truncated at max_length | {tok['truncated']} ({_pct(tok['truncation_rate'])}){mark('truncation_rate')}"
+                  f" | {_pct(tok['max_truncation_rate'])} |",
+                  f"| supervised share p5 / p50 / min | {tok['supervised_share_p5']} / {tok['supervised_share_p50']} / "
+                  f"{tok['supervised_share_min']} | row minimum {tok['min_supervised_share']} |",
+                  f"| end-of-turn outside the loss mask | {tok['eot_missing']} ({_pct(tok['eot_missing_rate'])})"
+                  f"{mark('eot_missing_rate')} | {_pct(tok['max_eot_missing_rate'])} |",
+                  f"| end-of-turn cut by truncation | {tok['eot_cut_by_truncation']} | |", "",
+                  f"End-of-turn marker trained after each reply: `{tok['end_of_turn'].strip() or '(none)'}`"
+                  + ("" if tok["end_of_turn_is_eos"] else " (not the tokenizer's EOS: generation must stop on it)")
+                  + ".", ""]
+    pii = metrics.get("pii") or {}
+    lines += ["## PII redaction", ""]
+    if not pii.get("enabled"):
+        lines += ["Disabled (`validate.pii.enabled: false`).", ""]
+    else:
+        lines += [f"Replaced in kept rows: {', '.join(f'{k} {v}' for k, v in pii['total'].items())} "
+                  f"({pii['rows_redacted']} rows changed).", ""]
+        per = [(p, s["redacted"]) for p, s in metrics["sources"].items() if s.get("redacted")]
+        if per:
+            lines += ["| source | " + " | ".join(pii["total"]) + " |", "|---|" + "---:|" * len(pii["total"])]
+            lines += [f"| `{p}` | " + " | ".join(str(r.get(k, 0)) for k in pii["total"]) + " |" for p, r in per]
+            lines.append("")
     if metrics["by_reason"]:
         lines += ["## Reasons", "", "| reason | rows |", "|---|---:|"]
         lines += [f"| {r} | {n} |" for r, n in sorted(metrics["by_reason"].items(), key=lambda kv: -kv[1])]
         lines += ["", "## Examples (first 3 per reason)", ""]
         for reason, msgs in sorted(examples.items()):
             lines.append(f"- **{reason}**")
-            lines += [f"  - {m}" for m in msgs[:3]]
+            lines += [f"  - {m[:300]}" for m in msgs[:3]]
         lines.append("")
     return "\n".join(lines) + "\n"
+
+
+def markdown_to_html(md: str, title: str) -> str:
+    """A standalone HTML page for the markdown subset the reports use (headings, tables, lists)."""
+    import html as _html
+
+    def inline(text: str) -> str:
+        text = _html.escape(text, quote=False)
+        text = re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", text)
+        return re.sub(r"`([^`]*)`", r"<code>\1</code>", text)
+
+    out, table, in_list = [], None, 0
+    for line in md.splitlines() + [""]:
+        if line.startswith("|"):
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            if table is None:
+                table = [cells]
+            elif not all(set(c) <= set("-:") for c in cells):
+                table.append(cells)
+            continue
+        if table is not None:
+            out.append("<table><tr>" + "".join(f"<th>{inline(c)}</th>" for c in table[0]) + "</tr>")
+            out += ["<tr>" + "".join(f"<td>{inline(c)}</td>" for c in row) + "</tr>" for row in table[1:]]
+            out.append("</table>")
+            table = None
+        item = re.match(r"^( *)- (.*)$", line)
+        depth = len(item.group(1)) // 2 + 1 if item else 0
+        while in_list > depth:
+            out.append("</ul>")
+            in_list -= 1
+        while in_list < depth:
+            out.append("<ul>")
+            in_list += 1
+        if item:
+            out.append(f"<li>{inline(item.group(2))}</li>")
+        elif line.startswith("#"):
+            level = len(line) - len(line.lstrip("#"))
+            out.append(f"<h{level}>{inline(line[level:].strip())}</h{level}>")
+        elif line.strip():
+            out.append(f"<p>{inline(line)}</p>")
+    style = ("body{font-family:sans-serif;max-width:70em;margin:2em auto;color:#222}"
+             "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:.25em .6em;"
+             "text-align:left}th{background:#f3f3f3}code{background:#f6f6f6;padding:0 .2em}"
+             "strong{color:#a00}")
+    return (f"<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>{_html.escape(title)}</title>"
+            f"<style>{style}</style></head><body>\n" + "\n".join(out) + "\n</body></html>\n")
 
 
 def _length_stats(rows: list[dict], kind: str, long_chars: int) -> dict:
@@ -253,11 +545,26 @@ def _length_stats(rows: list[dict], kind: str, long_chars: int) -> dict:
             "chars_max": int(arr.max()), "over_long_row_chars": int((arr > long_chars).sum())}
 
 
+def write_jsonl_safe(path, rows: list[dict]) -> None:
+    """Atomic JSONL; a row holding text that is not valid Unicode (a lone surrogate from a ``\\ud800``
+    escape) is written ASCII-escaped instead of failing the whole write."""
+    import json
+
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            for row in rows:
+                line = json.dumps(row, ensure_ascii=False, default=str)
+                try:
+                    line.encode("utf-8")
+                except UnicodeEncodeError:
+                    line = json.dumps(row, ensure_ascii=True, default=str)
+                fh.write(line + "\n")
+
+
 # ----------------------------------------------------------------------------- stage
 
 
-def validate_sources(vp: ValidateParams) -> tuple[dict[str, list[dict]], list[dict], dict, dict]:
-    """Ingest and check every source: (kept rows per kind, quarantine rows, metrics, examples)."""
+def _check_sources(vp: ValidateParams) -> None:
     if not vp.sources:
         raise TemperingError("validate.sources is empty: list at least one input file in params.yaml")
     seen = set()
@@ -266,12 +573,21 @@ def validate_sources(vp: ValidateParams) -> tuple[dict[str, list[dict]], list[di
             raise TemperingError(f"validate.sources: {spec.path} is listed twice")
         seen.add(spec.path)
 
-    accepted: dict[str, list[Accepted]] = {k: [] for k in KINDS}
+
+def validate_sources(vp: ValidateParams, *, tokenizer=None, max_length: int | None = None,
+                     chat_template: str | None = None) -> tuple[dict[str, list[dict]], list[dict], dict, dict]:
+    """Ingest and check every source: (kept rows per kind, quarantine rows, metrics, examples).
+
+    With a ``tokenizer`` (and ``max_length``) the SFT token checks run too; their aggregate verdict is
+    ``metrics["tokens"]["failed"]`` (the caller decides to stop).
+    """
+    _check_sources(vp)
+    accepted: dict[str, list[tuple[str, Accepted]]] = {k: [] for k in KINDS}
     quarantine: list[dict] = []
     per_source: dict[str, dict] = {}
     for spec in vp.sources:
         stats = {"kind": spec.kind, "format": spec.format, "read": 0, "kept": 0, "quarantined": 0,
-                 "by_reason": Counter()}
+                 "by_reason": Counter(), "redacted": Counter()}
         per_source[spec.path] = stats
         for res in iter_source(spec, chunk_chars=vp.text_chunk_chars):
             stats["read"] += 1
@@ -283,24 +599,73 @@ def validate_sources(vp: ValidateParams) -> tuple[dict[str, list[dict]], list[di
             else:
                 accepted[spec.kind].append((spec.path, res))
 
-    kept: dict[str, list[dict]] = {k: [] for k in KINDS}
     examples: dict[str, list[str]] = defaultdict(list)
     for q in quarantine:
         examples[q["reason"]].append(q["message"])
+
+    def drop(path: str, res: Accepted, reasons: list[str], message: str) -> None:
+        quarantine.append({"source": res.file, "row": res.index, "reason": reasons[0], "reasons": reasons,
+                           "message": message, "stage": "validate", "original": res.original})
+        per_source[path]["by_reason"][reasons[0]] += 1
+        examples[reasons[0]].append(message)
+
+    # content checks (great-expectations), then PII redaction of what is kept
+    survivors: dict[str, list[tuple[str, Accepted, dict]]] = {k: [] for k in KINDS}
+    pii_total: Counter = Counter()
+    rows_redacted = 0
     for kind in KINDS:
         items = accepted[kind]
         failures = run_expectations(kind, [res.row for _, res in items], vp)
         for i, (path, res) in enumerate(items):
             reasons = failures.get(i)
-            if not reasons:
-                kept[kind].append(res.row)
-                per_source[path]["kept"] += 1
+            if reasons:
+                drop(path, res, reasons, f"{res.file}:{res.index}: {explain(reasons[0], kind, res.row, vp)}")
                 continue
-            message = f"{res.file}:{res.index}: {explain(reasons[0], kind, res.row, vp)}"
-            quarantine.append({"source": res.file, "row": res.index, "reason": reasons[0], "reasons": reasons,
-                               "message": message, "stage": "validate", "original": res.original})
-            per_source[path]["by_reason"][reasons[0]] += 1
-            examples[reasons[0]].append(message)
+            row = res.row
+            if vp.pii.enabled:
+                row, counts = redact_row(kind, row, vp.pii)
+                if counts:
+                    rows_redacted += 1
+                    pii_total.update(counts)
+                    per_source[path]["redacted"].update(counts)
+            survivors[kind].append((path, res, row))
+
+    # token checks on SFT rows, as SFT will see them
+    token_summary: dict = {"checked": False}
+    if not vp.tokens.enabled:
+        token_summary["skipped"] = "disabled (validate.tokens.enabled: false)"
+    elif tokenizer is None or max_length is None:
+        token_summary["skipped"] = "no tokenizer given (--tokenizer)"
+    elif survivors["sft"]:
+        stats = token_stats([row for _, _, row in survivors["sft"]], tokenizer, max_length=max_length,
+                            chat_template=chat_template)
+        bad, agg = run_token_expectations(stats, vp.tokens)
+        marker, _ = end_of_turn_marker(tokenizer, chat_template)
+        token_summary = _token_summary(stats, agg, vp.tokens, max_length, marker, tokenizer.eos_token)
+        keep = []
+        for i, (path, res, row) in enumerate(survivors["sft"]):
+            reason = bad.get(i)
+            if reason is None:
+                keep.append((path, res, row))
+                continue
+            s = stats[i]
+            if reason == "chat_template_error":
+                detail = f"messages: the chat template cannot render this conversation ({s['error']})"
+            else:
+                detail = (f"messages: only {s['supervised']} of {min(s['tokens'], max_length)} tokens "
+                          f"({100 * s['supervised_share']:.1f}%) are supervised after truncation at "
+                          f"{max_length} tokens (validate.tokens.min_supervised_share "
+                          f"{vp.tokens.min_supervised_share})")
+            drop(path, res, [reason], f"{res.file}:{res.index}: {detail}")
+        survivors["sft"] = keep
+    else:
+        token_summary["skipped"] = "no SFT rows"
+
+    kept: dict[str, list[dict]] = {k: [] for k in KINDS}
+    for kind in KINDS:
+        for path, _, row in survivors[kind]:
+            kept[kind].append(row)
+            per_source[path]["kept"] += 1
 
     failed = []
     for path, s in per_source.items():
@@ -309,6 +674,7 @@ def validate_sources(vp: ValidateParams) -> tuple[dict[str, list[dict]], list[di
             raise AssertionError(f"{path}: kept {s['kept']} + quarantined {s['quarantined']} != read {s['read']}")
         s["reject_share"] = round(s["quarantined"] / s["read"], 4) if s["read"] else 0.0
         s["by_reason"] = dict(sorted(s["by_reason"].items()))
+        s["redacted"] = dict(sorted(s["redacted"].items()))
         if s["reject_share"] > vp.max_reject_share:
             failed.append(path)
     read = sum(s["read"] for s in per_source.values())
@@ -323,6 +689,9 @@ def validate_sources(vp: ValidateParams) -> tuple[dict[str, list[dict]], list[di
         "by_reason": dict(sorted(by_reason.items())),
         "kinds": {k: _length_stats(kept[k], k, vp.long_row_chars) for k in KINDS},
         "long_row_chars": vp.long_row_chars,
+        "tokens": token_summary,
+        "pii": {"enabled": vp.pii.enabled, "total": {k: pii_total.get(k, 0) for k in vp.pii.kinds},
+                "rows_redacted": rows_redacted},
         "sources": per_source,
         "failed_sources": failed,
     }
@@ -330,16 +699,42 @@ def validate_sources(vp: ValidateParams) -> tuple[dict[str, list[dict]], list[di
     return kept, quarantine, metrics, examples
 
 
-def run(params: Params, out: str, quarantine: str, report: str, metrics: str) -> dict:
+def _token_failure(tok: dict, report: str) -> str:
+    parts = []
+    if "truncation_rate" in tok["failed"]:
+        parts.append(f"{tok['truncated']} of {tok['examples']} SFT examples ({_pct(tok['truncation_rate'])}) are longer "
+                     f"than sft.max_length={tok['max_length']} tokens after the chat template "
+                     f"(validate.tokens.max_truncation_rate {_pct(tok['max_truncation_rate'])}); raise sft.max_length "
+                     "or shorten the data")
+    if "eot_missing_rate" in tok["failed"]:
+        what = repr(tok["end_of_turn"].strip()) if tok["end_of_turn"].strip() else "none: the template adds no marker"
+        parts.append(f"the assistant end-of-turn token ({what}) is outside the loss mask in {tok['eot_missing']} of "
+                     f"{tok['examples']} SFT examples (validate.tokens.max_eot_missing_rate "
+                     f"{_pct(tok['max_eot_missing_rate'])}); the model would not learn to stop: fix the chat template")
+    return "token checks: " + "; ".join(parts) + f"; see {report}"
+
+
+def run(params: Params, out: str, quarantine: str, report: str, metrics: str, tokenizer: str | None = None,
+        html: str | None = None) -> dict:
     started = time.time()
     vp = params.validate_
-    kept, rejected, summary, examples = validate_sources(vp)
-    summary["wall_time_s"] = round(time.time() - started, 2)
+    _check_sources(vp)
+    tok = None
+    if tokenizer and vp.tokens.enabled:
+        from tempering.backend import load_tokenizer, quiet_transformers
 
-    with atomic_path(quarantine) as tmp:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            dump_jsonl(rejected, fh)
-    write_text(report, render_report(summary, examples))
+        quiet_transformers()
+        tok = load_tokenizer(tokenizer, params.sft.chat_template)
+    kept, rejected, summary, examples = validate_sources(vp, tokenizer=tok, max_length=params.sft.max_length,
+                                                         chat_template=params.sft.chat_template)
+    summary["wall_time_s"] = round(time.time() - started, 2)
+    summary["rows_per_s"] = round(summary["read"] / summary["wall_time_s"], 1) if summary["wall_time_s"] else None
+
+    write_jsonl_safe(quarantine, rejected)
+    text = render_report(summary, examples)
+    write_text(report, text)
+    if html:
+        write_text(html, markdown_to_html(text, "tempering data validation report"))
     write_json(metrics, summary)
     if summary["failed_sources"]:
         worst = max(summary["failed_sources"], key=lambda p: summary["sources"][p]["reject_share"])
@@ -348,17 +743,21 @@ def run(params: Params, out: str, quarantine: str, report: str, metrics: str) ->
         raise TemperingError(
             f"{worst}: {s['quarantined']} of {s['read']} rows rejected ({_pct(s['reject_share'])} > "
             f"validate.max_reject_share {_pct(vp.max_reject_share)}; mostly {top}); see {report} and {quarantine}")
+    if summary["tokens"].get("failed"):
+        raise TemperingError(_token_failure(summary["tokens"], report))
 
     with atomic_path(out) as tmp:
         tmp.mkdir()
         for kind in KINDS:
-            with open(tmp / f"{kind}.jsonl", "w", encoding="utf-8") as fh:
-                dump_jsonl(kept[kind], fh)
+            write_jsonl_safe(tmp / f"{kind}.jsonl", kept[kind])
         write_meta(tmp, stage="validate", params=vp, started=started,
                    inputs={spec.path: spec.path for spec in vp.sources},
-                   extra={"counts": {k: len(v) for k, v in kept.items()}})
+                   extra={"counts": {k: len(v) for k, v in kept.items()},
+                          "sft_tokens": {"max_length": params.sft.max_length,
+                                         "chat_template": params.sft.chat_template, "tokenizer": tokenizer}})
     return {"out": out, "read": summary["read"], "kept": summary["kept"], "quarantined": summary["quarantined"],
             "by_reason": summary["by_reason"], "kept_by_kind": {k: len(v) for k, v in kept.items()},
+            "pii_redacted": summary["pii"]["total"], "token_checks": summary["tokens"].get("checked", False),
             "wall_time_s": round(time.time() - started, 2)}
 
 
@@ -366,7 +765,11 @@ def _args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="data/validated", help="folder for sft/preference/text.jsonl")
     parser.add_argument("--quarantine", default="data/quarantine/validate.jsonl", help="rejected rows (JSONL)")
     parser.add_argument("--report", default="reports/data_validate.md", help="markdown data report")
+    parser.add_argument("--html", default=None, help="the same report as a standalone HTML page")
     parser.add_argument("--metrics", default="metrics/validate.json", help="metrics JSON")
+    parser.add_argument("--tokenizer", default=None,
+                        help="model folder whose tokenizer + chat template the SFT token checks use "
+                             "(sft.max_length, sft.chat_template); without it they are skipped")
 
 
 def main(argv=None) -> int:

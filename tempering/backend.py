@@ -7,15 +7,20 @@ What lives here:
 
 - hardware: :func:`setup_torch` (threads = physical cores), :func:`choose_precision` (bf16
   autocast on AVX512-BF16/AMX CPUs and bf16 GPUs, fp16 on older GPUs, fp32 otherwise);
-- loading: :func:`load_tokenizer`, :func:`load_model` (follows ``pointer.json``),
-  :func:`load_merged` (base + adapters merged in float32), :func:`peft_config`,
+- loading: :func:`load_tokenizer`, :func:`load_model` (follows ``pointer.json``; frozen adapter
+  bases in the autocast dtype, :func:`frozen_dtype`), :func:`load_merged` (base + adapters merged
+  in float32), :func:`peft_config` (LoRA/rsLoRA/DoRA, QLoRA, prefix and prompt tuning),
   :func:`apply_adapter`;
 - data: :func:`tokenize_conversation` / :func:`tokenize_sft` (our own chat-template tokenization:
   every assistant turn in the loss, end-of-turn token included, nothing else; cached),
-  :func:`pack_text` (continued pre-training blocks), :func:`dpo_dataset`;
+  :func:`pack_sft` (best-fit-decreasing packing, attention kept per conversation),
+  :func:`split_eval`, :func:`pack_text` (continued pre-training blocks), :func:`dpo_dataset`;
 - trainers: :func:`training_config` (TrainParams -> ``SFTConfig``/``DPOConfig``),
-  :func:`build_sft_trainer`, :func:`build_dpo_trainer`, :func:`train` (resume, NaN guard,
-  timing, metrics);
+  :func:`build_sft_trainer` (eval split, early stopping), :func:`build_dpo_trainer` (reference
+  log-probs precomputed once and cached by content, :func:`attach_reference_logps`),
+  :func:`train` (resume, NaN guard, timing, metrics);
+- speed on CPU: :func:`selective_lm_loss` (SFT: LM head only at target positions) and
+  :func:`install_compact_lm_head` (DPO: TRL's fused head scoring only labelled positions);
 - checkpoints: :func:`prepare_checkpoints` (fingerprint: resume when it matches, wipe otherwise);
 - tracking: W&B (offline by default, never prompts) and a dvclive callback for ``dvc plots``.
 
@@ -183,16 +188,33 @@ def _check_qlora(method: str, section: str = "") -> None:
         return
     if not torch.cuda.is_available():
         raise TemperingError(f"{section + '.' if section else ''}adapter.method: qlora needs a CUDA GPU with "
-                             "bitsandbytes; this machine has none (use method: lora)")
+                             "bitsandbytes (4-bit NF4 QLoRA); this machine has no CUDA GPU, where bitsandbytes "
+                             "gives no speed-up (use method: lora)")
     if importlib.util.find_spec("bitsandbytes") is None:
         raise TemperingError(f"{section + '.' if section else ''}adapter.method: qlora needs bitsandbytes "
                              "(pip install bitsandbytes)")
 
 
+ADAPTER_METHODS = ("lora", "prefix", "prompt")  # frozen base + small trainable adapter (qlora apart)
+PROMPT_LEARNING = ("prefix", "prompt")
+
+
+def frozen_dtype(method: str, precision: Precision | None, setting: str = "auto"):
+    """dtype of the frozen base weights. Trained weights stay float32 (bf16 weights would round
+    small updates away); a frozen base under bf16/fp16 autocast is stored in that dtype: autocast
+    casts it to that for every matmul anyway, so the math is the same, without the per-step cast
+    and at half the memory."""
+    import torch
+
+    if method in ADAPTER_METHODS and setting == "auto" and precision is not None and precision.name in ("bf16", "fp16"):
+        return torch.bfloat16 if precision.bf16 else torch.float16
+    return torch.float32
+
+
 def load_model(folder: str | os.PathLike, *, method: str = "lora", precision: Precision | None = None,
-               section: str = ""):
-    """A causal LM from an HF folder. Float32 weights (bf16 weights would lose small updates);
-    ``qlora`` loads the base in 4-bit NF4 on CUDA only."""
+               section: str = "", frozen: str = "float32"):
+    """A causal LM from an HF folder. Float32 weights, except a frozen adapter base with
+    ``frozen="auto"`` (see :func:`frozen_dtype`); ``qlora`` loads the base in 4-bit NF4 on CUDA only."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -200,7 +222,7 @@ def load_model(folder: str | os.PathLike, *, method: str = "lora", precision: Pr
     if not (folder / "config.json").exists():
         raise TemperingError(f"{folder}: not a Hugging Face model folder (no config.json)")
     _check_qlora(method, section)
-    kwargs: dict[str, Any] = {"dtype": torch.float32}
+    kwargs: dict[str, Any] = {"dtype": frozen_dtype(method, precision, frozen)}
     if method == "qlora":
         from transformers import BitsAndBytesConfig
 
@@ -222,9 +244,18 @@ def is_adapter_dir(folder: str | os.PathLike) -> bool:
 
 
 def peft_config(adapter) -> Any | None:
-    """``AdapterParams`` -> a peft ``LoraConfig`` (None for full fine-tuning)."""
+    """``AdapterParams`` -> a peft config: ``LoraConfig`` (lora, qlora), ``PrefixTuningConfig``
+    (prefix), ``PromptTuningConfig`` (prompt; random init); None for full fine-tuning."""
     if adapter.method == "full":
         return None
+    if adapter.method == "prefix":
+        from peft import PrefixTuningConfig
+
+        return PrefixTuningConfig(num_virtual_tokens=adapter.num_virtual_tokens, task_type="CAUSAL_LM")
+    if adapter.method == "prompt":
+        from peft import PromptTuningConfig
+
+        return PromptTuningConfig(num_virtual_tokens=adapter.num_virtual_tokens, task_type="CAUSAL_LM")
     from peft import LoraConfig
 
     targets = adapter.target_modules
@@ -261,6 +292,11 @@ def merge_adapter(model, adapter_dir: str | os.PathLike):
 
     adapter_dir = Path(adapter_dir)
     if is_adapter_dir(adapter_dir):
+        peft_type = str(read_json(adapter_dir / "adapter_config.json").get("peft_type", ""))
+        if peft_type in ("PREFIX_TUNING", "PROMPT_TUNING", "P_TUNING"):
+            raise TemperingError(f"{adapter_dir}: a {peft_type.lower()} adapter (virtual tokens) cannot be merged "
+                                 "into the weights, so dpo/export cannot build on it; use it with peft "
+                                 "(PeftModel.from_pretrained) or train sft with adapter.method: lora")
         return PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
     if (adapter_dir / "config.json").exists():  # method: full saved a whole model
         return load_model(adapter_dir, method="full")
@@ -274,6 +310,24 @@ def load_merged(base: str | os.PathLike, adapters: list[str | os.PathLike] = ())
     for adapter_dir in adapters:
         model = merge_adapter(model, adapter_dir)
     return model
+
+
+def merged_float32(model, base: str | os.PathLike):
+    """A trained model as a plain float32 network: a peft model's adapter is saved and merged into
+    a fresh float32 copy of ``base`` (its own base may be stored in bf16, see :func:`frozen_dtype`)."""
+    import tempfile
+
+    if not hasattr(model, "peft_config"):
+        return model.float()
+    with tempfile.TemporaryDirectory(prefix="tempering-merge-") as tmp:
+        model.save_pretrained(tmp)
+        return load_merged(base, [tmp])
+
+
+def cast_frozen(model, adapter, precision: Precision):
+    """Store a (not yet adapted) model's weights in the frozen dtype for ``adapter`` (no-op for full)."""
+    dtype = frozen_dtype(adapter.method, precision, adapter.frozen_dtype)
+    return model.to(dtype) if adapter.method != "qlora" else model
 
 
 def trainable_parameters(model) -> int:
@@ -422,6 +476,54 @@ def pack_text(rows: list[dict], tokenizer, block_size: int, source: str = "text.
         raise TemperingError(f"{source}: no text to train on")
     ds = Dataset.from_dict({"input_ids": blocks, "length": [len(b) for b in blocks]})
     return ds, {"rows": len(rows), "blocks": len(blocks), "tokens": sum(len(b) for b in blocks)}
+
+
+def pack_sft(dataset, block_size: int) -> tuple[Any, dict]:
+    """Pack tokenized conversations into blocks of at most ``block_size`` tokens, best-fit
+    decreasing (each goes into the fullest block it still fits in; none is split). Each block keeps
+    its conversations' lengths in ``seq_lengths`` so the collator restarts positions at every
+    conversation and attention stays inside it."""
+    import bisect
+
+    from datasets import Dataset
+
+    lengths = list(dataset["length"])
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    blocks: list[list[int]] = []
+    room: list[tuple[int, int]] = []  # sorted (free space, block index)
+    for i in order:
+        n = lengths[i]
+        k = bisect.bisect_left(room, (n, -1))
+        if k < len(room):
+            free, b = room.pop(k)
+        else:
+            free, b = block_size, len(blocks)
+            blocks.append([])
+        blocks[b].append(i)
+        if free - n > 0:
+            bisect.insort(room, (free - n, b))
+    ids, labels = dataset["input_ids"], dataset["labels"]
+    out: dict[str, list] = {"input_ids": [], "labels": [], "seq_lengths": [], "length": []}
+    for members in blocks:
+        members.sort()  # conversation order inside a block does not matter; keep it stable
+        out["input_ids"].append([t for i in members for t in ids[i]])
+        out["labels"].append([t for i in members for t in labels[i]])
+        out["seq_lengths"].append([lengths[i] for i in members])
+        out["length"].append(sum(lengths[i] for i in members))
+    total = sum(out["length"])
+    stats = {"blocks": len(blocks), "fill": round(total / (len(blocks) * block_size), 4) if blocks else 0.0}
+    return Dataset.from_dict(out), stats
+
+
+def split_eval(dataset, share: float, seed: int):
+    """(train, eval) with ``share`` of the rows held out (at least one each), reproducible."""
+    if share <= 0:
+        return dataset, None
+    n_eval = max(1, round(len(dataset) * share))
+    if n_eval >= len(dataset):
+        raise TemperingError(f"eval_share {share}: {len(dataset)} rows leave nothing to train on")
+    parts = dataset.train_test_split(test_size=n_eval, seed=seed, shuffle=True)
+    return parts["train"], parts["test"]
 
 
 def dpo_dataset(rows: list[dict], source: str = "preference.jsonl"):
@@ -636,6 +738,8 @@ def training_config(kind: str, cfg, tracking, *, output_dir: str, precision: Pre
     from trl import DPOConfig, SFTConfig
 
     report = ["wandb"] if setup_wandb(tracking, run_name) else []
+    evaluate = getattr(cfg, "eval_share", 0.0) > 0
+    early = evaluate and getattr(cfg, "early_stopping_patience", 0) > 0
     common = dict(
         output_dir=str(output_dir),
         run_name=run_name,
@@ -643,6 +747,7 @@ def training_config(kind: str, cfg, tracking, *, output_dir: str, precision: Pre
         num_train_epochs=cfg.epochs,
         max_steps=cfg.max_steps,
         per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.batch_size,
         gradient_accumulation_steps=cfg.grad_accum,
         warmup_steps=cfg.warmup_ratio,  # a float in [0, 1) is a ratio of total steps (transformers 5)
         lr_scheduler_type=cfg.lr_scheduler,
@@ -657,12 +762,19 @@ def training_config(kind: str, cfg, tracking, *, output_dir: str, precision: Pre
         logging_steps=cfg.logging_steps,
         logging_first_step=True,
         logging_nan_inf_filter=False,  # never hide a NaN loss behind an average
-        eval_strategy="no",
+        # Eval loss on the held-out split at every checkpoint; with early stopping the best
+        # checkpoint is kept (save_total_limit never deletes it) and loaded at the end.
+        eval_strategy="steps" if evaluate else "no",
+        eval_steps=cfg.save_steps if evaluate else None,
+        load_best_model_at_end=early,
+        metric_for_best_model="eval_loss" if early else None,
+        greater_is_better=False if early else None,
         report_to=report,
         bf16=precision.bf16,
         fp16=precision.fp16,
         use_cpu=precision.device == "cpu",
-        gradient_checkpointing=False,  # TRL defaults to True: ~20% slower, not needed at this size
+        # TRL defaults to True: the forward runs twice (~1.3-1.5x slower), only worth it for memory.
+        gradient_checkpointing=cfg.gradient_checkpointing,
         dataloader_num_workers=0,
         dataloader_pin_memory=precision.device == "cuda",
         train_sampling_strategy="group_by_length",  # similar lengths per batch = little padding
@@ -671,23 +783,165 @@ def training_config(kind: str, cfg, tracking, *, output_dir: str, precision: Pre
         pad_to_multiple_of=None,
         push_to_hub=False,
         save_only_model=False,  # optimizer + scheduler + RNG states are needed to resume exactly
+        disable_tqdm=_quiet(),
     )
     common.update(extra)
     if kind == "dpo":
+        # precompute_ref_log_probs=True makes TRL keep no reference model and read the reference
+        # log-probs from the dataset; we compute and cache them ourselves (see _guarded).
         return DPOConfig(**common, beta=cfg.beta, loss_type=[cfg.loss_type],
-                         truncation_mode="keep_start",
-                         precompute_ref_log_probs=cfg.adapter.method == "full")
-    return SFTConfig(**common, packing=False, dataset_kwargs={"skip_prepare_dataset": True},
+                         truncation_mode="keep_start", precompute_ref_log_probs=cfg.precompute_ref)
+    # TRL's packing/padding-free stay off: we tokenize and pack ourselves (tokenize_sft, pack_sft),
+    # TRL's dataset preparation is skipped and packed blocks get our own collator.
+    return SFTConfig(**common, packing=False, padding_free=False,
+                     dataset_kwargs={"skip_prepare_dataset": True},
                      completion_only_loss=False, assistant_only_loss=False)
 
 
-def _guarded(trainer_cls, stage: str, checkpoints: str, plain_loss: bool = False):
+def _quiet() -> bool:
+    """Progress bars off in CI (CI=true) and when TQDM_DISABLE is set."""
+    return os.environ.get("CI", "").lower() in ("1", "true", "yes") or bool(os.environ.get("TQDM_DISABLE"))
+
+
+def _causal_lm_parts(model):
+    """(decoder, lm_head) of a causal LM (through a peft/accelerate wrapper), or None when the
+    model is not the plain decoder + head layout (prompt-learning peft models prepend tokens)."""
+    inner = getattr(model, "module", model)
+    if hasattr(inner, "peft_config"):
+        if getattr(inner, "active_peft_config", None) is not None and inner.active_peft_config.is_prompt_learning:
+            return None
+        inner = inner.get_base_model()
+    get_decoder = getattr(inner, "get_decoder", None)
+    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+    decoder = get_decoder() if get_decoder else None
+    if decoder is None or head is None or decoder is inner:
+        return None
+    return decoder, head
+
+
+def selective_lm_loss(model, inputs: dict, num_items_in_batch=None):
+    """Causal-LM cross-entropy computing logits only where a label is trained.
+
+    Same loss as the model's own (shifted labels, -100 ignored, sum / number of target tokens),
+    but the LM head (49k x 576 for SmolLM2, ~20% of a forward) and the float32 softmax run only
+    on target positions (assistant tokens in SFT) instead of every position. Returns None when
+    the model does not have the decoder + LM head layout (the caller falls back)."""
+    import torch.nn.functional as F
+
+    parts = _causal_lm_parts(model)
+    if parts is None:
+        return None
+    decoder, head = parts
+    labels = inputs["labels"]
+    kwargs = {k: inputs[k] for k in ("input_ids", "attention_mask", "position_ids") if k in inputs}
+    hidden = decoder(**kwargs, use_cache=False).last_hidden_state[:, :-1]
+    target = labels[:, 1:]
+    keep = target != -100
+    logits = head(hidden[keep]).float()
+    loss = F.cross_entropy(logits, target[keep], reduction="sum")
+    denom = num_items_in_batch if num_items_in_batch is not None else keep.sum().clamp(min=1)
+    return loss / denom.to(loss.device) if hasattr(denom, "to") else loss / denom
+
+
+def install_compact_lm_head(model) -> bool:
+    """Make TRL's fused LM head (``model(..., labels=..., fused_lm_head=True)``, used by DPO for the
+    policy and the reference) score only the positions with a label, on devices without Triton.
+
+    TRL 1.16 scores every position (prompt and padding included) and computes the entropy, mean
+    logit and top-1 of each over the whole vocabulary unless Triton is available, i.e. on every
+    CPU. DPO only needs completion tokens, a small share of each sequence. Same outputs
+    (``FusedCausalLMOutput``, zeros where the label is -100), same loss. Returns whether it was
+    installed (not for MoE router losses or pre-shifted labels, which keep TRL's path)."""
+    import torch
+    from trl.trainer.utils import FusedCausalLMOutput
+
+    inner = getattr(model, "module", model)
+    if hasattr(inner, "peft_config"):
+        inner = inner.get_base_model()
+    if getattr(inner, "_tempering_compact_head", False):
+        return True
+    if getattr(inner.config.get_text_config(), "output_router_logits", False):
+        return False
+    fused = inner.forward  # TRL's patched forward (falls back to the original without fused_lm_head)
+    softcap = getattr(inner.config.get_text_config(), "final_logit_softcapping", None)
+    if softcap or getattr(inner.config.get_text_config(), "logit_scale", None) not in (None, 1.0):
+        return False  # scaled heads keep TRL's kernel
+
+    def forward(*args, fused_lm_head=False, labels=None, shift_labels=None, num_items_in_batch=None, **kwargs):
+        if not fused_lm_head or shift_labels is not None or labels is None or kwargs.get("output_router_logits"):
+            return fused(*args, fused_lm_head=fused_lm_head, labels=labels, shift_labels=shift_labels,
+                         num_items_in_batch=num_items_in_batch, **kwargs)
+        kwargs["use_cache"] = False
+        hidden = inner.get_decoder()(*args, **kwargs).last_hidden_state[:, :-1]
+        target = labels[:, 1:]
+        mask = target != -100
+        picked = target[mask]
+        logits = inner.get_output_embeddings()(hidden[mask]).float()
+        logz = torch.logsumexp(logits, dim=-1)
+        log_probs = logits.gather(-1, picked[:, None]).squeeze(-1) - logz
+        with torch.no_grad():
+            entropy = logz - (torch.softmax(logits, dim=-1) * logits).sum(-1)
+            mean_logits = logits.mean(-1)
+            is_top1 = logits.argmax(-1) == picked
+
+        def full(x):
+            return x.new_zeros(mask.shape).masked_scatter(mask, x)
+
+        log_probs_full = full(log_probs)
+        denom = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
+        return FusedCausalLMOutput(loss=-log_probs_full.sum() / denom, log_probs=log_probs_full,
+                                   entropy=full(entropy), mean_logits=full(mean_logits),
+                                   is_top1=torch.zeros(mask.shape, dtype=torch.bool, device=mask.device)
+                                   .masked_scatter(mask, is_top1), label_mask=mask)
+
+    inner.forward = forward
+    inner._tempering_compact_head = True
+    return True
+
+
+def _packed_collator(pad_token_id: int):
+    """Collate packed blocks: positions restart at each conversation and there is no attention
+    mask, so transformers builds a block-diagonal causal mask per row (attention never crosses
+    conversations). Unlike TRL's padding-free collator the batch stays [batch, block] (on CPU,
+    without varlen flash attention, one flattened sequence would make attention quadratic in the
+    whole batch)."""
+    import torch
+
+    def collate(examples: list[dict]) -> dict:
+        width = max(len(e["input_ids"]) for e in examples)
+        ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)
+        labels = torch.full((len(examples), width), -100, dtype=torch.long)
+        pos = torch.zeros((len(examples), width), dtype=torch.long)
+        for r, e in enumerate(examples):
+            n = len(e["input_ids"])
+            ids[r, :n] = torch.tensor(e["input_ids"])
+            labels[r, :n] = torch.tensor(e["labels"])
+            pos[r, :n] = torch.cat([torch.arange(k) for k in e["seq_lengths"]])
+            labels[r, :n][pos[r, :n] == 0] = -100  # never predict a conversation's first token from the previous one
+            if n < width:  # padding continues the last conversation's positions (never attended to)
+                pos[r, n:] = torch.arange(int(pos[r, n - 1]) + 1, int(pos[r, n - 1]) + 1 + width - n)
+        return {"input_ids": ids, "labels": labels, "position_ids": pos}
+
+    return collate
+
+
+def _ref_logps_path(key: str) -> Path:
+    return cache_root() / "dpo_ref" / f"ref-{key}.json"
+
+
+def _guarded(trainer_cls, stage: str, checkpoints: str, plain_loss: bool = False, dpo_cache: dict | None = None,
+             compact_head: bool = False):
     """A trainer subclass that stops on a non-finite loss before the optimizer step.
 
-    ``plain_loss``: compute the loss with the model's own cross-entropy (transformers'
-    ``Trainer.compute_loss``) instead of TRL's chunked log-prob kernel. On CPU with a 49k vocabulary
-    the kernel made an SFT step ~35% slower (SmolLM2-135M, batch 8, fp32: 3.4 vs 2.5 s/step); it pays
-    off on GPUs, where it saves the logits' memory. Same loss: labels carry the -100 mask.
+    ``plain_loss``: compute the loss with :func:`selective_lm_loss` (logits at target positions
+    only) instead of TRL's chunked log-prob kernel. On CPU with a 49k vocabulary the kernel made an
+    SFT step ~35% slower (SmolLM2-135M, batch 8, fp32: 3.4 vs 2.5 s/step); it pays off on GPUs,
+    where it saves the logits' memory. Same loss: labels carry the -100 mask.
+
+    ``dpo_cache`` (DPO): ``{"max_prompt_length", "key"}``: prompts are cut to their last
+    ``max_prompt_length`` tokens right after TRL tokenizes them, and TRL's reference-log-prob
+    precompute is replaced by a content-addressed cache (see :func:`reference_cache_key`).
+    ``compact_head`` (DPO): :func:`install_compact_lm_head` before the reference precompute.
     """
     from transformers import Trainer
 
@@ -695,8 +949,31 @@ def _guarded(trainer_cls, stage: str, checkpoints: str, plain_loss: bool = False
         if plain_loss:
             def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
                 inputs["use_cache"] = False
+                if not return_outputs:
+                    loss = selective_lm_loss(model, inputs, num_items_in_batch)
+                    if loss is not None:
+                        return loss
                 return Trainer.compute_loss(self, model, inputs, return_outputs=return_outputs,
                                             num_items_in_batch=num_items_in_batch)
+
+        if dpo_cache is not None:
+            def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+                dataset = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+                keep = dpo_cache["max_prompt_length"]
+
+                # TRL 1.16 has no max_prompt_length: keep the end of long prompts (the latest turns
+                # and the generation prompt), then the collator cuts prompt+completion at max_length.
+                def _cut(ex):
+                    prompt = ex["prompt_ids"][-keep:]
+                    return {"prompt_ids": prompt,
+                            "length": len(prompt) + max(len(ex["chosen_ids"]), len(ex["rejected_ids"]))}
+
+                return dataset.map(_cut)
+
+            def _precompute_ref_logps(self, dataset, name, batch_size):
+                if compact_head:
+                    install_compact_lm_head(self.model)
+                return attach_reference_logps(self, dataset, dpo_cache.get("key"), batch_size)
 
         def training_step(self, *args, **kwargs):
             loss = super().training_step(*args, **kwargs)
@@ -737,51 +1014,126 @@ def _guarded(trainer_cls, stage: str, checkpoints: str, plain_loss: bool = False
     return Guarded
 
 
-def _callbacks(stage: str, checkpoints: str, live_dir: str | None, tracking, resume_step: int | None):
+def reference_cache_key(*, data: str, reference: str, tokenizer: str, max_length: int, max_prompt_length: int,
+                        precision: str) -> str:
+    """Content address of a DPO reference log-prob set: the preference data, the reference model
+    (its weights' hash), the tokenizer + chat template, the max lengths and the autocast precision
+    (bf16 and fp32 log-probs differ), plus the TRL version (its tokenization of pairs)."""
+    import trl
+
+    return content_id({"v": 1, "data": data, "reference": reference, "tokenizer": tokenizer,
+                       "max_length": max_length, "max_prompt_length": max_prompt_length,
+                       "precision": precision, "trl": trl.__version__}, 32)
+
+
+def attach_reference_logps(trainer, dataset, key: str | None, batch_size: int):
+    """Add ``ref_chosen_logps``/``ref_rejected_logps`` columns to a tokenized DPO dataset.
+
+    With a ``key`` they are read from ``<cache>/dpo_ref/ref-<key>.json`` when present, else
+    computed once with the reference (the policy with its adapter disabled, or the untouched
+    full model: this runs before the first optimizer step) and written there atomically. Rows are
+    processed longest-first in batches of ``2 * batch_size`` (no gradients: twice the batch fits)
+    so padding is minimal, then put back in dataset order."""
+    import torch
+
+    n = len(dataset)
+    path = _ref_logps_path(key) if key else None
+    if path is not None and path.exists():
+        with contextlib.suppress(OSError, json.JSONDecodeError, KeyError, TemperingError):
+            blob = read_json(path)
+            if blob["rows"] == n:
+                trainer._tempering_ref_cache = {"key": key, "hit": True, "seconds": 0.0}
+                return dataset.add_column("ref_chosen_logps", blob["chosen"]).add_column(
+                    "ref_rejected_logps", blob["rejected"])
+    started = time.time()
+    cols = ("prompt_ids", "chosen_ids", "rejected_ids")
+    rows = [{c: dataset[i][c] for c in cols} for i in range(n)]
+    lengths = [len(r["prompt_ids"]) + max(len(r["chosen_ids"]), len(r["rejected_ids"])) for r in rows]
+    order = sorted(range(n), key=lambda i: -lengths[i])
+    chosen, rejected = [0.0] * n, [0.0] * n
+    device = trainer.accelerator.device
+    model = trainer.ref_model or trainer.model
+    size = max(1, 2 * batch_size)
+    for start in range(0, n, size):
+        idx = order[start:start + size]
+        batch = trainer.data_collator([rows[i] for i in idx])
+        batch = {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
+        with torch.no_grad():
+            c, r = trainer.compute_ref_log_probs(model, batch)
+        for j, i in enumerate(idx):
+            chosen[i], rejected[i] = float(c[j]), float(r[j])
+    if path is not None:
+        write_json(path, {"rows": n, "chosen": chosen, "rejected": rejected})
+    trainer._tempering_ref_cache = {"key": key, "hit": False, "seconds": round(time.time() - started, 2)}
+    return dataset.add_column("ref_chosen_logps", chosen).add_column("ref_rejected_logps", rejected)
+
+
+def _callbacks(stage: str, checkpoints: str, live_dir: str | None, tracking, resume_step: int | None, cfg=None):
     LiveCallback, GuardCallback = _callbacks_module()
     guard = GuardCallback(stage, checkpoints)
     cbs = [guard]
     if live_dir and tracking.dvclive:
         cbs.append(LiveCallback(live_dir, resume_step))
+    if cfg is not None and getattr(cfg, "eval_share", 0) > 0 and getattr(cfg, "early_stopping_patience", 0) > 0:
+        from transformers import EarlyStoppingCallback
+
+        cbs.append(EarlyStoppingCallback(early_stopping_patience=cfg.early_stopping_patience,
+                                         early_stopping_threshold=cfg.early_stopping_threshold))
     return guard, cbs + list(EXTRA_CALLBACKS)
 
 
 def build_sft_trainer(model, tokenizer, dataset, args, *, stage: str, checkpoints: str,
-                      live_dir: str | None, tracking, resume_step: int | None = None):
-    """SFTTrainer on a pre-tokenized dataset (input_ids + labels; TRL's preparation skipped)."""
+                      live_dir: str | None, tracking, resume_step: int | None = None, eval_dataset=None,
+                      cfg=None):
+    """SFTTrainer on a pre-tokenized dataset (input_ids + labels; TRL's preparation skipped).
+    Packed datasets (a ``seq_lengths`` column, see :func:`pack_sft`) get the packed collator."""
     from trl import SFTTrainer
 
-    guard, callbacks = _callbacks(stage, checkpoints, live_dir, tracking, resume_step)
+    guard, callbacks = _callbacks(stage, checkpoints, live_dir, tracking, resume_step, cfg)
     plain = not str(args.device).startswith("cuda")
+    collator = None
+    if "seq_lengths" in dataset.column_names:
+        collator = _packed_collator(tokenizer.pad_token_id)
     trainer = _guarded(SFTTrainer, stage, checkpoints, plain_loss=plain)(
-        model=model, args=args, train_dataset=dataset, processing_class=tokenizer, callbacks=callbacks)
+        model=model, args=args, train_dataset=dataset, eval_dataset=eval_dataset, processing_class=tokenizer,
+        callbacks=callbacks, data_collator=collator)
     trainer._tempering_guard = guard
     return trainer
 
 
 def build_dpo_trainer(model, tokenizer, dataset, args, *, adapter, max_prompt_length: int, stage: str,
-                      checkpoints: str, live_dir: str | None, tracking, resume_step: int | None = None):
-    """DPOTrainer. With LoRA the plain ``model`` gets a fresh adapter and the reference is the same
-    network with the adapter disabled (no second copy). With ``full`` the reference log-probs are
-    computed once before training from the untouched model."""
+                      checkpoints: str, live_dir: str | None, tracking, resume_step: int | None = None,
+                      ref_cache_key: str | None = None):
+    """DPOTrainer. The reference is the model as passed (the SFT result): with LoRA the ``model``
+    gets a fresh adapter and the reference is the same network with the adapter disabled (no
+    second copy); with ``full`` it is the untouched model.
+
+    With ``args.precompute_ref_log_probs`` the reference log-probs are computed once before
+    training and cached under ``ref_cache_key`` (see :func:`attach_reference_logps`): no
+    reference forward during training, and none at all on a later run with the same key. Without
+    it LoRA runs the reference forward every step, and ``full`` keeps a frozen copy."""
+    import copy
+
     from trl import DPOTrainer
 
     guard, callbacks = _callbacks(stage, checkpoints, live_dir, tracking, resume_step)
     config = peft_config(adapter)
     import torch
 
+    ref_model = None
+    if config is None and not args.precompute_ref_log_probs:
+        ref_model = copy.deepcopy(model).eval().requires_grad_(False)
     torch.manual_seed(args.seed)
-    trainer = _guarded(DPOTrainer, stage, checkpoints)(
-        model=model, ref_model=None, args=args, train_dataset=dataset, processing_class=tokenizer,
+    compact = not str(args.device).startswith("cuda")  # TRL's kernel is compact with Triton (GPUs)
+    trainer = _guarded(DPOTrainer, stage, checkpoints,
+                       dpo_cache={"max_prompt_length": max_prompt_length, "key": ref_cache_key},
+                       compact_head=compact)(
+        model=model, ref_model=ref_model, args=args, train_dataset=dataset, processing_class=tokenizer,
         peft_config=config, callbacks=callbacks)
-    # TRL 1.16 has no max_prompt_length: keep the end of long prompts (the latest turns and the
-    # generation prompt), then the collator cuts prompt+completion at max_length.
-    def _cut(ex):
-        prompt = ex["prompt_ids"][-max_prompt_length:]
-        return {"prompt_ids": prompt,
-                "length": len(prompt) + max(len(ex["chosen_ids"]), len(ex["rejected_ids"]))}
-
-    trainer.train_dataset = trainer.train_dataset.map(_cut)
+    if compact:
+        install_compact_lm_head(trainer.model)
+        if trainer.ref_model is not None:
+            install_compact_lm_head(trainer.ref_model)
     trainer._tempering_guard = guard
     return trainer
 
@@ -791,7 +1143,11 @@ def _finished(checkpoint: Path) -> bool:
         state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
     except (OSError, json.JSONDecodeError):
         return False
-    return bool(state.get("max_steps")) and state.get("global_step", 0) >= state["max_steps"]
+    if bool(state.get("max_steps")) and state.get("global_step", 0) >= state["max_steps"]:
+        return True
+    # Early stopping (or any callback) ended the run at this step: it is finished too.
+    control = (state.get("stateful_callbacks") or {}).get("TrainerControl") or {}
+    return bool((control.get("args") or {}).get("should_training_stop"))
 
 
 def train(trainer, resume_from: Path | None, before: dict) -> dict:
@@ -803,8 +1159,12 @@ def train(trainer, resume_from: Path | None, before: dict) -> dict:
         # load that checkpoint instead of training. (transformers would train one extra step here.)
         from transformers.trainer_callback import TrainerState
 
-        trainer._load_from_checkpoint(str(resume_from))
         trainer.state = TrainerState.load_from_json(str(Path(resume_from) / "trainer_state.json"))
+        best = trainer.state.best_model_checkpoint
+        if trainer.args.load_best_model_at_end and best and Path(best).exists():
+            trainer._load_from_checkpoint(best)  # what the finished run ended with
+        else:
+            trainer._load_from_checkpoint(str(resume_from))
         guard.step0, guard.tokens0 = trainer.state.global_step, trainer.state.num_input_tokens_seen
         guard.t0 = guard.t_end = time.time()
         output = None
@@ -847,6 +1207,17 @@ def train(trainer, resume_from: Path | None, before: dict) -> dict:
             name = key.replace("/", "_")
             metrics[f"{name}_last"] = vals[-1]
             metrics[f"{name}_mean"] = sum(vals) / len(vals)
+    evals = [(h["step"], float(h["eval_loss"])) for h in state.log_history if "eval_loss" in h]
+    if evals:
+        metrics["eval_loss_curve"] = [{"step": k, "eval_loss": v} for k, v in evals]
+        metrics["eval_loss_last"] = evals[-1][1]
+        metrics["eval_loss_best"] = min(v for _, v in evals)
+        metrics["best_checkpoint"] = Path(state.best_model_checkpoint).name if state.best_model_checkpoint else None
+        planned = state.max_steps or 0
+        metrics["stopped_early"] = bool(planned and state.global_step < planned)
+    ref = getattr(trainer, "_tempering_ref_cache", None)
+    if ref is not None:
+        metrics["ref_logps_cache"] = dict(ref)
     return metrics
 
 

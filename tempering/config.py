@@ -77,6 +77,29 @@ class SourceSpec(_Section):
         return self
 
 
+class TokenCheckParams(_Section):
+    # Token-level checks on SFT rows after the chat template (needs the stage's --tokenizer; the
+    # length and template are sft.max_length / sft.chat_template, declared in dvc.yaml).
+    enabled: bool = True
+    # Quarantine an example (low_supervision) when less than this share of its tokens, after
+    # truncation, is in the loss mask. 0 still quarantines examples with no supervised token.
+    min_supervised_share: float = Field(0.02, ge=0.0, le=1.0)
+    # Fail the stage when more than this share of SFT examples exceeds sft.max_length tokens.
+    max_truncation_rate: float = Field(0.2, ge=0.0, le=1.0)
+    # Fail the stage when the assistant's end-of-turn token is outside the loss mask in more than
+    # this share of examples (the model would never learn to stop).
+    max_eot_missing_rate: float = Field(0.0, ge=0.0, le=1.0)
+
+
+class PiiParams(_Section):
+    # Redact e-mail addresses, phone numbers and secret-looking tokens (API keys, private keys,
+    # password literals) in kept rows, counting what was replaced.
+    enabled: bool = True
+    kinds: tuple[Literal["email", "phone", "secret"], ...] = ("email", "phone", "secret")
+    # E-mail domains left alone (documentation placeholders, not people).
+    allow_email_domains: tuple[str, ...] = ("example.com", "example.org", "example.net")
+
+
 class ValidateParams(_Section):
     sources: tuple[SourceSpec, ...] = ()
     # Fail the stage when more than this share of rows of any one source is rejected: a broken
@@ -93,6 +116,8 @@ class ValidateParams(_Section):
     # Report only: kept rows longer than this are counted as likely to be truncated in training
     # (~4 characters per token, so 1024 ~ a 256-token max_length).
     long_row_chars: int = Field(1024, ge=1)
+    tokens: TokenCheckParams = TokenCheckParams()
+    pii: PiiParams = PiiParams()
 
 
 class DedupParams(_Section):
@@ -106,6 +131,12 @@ class DedupParams(_Section):
     # Decontamination: drop training rows sharing an n-gram this long with a benchmark item
     # (13 as in lm-eval / GPT-3). 0 disables.
     decontam_ngram: int = Field(13, ge=0, le=100)
+    # Incremental dedup: rows are also deduplicated against the index of earlier snapshots (exact
+    # hashes + MinHash signatures of every row kept before), and this snapshot's kept rows are
+    # added to it under the label `snapshot`. A re-run with the same label replaces that label's
+    # entry; a new label (next week's refresh) dedups against all earlier ones.
+    index: bool = True
+    snapshot: str = Field("initial", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
 # ----------------------------------------------------------------------------- training
@@ -113,8 +144,9 @@ class DedupParams(_Section):
 
 class AdapterParams(_Section):
     # lora: small adapters on frozen weights (fast, small outputs). full: all weights trained.
-    # qlora: 4-bit base through bitsandbytes (CUDA only).
-    method: Literal["lora", "qlora", "full"] = "lora"
+    # qlora: 4-bit base through bitsandbytes (CUDA only). prefix / prompt: peft prefix tuning /
+    # prompt tuning (virtual tokens; sft only, cannot be merged into a standalone model).
+    method: Literal["lora", "qlora", "full", "prefix", "prompt"] = "lora"
     r: int = Field(16, ge=1, le=1024)
     alpha: int = Field(32, ge=1)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
@@ -122,6 +154,12 @@ class AdapterParams(_Section):
     target_modules: str | tuple[str, ...] = "all-linear"
     use_rslora: bool = False
     use_dora: bool = False
+    # Virtual tokens for prefix / prompt tuning: more = more capacity, longer sequences.
+    num_virtual_tokens: int = Field(16, ge=1, le=512)
+    # Frozen base weights with an adapter: auto = stored in the autocast dtype (bf16/fp16), which
+    # is what autocast feeds the matmuls anyway (half the memory, no per-step cast); float32 keeps
+    # them in float32. Full fine-tuning always keeps float32 master weights.
+    frozen_dtype: Literal["auto", "float32"] = "auto"
 
 
 class TrainParams(_Section):
@@ -143,9 +181,26 @@ class TrainParams(_Section):
     # Checkpoint every N steps into the stage's persistent checkpoint folder (resume after crash).
     save_steps: int = Field(50, ge=1)
     logging_steps: int = Field(5, ge=1)
+    # Recompute activations in the backward pass: less memory, ~1.3-1.5x slower steps.
+    gradient_checkpointing: bool = False
 
 
-class CptParams(TrainParams):
+class _HeldOutParams(TrainParams):
+    # Share of rows held out for an eval loss (computed at every checkpoint). 0 = no eval.
+    eval_share: float = Field(0.0, ge=0.0, lt=0.5)
+    # Stop after this many evaluations without improving eval loss by early_stopping_threshold,
+    # and keep the best checkpoint's weights (0 = never stop early; needs eval_share > 0).
+    early_stopping_patience: int = Field(0, ge=0)
+    early_stopping_threshold: float = Field(0.0, ge=0.0)
+
+    @model_validator(mode="after")
+    def _early_stopping_needs_eval(self):
+        if self.early_stopping_patience and not self.eval_share:
+            raise ValueError("early_stopping_patience needs eval_share > 0 (a held-out split)")
+        return self
+
+
+class CptParams(_HeldOutParams):
     enabled: bool = False
     # Raw text is packed into blocks of this many tokens.
     block_size: int = Field(256, ge=8)
@@ -154,9 +209,12 @@ class CptParams(TrainParams):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
 
 
-class SftParams(TrainParams):
+class SftParams(_HeldOutParams):
     # Use the tokenizer's own chat template when null; otherwise a Jinja template string.
     chat_template: str | None = None
+    # Pack conversations into max_length blocks (best-fit decreasing; attention stays within each
+    # conversation): no padding at all, fewer steps per epoch; off = batches of similar lengths.
+    packing: bool = False
 
 
 class DpoParams(TrainParams):
@@ -165,6 +223,9 @@ class DpoParams(TrainParams):
     beta: float = Field(0.1, gt=0.0)
     loss_type: Literal["sigmoid", "ipo", "hinge", "robust"] = "sigmoid"
     max_prompt_length: int = Field(192, ge=8)
+    # Reference log-probs computed once before training and cached on disk by (data, reference
+    # model, max lengths): one forward per step saved, reused across epochs and runs.
+    precompute_ref: bool = True
 
 
 class ExportParams(_Section):
@@ -182,12 +243,50 @@ class ExportParams(_Section):
 
 
 class BenchmarkSpec(_Section):
-    name: str
-    path: str
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
+    # A local file (JSON lines, .gz read too) ...
+    path: str | None = None
+    # ... or a registered lm-eval task name (hellaswag, arc_easy, mmlu ...): needs the hub once.
+    task: str | None = None
+    # Layout of `path`: tempering ({question, choices, answer}), llmfoundry ({query, choices,
+    # gold}: ARC, BoolQ), hellaswag ({query, endings, label}), piqa ({goal, sol1, sol2} + `labels`).
+    format: Literal["tempering", "llmfoundry", "hellaswag", "piqa"] = "tempering"
+    labels: str | None = None
     # domain: the target the run must improve; general: a forgetting check.
     role: Literal["domain", "general"]
-    # Score through the chat template (matches how the model was tuned).
+    # Score through the chat template (matches how the model was tuned). Standard benchmarks
+    # (ARC, HellaSwag ...) are scored the lm-eval way, without it.
     chat: bool = True
+    # Items scored (first N); overrides evaluate.limit for this benchmark. null = evaluate.limit.
+    limit: int | None = Field(None, ge=1)
+    # Skip (with a note) instead of failing when `path` does not exist: for files that only some
+    # machines have, e.g. ../shared/data/eval.
+    optional: bool = False
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "BenchmarkSpec":
+        if (self.path is None) == (self.task is None):
+            raise ValueError("give exactly one of path (a local file) or task (an lm-eval task name)")
+        if self.format == "piqa" and self.path and not self.labels:
+            raise ValueError("format piqa needs labels (the valid-labels.lst file)")
+        return self
+
+
+class GenerationParams(_Section):
+    # Greedy answers to the first `n` questions of these benchmarks (chat), scored by whether
+    # the first choice the answer names is the right one. 0 = off. ~0.5 s per answer on CPU.
+    benchmarks: tuple[str, ...] = ("domain",)
+    n: int = Field(16, ge=0, le=10_000)
+    max_new_tokens: int = Field(32, ge=1, le=1024)
+    # Examples kept in the metrics and the report.
+    examples: int = Field(4, ge=0, le=100)
+
+
+class SignalParams(_Section):
+    # Label-free forgetting signals: perplexity of question + right answer per benchmark, and the
+    # mean per-token KL(candidate || base) on the general benchmarks' chat-formatted items.
+    # More texts = a steadier number, longer evaluation. 0 = off.
+    n_texts: int = Field(64, ge=0, le=100_000)
 
 
 class EvaluateParams(_Section):
@@ -197,6 +296,8 @@ class EvaluateParams(_Section):
     batch_size: int = Field(16, ge=1)
     # Context length for scoring (null = the model's own). Longer items are cut from the left.
     max_length: int | None = Field(None, ge=8)
+    generation: GenerationParams = GenerationParams()
+    signals: SignalParams = SignalParams()
     # Cache base-model results keyed by (model hash, lm-eval version, benchmark hash).
     cache_dir: str = ".cache/tempering/benchmarks"
 
@@ -210,6 +311,11 @@ class GateParams(_Section):
     # Minimum gain over the current production model on every domain benchmark (champion /
     # challenger). null = no comparison; 0.0 = "not worse than production".
     min_gain_vs_production: float | None = Field(None, ge=-1.0, le=1.0)
+    # Label-free forgetting thresholds (null = report only): the largest mean per-token
+    # KL(candidate || base) on general items, and the largest ratio of candidate to base
+    # perplexity on each general benchmark's text.
+    max_kl: float | None = Field(None, gt=0.0)
+    max_perplexity_ratio: float | None = Field(None, gt=0.0)
     # How a delta is judged. bootstrap: paired bootstrap interval over per-item results;
     # mcnemar: the paired (McNemar-style) normal interval; none: the point estimate alone.
     test: Literal["bootstrap", "mcnemar", "none"] = "bootstrap"
@@ -243,6 +349,43 @@ class TrackingParams(_Section):
     dvclive: bool = True
 
 
+# ----------------------------------------------------------------------------- orchestration
+
+
+class LaunchParams(_Section):
+    # How the training stages (cpt, sft, dpo) start; read by tempering.launcher, which their
+    # dvc.yaml commands go through. none = plain `python -m tasks.<stage>` (CPU, or one GPU
+    # without accelerate); any other value = `accelerate launch --config_file
+    # <config_dir>/<launcher>.yaml -m tasks.<stage> ...` with the same stage code.
+    launcher: Literal["none", "single_gpu", "ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3"] = "none"
+    # Processes (GPUs) for the launch; null = the config file's num_processes. More GPUs = a
+    # larger effective batch (batch_size * grad_accum * processes): retune the learning rate.
+    num_processes: int | None = Field(None, ge=1, le=4096)
+    # Folder of the accelerate config files, relative to the project root.
+    config_dir: str = "infra/accelerate"
+
+
+class RefreshParams(_Section):
+    # Where new data comes from: a local folder or any fsspec URL (s3://, gs://, az://, ssh://,
+    # file://). null = no external data: a refresh re-runs the pipeline on what the workspace has.
+    source: str | None = None
+    # Workspace folder the snapshot is mirrored into and versioned with `dvc add`; point
+    # validate.sources at files in it and list it in the validate stage's deps.
+    snapshot_dir: str = "data/snapshot"
+    # DVC remote that data and models are pushed to after each refresh: a local folder
+    # (relative to the project root) or any DVC remote URL. null = do not push.
+    remote: str | None = "../tempering-remote"
+    remote_name: str = "tempering"
+    # Also push DVC's run cache: another machine then restores unchanged stages instead of
+    # re-running them, at the price of a few small files per stage run in the remote.
+    push_run_cache: bool = True
+    # One folder per refresh run (record.json, dvc.lock, metrics): the next refresh diffs against it.
+    history_dir: str = "runs"
+    # Seconds a refresh waits for another one holding the workspace lock before failing.
+    # Longer = runs queue instead of failing; shorter = a stuck run is noticed sooner.
+    lock_timeout_s: float = Field(3600.0, ge=0.0)
+
+
 class Params(_Section):
     base_model: BaseModelParams = BaseModelParams()
     make_data: MakeDataParams = MakeDataParams()
@@ -256,6 +399,8 @@ class Params(_Section):
     gate: GateParams = GateParams()
     promote: PromoteParams = PromoteParams()
     tracking: TrackingParams = TrackingParams()
+    train: LaunchParams = LaunchParams()
+    refresh: RefreshParams = RefreshParams()
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
@@ -263,6 +408,12 @@ class Params(_Section):
     def _check(self) -> "Params":
         if self.dpo.max_prompt_length >= self.dpo.max_length:
             raise ValueError("dpo.max_prompt_length must be smaller than dpo.max_length")
+        for name in ("cpt", "dpo"):
+            if getattr(self, name).adapter.method in ("prefix", "prompt"):
+                raise ValueError(f"{name}.adapter.method: prefix/prompt tuning is supported for sft only "
+                                 "(use lora or full)")
+        if self.sft.packing and self.sft.adapter.method in ("prefix", "prompt"):
+            raise ValueError("sft.packing: not supported with prefix/prompt tuning (virtual tokens)")
         return self
 
     @property

@@ -43,10 +43,12 @@ Field mapping
     ``role``/``content``) and to ``conversations``/``messages``/``text``.
 
 Errors
-    File-level problems (missing path, a folder where a file is expected, an empty file, truncated
-    or corrupt gzip, undecodable JSON array or text, UTF-16) raise :class:`tempering.TemperingError`
-    with one line naming the file. A bad JSON Lines line only rejects that row (``invalid_json``,
-    ``invalid_encoding``). A UTF-8 byte-order mark is skipped. Row-level reasons: ``invalid_json``,
+    File-level problems (missing path, a folder where a file is expected, an empty file or empty
+    JSON array, truncated or corrupt gzip, undecodable or too deeply nested JSON array or text,
+    UTF-16) raise :class:`tempering.TemperingError` with one line naming the file. A bad JSON Lines
+    line only rejects that row (``invalid_json``, ``invalid_encoding``); so does a string holding an
+    unpaired surrogate (a ``\\ud800`` escape: not valid Unicode, it could not be written back as
+    UTF-8). A UTF-8 byte-order mark is skipped. Row-level reasons: ``invalid_json``,
     ``invalid_encoding``, ``not_an_object``, ``missing_field``, ``null_field``, ``wrong_type``,
     ``bad_structure``. Content checks (empty fields, roles, role order, lengths, control characters,
     chosen == rejected) are validation's job (``tasks/validate.py``), not this module's.
@@ -225,12 +227,16 @@ def _iter_json(path: Path, name: str, gz: bool) -> Iterator[tuple[int, Any]]:
             yield from _jsonl_lines(text.encode("utf-8").splitlines(keepends=True), name)
             return
         raise TemperingError(f"{name}: line {exc.lineno} column {exc.colno}: invalid JSON ({exc.msg})") from None
+    except RecursionError:
+        raise TemperingError(f"{name}: invalid JSON (nested too deeply to parse)") from None
     if isinstance(data, dict):
         lists = [k for k, v in data.items() if isinstance(v, list)]
         hint = f" (it is an object; the rows may be under {lists[0]!r})" if lists else ""
         raise TemperingError(f"{name}: expected a JSON array of rows{hint}")
     if not isinstance(data, list):
-        raise TemperingError(f"{name}: expected a JSON array of rows, got {type(data).__name__}")
+        raise TemperingError(f"{name}: expected a JSON array of rows, got {_type_name(data)}")
+    if not data:
+        raise TemperingError(f"{name}: file is empty (an empty JSON array)")
     for i, item in enumerate(data, 1):
         yield i, item
 
@@ -276,6 +282,10 @@ def _jsonl_lines(lines, name: str) -> Iterator[tuple[int, Any]]:
             yield lineno, Rejected(name, lineno, "invalid_json",
                                    f"{name}:{lineno}: invalid JSON at column {exc.colno} ({exc.msg})",
                                    line.rstrip("\r\n"))
+        except RecursionError:
+            yield lineno, Rejected(name, lineno, "invalid_json",
+                                   f"{name}:{lineno}: invalid JSON (nested too deeply to parse)",
+                                   line.rstrip("\r\n")[:1000])
     if not seen:
         raise TemperingError(f"{name}: file is empty")
 
@@ -452,9 +462,22 @@ def _get(rec: dict, fields: dict, name: str, *, required: bool = True) -> Any:
     return value
 
 
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
+
+
+def _unicode(value: str, label: str) -> str:
+    """Reject text holding an unpaired UTF-16 surrogate (a JSON ``\\ud800`` escape): it is not valid
+    Unicode, cannot be written as UTF-8, and would crash every later stage."""
+    bad = _SURROGATE.search(value)
+    if bad:
+        raise RowError("invalid_encoding", f"field '{label}' contains an unpaired surrogate "
+                                           f"U+{ord(bad.group()):04X} at offset {bad.start()} (not valid Unicode)")
+    return value
+
+
 def _string(value: Any, label: str) -> str:
     if isinstance(value, str):
-        return clean_text(value)
+        return clean_text(_unicode(value, label))
     shown = json.dumps(value, ensure_ascii=False, default=str)
     shown = shown if len(shown) <= 40 else shown[:37] + "..."
     raise RowError("wrong_type", f"field '{label}' must be a string, got {_type_name(value)} ({shown})")
@@ -475,7 +498,7 @@ def _content(value: Any, label: str) -> str:
         raise RowError("null_field", f"field '{label}' is null")
     if isinstance(value, list) and value and all(isinstance(p, dict) and p.get("type") == "text"
                                                  and isinstance(p.get("text"), str) for p in value):
-        return clean_text("".join(p["text"] for p in value))
+        return clean_text(_unicode("".join(p["text"] for p in value), label))
     return _string(value, label)
 
 
@@ -502,7 +525,7 @@ def _messages(value: Any, label: str, fields: dict, role_key: str, content_key: 
             raise RowError("null_field", f"field '{where}.{rk}' is null")
         if not isinstance(role, str):
             raise RowError("wrong_type", f"field '{where}.{rk}' must be a string, got {_type_name(role)}")
-        role = role.strip().lower()
+        role = _unicode(role, f"{where}.{rk}").strip().lower()
         if role_map is not None:
             role = role_map.get(role, role)
         out.append({"role": role, "content": _content(msg[ck], f"{where}.{ck}")})

@@ -2,6 +2,10 @@
 
     python -m tempering.report            # prints the summary, writes reports/summary.md
 
+The full picture (loss curves, benchmark bars with intervals, every gate reason, example
+generations) is the HTML report ``reports/report.html``, written by the ``report`` stage
+(``python -m tempering.html_report``); this summary points to it.
+
 Reads only the files stages wrote (``metrics/*.json``, the registry's aliases); used by
 ``make run`` at the end and by the Prefect flow as a markdown artifact.
 """
@@ -13,6 +17,8 @@ import json
 from pathlib import Path
 
 from tempering.io import write_text
+
+HTML_REPORT = "reports/report.html"
 
 
 def _load(path: Path) -> dict | None:
@@ -36,6 +42,7 @@ def summarize(root: str | Path = ".") -> dict:
         "registry": promote.get("registry"),
         "version": promote.get("version"),
         "reports": reports,
+        "html_report": HTML_REPORT if (root / HTML_REPORT).is_file() else None,
     }
 
 
@@ -99,6 +106,9 @@ def main(argv=None) -> int:
         print("Promoted model:  none this run (see the gate reasons above)")
     print(f"Metrics:         {root / 'metrics'}  (dvc metrics show)")
     print(f"Report:          {root / args.out}")
+    html = root / HTML_REPORT
+    print(f"HTML report:     {html}" + ("  (open it in a browser)" if html.is_file()
+                                        else "  (not written yet: python -m tempering.html_report)"))
     return 0
 
 

@@ -22,3 +22,16 @@ def prefect_harness():
 
     with prefect_test_harness(server_startup_timeout=180):
         yield
+
+
+@pytest.fixture(scope="session")
+def tiny_project(tmp_path_factory):
+    """This project on a tiny random model, reproduced once (`dvc repro`) for the whole session.
+
+    Tests read it; tests that change it work on ``tiny_project.copy_project`` copies.
+    """
+    from tiny_project import build_tiny_project, dvc
+
+    root = build_tiny_project(tmp_path_factory.mktemp("project"), tmp_path_factory.mktemp("tiny") / "tiny-model")
+    dvc(root, "repro", timeout=900)
+    return root

@@ -248,3 +248,123 @@ def test_fingerprint_changes_with_params_and_inputs():
     assert backend.fingerprint(p1, data="a") == backend.fingerprint(p1, data="a")
     assert backend.fingerprint(p1, data="a") != backend.fingerprint(p2, data="a")
     assert backend.fingerprint(p1, data="a") != backend.fingerprint(p1, data="b")
+
+
+# ----------------------------------------------------------------------------- packing, loss
+
+
+def _tokenized(tok, n=7):
+    rows = []
+    for i in range(n):
+        rows.append({"messages": [{"role": "user", "content": "hello " * (i + 1)},
+                                  {"role": "assistant", "content": f"answer {i} " * (1 + i % 3)}]})
+    return backend.tokenize_sft(rows, tok, max_length=128, data_hash=f"pack{n}", tokenizer_id="t")[0]
+
+
+def test_pack_sft_puts_every_conversation_in_exactly_one_block(tok, tmp_path, monkeypatch):
+    monkeypatch.setenv(backend.CACHE_ENV, str(tmp_path / "cache"))
+    ds = _tokenized(tok)
+    block = max(ds["length"]) + 10
+    packed, stats = backend.pack_sft(ds, block)
+    assert stats["blocks"] == len(packed) < len(ds)
+    assert all(sum(s) == n == len(ids) <= block for s, n, ids in
+               zip(packed["seq_lengths"], packed["length"], packed["input_ids"]))
+    originals = sorted(tuple(x) for x in ds["input_ids"])
+    pieces = []
+    for ids, lengths in zip(packed["input_ids"], packed["seq_lengths"]):
+        start = 0
+        for n in lengths:
+            pieces.append(tuple(ids[start:start + n]))
+            start += n
+    assert sorted(pieces) == originals
+    assert sum(packed["length"]) == sum(ds["length"])
+
+
+def test_packed_batch_loss_equals_separate_sequences_loss(tiny, tok, tmp_path, monkeypatch):
+    """Attention and targets never cross conversations in a packed block: its loss is the loss of
+    the same conversations padded in a normal batch, and both equal the model's own loss."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.setenv(backend.CACHE_ENV, str(tmp_path / "cache"))
+    ds = _tokenized(tok, 4)
+    packed, _ = backend.pack_sft(ds, sum(ds["length"]))
+    assert len(packed) == 1
+    model = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32).eval()
+    batch = backend._packed_collator(tok.pad_token_id)([packed[0]])
+    assert batch["position_ids"][0].tolist() == [i for n in packed[0]["seq_lengths"] for i in range(n)]
+    width = max(ds["length"])
+    ids = torch.full((len(ds), width), tok.pad_token_id)
+    labels = torch.full((len(ds), width), -100)
+    mask = torch.zeros((len(ds), width), dtype=torch.long)
+    for r, (i, lab) in enumerate(zip(ds["input_ids"], ds["labels"])):
+        ids[r, :len(i)], labels[r, :len(i)], mask[r, :len(i)] = torch.tensor(i), torch.tensor(lab), 1
+    padded = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    with torch.no_grad():
+        own = model(**padded).loss
+        sel = backend.selective_lm_loss(model, padded)
+        pk = backend.selective_lm_loss(model, batch)
+    assert sel.item() == pytest.approx(own.item(), rel=1e-5)
+    assert pk.item() == pytest.approx(own.item(), rel=1e-4)
+
+
+def test_frozen_dtype_only_for_frozen_bases():
+    import torch
+
+    bf16, fp16, fp32 = (backend.Precision(n, d, "t") for n, d in (("bf16", "cpu"), ("fp16", "cuda"), ("fp32", "cpu")))
+    assert backend.frozen_dtype("lora", bf16) is torch.bfloat16
+    assert backend.frozen_dtype("prefix", fp16) is torch.float16
+    assert backend.frozen_dtype("lora", fp32) is torch.float32
+    assert backend.frozen_dtype("full", bf16) is torch.float32  # trained weights stay float32
+    assert backend.frozen_dtype("lora", bf16, "float32") is torch.float32
+
+
+def test_training_config_maps_checkpointing_eval_and_reference_precompute(tmp_path):
+    p = from_dict({"sft": {"gradient_checkpointing": True, "eval_share": 0.1, "early_stopping_patience": 2,
+                           "save_steps": 6}, "dpo": {"precompute_ref": False}, "tracking": {"wandb": "disabled"}})
+    prec = backend.Precision("fp32", "cpu", "test")
+    a = backend.training_config("sft", p.sft, p.tracking, output_dir=str(tmp_path), precision=prec, run_name="s")
+    assert a.gradient_checkpointing and a.eval_strategy.value == "steps" and a.eval_steps == 6
+    assert a.load_best_model_at_end and a.metric_for_best_model == "eval_loss" and a.greater_is_better is False
+    d = backend.training_config("dpo", p.dpo, p.tracking, output_dir=str(tmp_path), precision=prec, run_name="d")
+    assert d.precompute_ref_log_probs is False and d.eval_strategy.value == "no"
+    assert backend.training_config("dpo", from_dict({}).dpo, p.tracking, output_dir=str(tmp_path), precision=prec,
+                                   run_name="d").precompute_ref_log_probs is True
+
+
+def test_reference_cache_key_covers_every_input():
+    kw = dict(data="d", reference="r", tokenizer="t", max_length=256, max_prompt_length=192, precision="bf16")
+    key = backend.reference_cache_key(**kw)
+    assert key == backend.reference_cache_key(**kw)
+    for field, other in (("data", "d2"), ("reference", "r2"), ("tokenizer", "t2"), ("max_length", 128),
+                         ("max_prompt_length", 64), ("precision", "fp32")):
+        assert backend.reference_cache_key(**{**kw, field: other}) != key, field
+
+
+def test_compact_lm_head_matches_trls_fused_head(tiny):
+    """DPO's log-probs (and its metrics' entropy / mean logit / top-1) from the compact head equal
+    TRL's fused head on every labelled position, and are zero elsewhere."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from trl.trainer.utils import add_fused_lm_head
+
+    model = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32).eval()
+    add_fused_lm_head(model, outputs=("log_probs", "entropy", "mean_logits", "is_top1"))
+    torch.manual_seed(0)
+    ids = torch.randint(3, 500, (3, 12))
+    mask = torch.ones_like(ids)
+    mask[2, 9:] = 0
+    labels = ids.masked_fill(torch.rand(ids.shape) < 0.5, -100)
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True)
+        assert backend.install_compact_lm_head(model)
+        got = model(input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True)
+    keep = labels[:, 1:] != -100
+    for field in ("log_probs", "entropy", "mean_logits"):
+        a, b = getattr(ref, field), getattr(got, field)
+        assert torch.allclose(a[keep], b[keep], atol=1e-4), field
+        assert (b[~keep] == 0).all(), field
+    assert torch.equal(ref.is_top1[keep], got.is_top1[keep])
+    assert got.loss.item() == pytest.approx(ref.loss.item(), rel=1e-5)
+    plain = model(input_ids=ids, attention_mask=mask)  # without fused_lm_head: the model's own forward
+    assert plain.logits.shape == (3, 12, model.config.vocab_size)

@@ -211,3 +211,78 @@ def test_cli_errors(tmp_path, capsys):
     with pytest.raises(TemperingError, match="benchmarks folder not found"):
         dedup.run(Params(), data=str(tmp_path / "v"), benchmarks=str(tmp_path / "nob"), out=str(tmp_path / "o"),
                   quarantine=str(tmp_path / "q.jsonl"), metrics=str(tmp_path / "m.json"))
+
+
+# ----------------------------------------------------------------------------- incremental index
+
+
+def _snapshot(tmp: Path, name: str, rows: list[dict]) -> Path:
+    folder = tmp / name
+    folder.mkdir()
+    for kind in dedup.KINDS:
+        (folder / f"{kind}.jsonl").write_text(
+            "".join(json.dumps(r) + "\n" for r in (rows if kind == "text" else [])), encoding="utf-8")
+    return folder
+
+
+def _run_snapshot(tmp: Path, data: Path, label: str, **cfg) -> tuple[dict, list[dict]]:
+    (tmp / "bench").mkdir(exist_ok=True)
+    params = Params(dedup=DedupParams(snapshot=label, **cfg))
+    dedup.run(params, data=str(data), benchmarks=str(tmp / "bench"), out=str(tmp / f"clean-{label}"),
+              quarantine=str(tmp / f"q-{label}.jsonl"), metrics=str(tmp / f"m-{label}.json"),
+              index=str(tmp / "index"), report=str(tmp / f"r-{label}.md"))
+    return json.loads((tmp / f"m-{label}.json").read_text()), read_jsonl(tmp / f"q-{label}.jsonl")
+
+
+def test_incremental_index_dedups_against_earlier_snapshots(tmp_path):
+    rng = random.Random(7)
+    docs = [sentence(rng, 120) for _ in range(6)]
+    week1 = [{"id": f"a{i}", "source": f"w1.jsonl:{i + 1}", "text": d} for i, d in enumerate(docs[:4])]
+    m1, q1 = _run_snapshot(tmp_path, _snapshot(tmp_path, "d1", week1), "w1")
+    assert m1["kept"] == 4 and not q1 and m1["index"]["earlier_snapshots"] == {}
+    meta = json.loads((tmp_path / "index" / "index.json").read_text())
+    assert meta["snapshots"]["w1"]["rows"]["text"] == 4 and meta["num_perm"] == 128
+    assert not any("text" in p.name for p in (tmp_path / "index").iterdir())  # signatures only, no text
+
+    near = docs[1].split()
+    near[60] = "changed"
+    week2 = [{"id": "b1", "source": "w2.jsonl:1", "text": docs[0].upper() + "!"},  # exact (normalized) copy
+             {"id": "b2", "source": "w2.jsonl:2", "text": " ".join(near)},        # near copy
+             {"id": "b3", "source": "w2.jsonl:3", "text": docs[4]},               # new
+             {"id": "b4", "source": "w2.jsonl:4", "text": docs[4]}]               # duplicate within week 2
+    data2 = _snapshot(tmp_path, "d2", week2)
+    m2, q2 = _run_snapshot(tmp_path, data2, "w2")  # week 1's rows are not given: only the index knows them
+    got = {q["row"]: (q["reason"], q["duplicate_of"], q.get("of_snapshot")) for q in q2}
+    assert got == {1: ("exact_duplicate", "a0", "w1"), 2: ("near_duplicate", "a1", "w1"),
+                   4: ("exact_duplicate", "b3", None)}
+    near_q = next(q for q in q2 if q["row"] == 2)
+    assert 0.8 <= near_q["similarity"] < 1.0 and "in earlier snapshot w1" in near_q["message"]
+    assert m2["of_earlier_snapshot"] == 2 and m2["index"]["earlier_snapshots"] == {"w1": 4}
+    assert m2["sources"]["w2.jsonl"] == {"kind": "text", "read": 4, "kept": 1, "exact_duplicate": 2,
+                                         "near_duplicate": 1, "contaminated": 0}
+    report = (tmp_path / "r-w2.md").read_text()
+    assert "| `w2.jsonl` | text | 4 | 1 | 2 | 1 | 0 |" in report and "w1 (4 rows)" in report
+
+    # re-running the same snapshot label replaces its entry: never deduplicated against itself
+    m2b, q2b = _run_snapshot(tmp_path, data2, "w2")
+    assert [(q["row"], q["reason"]) for q in q2b] == [(q["row"], q["reason"]) for q in q2]
+    meta = json.loads((tmp_path / "index" / "index.json").read_text())
+    assert {k: v["rows"]["text"] for k, v in meta["snapshots"].items()} == {"w1": 4, "w2": 1}
+    # without the index the same rows only lose their in-snapshot duplicate
+    _, removed, _ = dedup.dedup_rows({"text": week2}, DedupParams())
+    assert [q["row"] for q in removed] == [4]
+
+
+def test_index_rejects_incompatible_params(tmp_path):
+    rows = [{"id": "a", "source": "a.jsonl:1", "text": sentence(random.Random(8), 40)}]
+    _run_snapshot(tmp_path, _snapshot(tmp_path, "d1", rows), "w1")
+    with pytest.raises(TemperingError, match="built with num_perm=128 but dedup.num_perm is 64"):
+        _run_snapshot(tmp_path, _snapshot(tmp_path, "d2", rows), "w2", num_perm=64)
+    # the same label alone may change params (its own entry is rebuilt)
+    m, _ = _run_snapshot(tmp_path, _snapshot(tmp_path, "d3", rows), "w1", num_perm=64)
+    assert m["kept"] == 1
+    (tmp_path / "index" / "index.json").write_text("{broken", encoding="utf-8")
+    with pytest.raises(TemperingError, match="unreadable dedup index"):
+        _run_snapshot(tmp_path, _snapshot(tmp_path, "d4", rows), "w2")
+    with pytest.raises(Exception, match="snapshot"):
+        DedupParams(snapshot="../escape")

@@ -67,3 +67,26 @@ def test_flow_rejects_unknown_stage(failing_project: Path, prefect_harness):
 
     with pytest.raises(TemperingError, match="unknown stage"):
         pipeline(root=str(failing_project), stages=["nope"])
+
+
+def test_run_params_file_and_overrides_land_in_params_yaml(tmp_path: Path):
+    """Deployment parameters: checked by the schema first, then written keeping comments."""
+    import yaml
+
+    from flows.workspace import use_params
+    from tempering.config import ParamsError
+
+    params = tmp_path / "params.yaml"
+    params.write_text("# the knobs\nsft:\n  learning_rate: 1.0e-3  # LoRA tolerates more\n  max_steps: -1\n")
+    assert use_params(tmp_path, "params.yaml", ["sft.learning_rate=5e-4", "sft.max_steps=7"]) is True
+    text = params.read_text()
+    assert "# the knobs" in text and "# LoRA tolerates more" in text
+    assert yaml.safe_load(text)["sft"] == {"learning_rate": 5e-4, "max_steps": 7}
+    assert use_params(tmp_path, "params.yaml", ["sft.max_steps=7"]) is False
+    with pytest.raises(ParamsError, match="sft.learning_rate"):
+        use_params(tmp_path, "params.yaml", ["sft.learning_rate=-1"])
+    assert yaml.safe_load(params.read_text())["sft"]["learning_rate"] == 5e-4, "a rejected override wrote"
+    (tmp_path / "gpu.yaml").write_text("# GPU box\ntrain:\n  launcher: ddp\n")
+    assert use_params(tmp_path, "gpu.yaml", ["train.num_processes=4"]) is True
+    assert yaml.safe_load(params.read_text())["train"] == {"launcher": "ddp", "num_processes": 4}
+    assert params.read_text().startswith("# GPU box")

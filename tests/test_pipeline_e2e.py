@@ -1,8 +1,9 @@
 """The whole DAG, for real, on a tiny random-weight model: `dvc repro`, then the Prefect flow.
 
-One project copy per module: `dvc repro` runs every stage as its CLI (as a user would), a second
-`dvc repro` must do nothing, and the Prefect flow (under prefect_test_harness) runs the same
-stages in the same order and finds them all up to date.
+One project per test session (the `tiny_project` fixture, tests/conftest.py): `dvc repro` runs
+every stage as its CLI (as a user would), a second `dvc repro` must do nothing, and the Prefect
+flow (under prefect_test_harness) runs the same stages in the same order and finds them all up
+to date.
 """
 
 from __future__ import annotations
@@ -10,74 +11,18 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-COPY = ["dvc.yaml", "params.yaml", "tasks", "tempering", "flows", ".dvcignore"]
-
-# Small enough to run in about two minutes on 2 cores, large enough for every stage to do work.
-TINY_OVERRIDES = {
-    "base_model": {"dtype": "float32"},
-    "make_data": {"n_entities": 6, "sft_paraphrases": 2, "n_general": 16},
-    "cpt": {"enabled": True, "max_steps": 3, "batch_size": 4, "block_size": 64, "save_steps": 2},
-    "sft": {"max_steps": 6, "batch_size": 4, "save_steps": 3, "learning_rate": 5e-3},
-    "dpo": {"max_steps": 4, "batch_size": 4, "save_steps": 2},
-    "evaluate": {"limit": 8, "batch_size": 8},
-    "gate": {"test": "none"},
-    "tracking": {"wandb": "offline"},
-}
-
-
-def _merge(base: dict, extra: dict) -> dict:
-    out = dict(base)
-    for k, v in extra.items():
-        out[k] = _merge(out.get(k) or {}, v) if isinstance(v, dict) else v
-    return out
-
-
-def _env() -> dict:
-    env = dict(os.environ)
-    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
-    env.update({"DVC_NO_ANALYTICS": "1", "WANDB_MODE": "offline", "CI": env.get("CI", "true"),
-                "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "DO_NOT_TRACK": "1"})
-    return env
-
-
-def _run(cmd: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=timeout)
-    if proc.returncode != 0:
-        pytest.fail(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
-    return proc
+from tiny_project import run as _run  # shared with the refresh and deploy tests
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory) -> Path:
-    from tempering.testing import make_tiny_model
-
-    root = tmp_path_factory.mktemp("project")
-    for name in COPY:
-        src = ROOT / name
-        if src.is_dir():
-            shutil.copytree(src, root / name, ignore=shutil.ignore_patterns("__pycache__"))
-        elif src.exists():
-            shutil.copy2(src, root / name)
-    tiny = make_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-model")
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params = _merge(params, TINY_OVERRIDES)
-    params["base_model"]["source"] = str(tiny)
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    _run(["git", "init", "-q"], root)
-    _run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "add", "-A"], root)
-    _run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "tiny"], root)
-    _run([sys.executable, "-m", "dvc", "init", "-q"], root)
-    _run([sys.executable, "-m", "dvc", "repro"], root, timeout=900)
-    return root
+def project(tiny_project: Path) -> Path:
+    """The session's tiny-model project (tests/conftest.py), after one full `dvc repro`."""
+    return tiny_project
 
 
 def _json(path: Path) -> dict:

@@ -74,3 +74,31 @@ def test_tinyshakespeare():
     assert rows[0]["text"].startswith("First Citizen:\nBefore we proceed any further, hear me speak.")
     # everything but the blank lines between paragraphs is kept
     assert 1_080_000 < sum(len(r["text"]) for r in rows) <= 1_115_394
+
+
+# ----------------------------------------------------------------------------- the validate stage on them
+
+
+@pytest.mark.parametrize("rel,kind,fmt,read,reasons", [
+    ("sft/lima_1029.json.gz", "sft", "alpaca", 1029, {}),
+    ("sft/code_alpaca_2k.json.gz", "sft", "alpaca", 2017, {"empty_field": 2}),  # two rows with an empty output
+    ("preference/hh-rlhf_harmless-base_test.jsonl.gz", "preference", "hh", 2312,
+     {"bad_role_order": 4, "bad_structure": 5, "empty_field": 4}),
+    ("pretrain/tinyshakespeare.txt.gz", "text", "text", 620, {}),
+])
+def test_validate_stage_on_real_data(rel, kind, fmt, read, reasons):
+    """Every row is accounted for (kept + quarantined = read) with the reasons these files really have."""
+    from tasks import validate
+
+    path = SHARED / rel
+    if not path.exists():
+        pytest.skip(f"{path} not present")
+    vp = ValidateParams(sources=(SourceSpec(path=str(path), kind=kind, format=fmt),), max_reject_share=0.05)
+    kept, quarantine, metrics, _ = validate.validate_sources(vp)
+    s = metrics["sources"][str(path)]
+    assert s["read"] == read and s["kept"] + s["quarantined"] == read == len(kept[kind]) + len(quarantine)
+    assert s["by_reason"] == reasons
+    assert all(q["message"].startswith(f"{path}:{q['row']}: ") for q in quarantine)
+    if "lima" in rel:  # real phone numbers and addresses in the answers are redacted and counted
+        assert metrics["pii"]["total"]["phone"] >= 10 and metrics["pii"]["total"]["email"] >= 3
+        assert not any("(999) 444-1212" in m["content"] for r in kept["sft"] for m in r["messages"])

@@ -353,3 +353,109 @@ def test_nan_stops_with_the_step_and_keeps_the_last_good_checkpoint(tiny, data, 
     weights = load_file(good[-1] / "adapter_model.safetensors")
     assert all(torch.isfinite(t).all() for t in weights.values())
     assert not (tmp_path / "sft").exists()
+
+
+# ----------------------------------------------------------------------------- other adapters
+
+
+@pytest.mark.parametrize("method,peft_type", [("prefix", "PREFIX_TUNING"), ("prompt", "PROMPT_TUNING")])
+def test_prefix_and_prompt_tuning_train_and_refuse_to_merge(tiny, data, tmp_path, method, peft_type):
+    p = make_params(sft={"adapter": {"method": method, "num_virtual_tokens": 4}, "max_steps": 2})
+    run_sft(p, tiny, data, tmp_path)
+    m = json.loads((tmp_path / "sft.json").read_text())
+    assert m["method"] == method and m["weights_changed"] is True and math.isfinite(m["train_loss_last"])
+    assert 0 < m["trainable_params"] < 10_000  # virtual tokens only (4 x hidden, x layers for prefix)
+    cfg = json.loads((tmp_path / "sft" / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == peft_type and cfg["num_virtual_tokens"] == 4
+    # Virtual tokens cannot be folded into weights: dpo/export say so in one line.
+    with pytest.raises(TemperingError, match="cannot be merged") as err:
+        backend.load_merged(tiny, [tmp_path / "sft"])
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("flag", ["use_rslora", "use_dora"])
+def test_rslora_and_dora_train(tiny, data, tmp_path, flag):
+    from safetensors.torch import load_file
+
+    run_sft(make_params(sft={"adapter": {flag: True}, "max_steps": 2}), tiny, data, tmp_path)
+    m = json.loads((tmp_path / "sft.json").read_text())
+    assert m["weights_changed"] is True and math.isfinite(m["train_loss_last"])
+    assert json.loads((tmp_path / "sft" / "adapter_config.json").read_text())[flag] is True
+    keys = load_file(tmp_path / "sft" / "adapter_model.safetensors").keys()
+    assert any("lora_magnitude_vector" in k for k in keys) == (flag == "use_dora")
+    merged = backend.load_merged(tiny, [tmp_path / "sft"])  # both merge into plain weights
+    assert not any("lora" in k for k in merged.state_dict())
+
+
+def test_sft_packing_trains_on_fewer_fuller_batches(tiny, data, tmp_path):
+    p = make_params(sft={"packing": True, "max_steps": 2, "batch_size": 2, "max_length": 256})
+    run_sft(p, tiny, data, tmp_path)
+    m = json.loads((tmp_path / "sft.json").read_text())
+    packing = m["data"]["packing"]
+    assert packing["blocks"] < m["data"]["examples"] and 0.5 < packing["fill"] <= 1.0
+    assert m["weights_changed"] is True and math.isfinite(m["train_loss_last"])
+    assert m["tokens_seen"] > 2 * 2 * 100  # two steps of two ~full 256-token blocks
+
+
+def test_early_stopping_on_eval_loss_keeps_the_best_checkpoint(tiny, data, tmp_path):
+    # A threshold no eval can beat: the first eval sets the best, the next one exhausts patience 1.
+    p = make_params(sft={"max_steps": 12, "save_steps": 2, "eval_share": 0.25, "early_stopping_patience": 1,
+                         "early_stopping_threshold": 100.0})
+    run_sft(p, tiny, data, tmp_path)
+    m = json.loads((tmp_path / "sft.json").read_text())
+    assert m["data"]["eval_examples"] == 4 and m["data"]["train_examples"] == 14
+    assert m["stopped_early"] is True and m["steps"] == 4
+    curve = json.loads((tmp_path / "sft" / "meta.json").read_text())["eval_loss_curve"]
+    assert [c["step"] for c in curve] == [2, 4]
+    # The best checkpoint (lowest eval loss, whatever the stopping threshold) is the one kept.
+    best = min(curve, key=lambda c: c["eval_loss"])
+    assert m["best_checkpoint"] == f"checkpoint-{best['step']}" and m["eval_loss_best"] == best["eval_loss"]
+    # Re-running the stage after an early stop does not train on: the run is finished.
+    again = run_sft(p, tiny, data, tmp_path)
+    assert again["steps"] == 4 and json.loads((tmp_path / "sft.json").read_text())["session_steps"] == 0
+
+
+def test_early_stopping_without_a_held_out_split_is_refused():
+    from tempering.config import ParamsError
+
+    with pytest.raises(ParamsError, match="early_stopping_patience needs eval_share"):
+        make_params(sft={"early_stopping_patience": 2})
+    with pytest.raises(ParamsError, match="sft only"):
+        make_params(dpo={"adapter": {"method": "prompt"}})
+
+
+# ----------------------------------------------------------------------------- DPO reference cache
+
+
+def _run_dpo(params, tiny, sft_done, data, root: Path) -> dict:
+    from tasks.dpo import run
+
+    run(params, base=str(tiny), sft=str(sft_done / "sft"), data=str(data), out=str(root / "dpo"),
+        checkpoints=str(root / "ck"), metrics=str(root / "dpo.json"))
+    return json.loads((root / "dpo.json").read_text())
+
+
+def test_dpo_reference_logps_are_cached_by_content_and_reused(sft_done, tiny, data, tmp_path, monkeypatch):
+    monkeypatch.setenv(backend.CACHE_ENV, str(tmp_path / "cache"))
+    p = make_params(dpo={"max_steps": 2})
+    first = _run_dpo(p, tiny, sft_done, data, tmp_path / "a")
+    assert first["ref_logps_cache"]["hit"] is False
+    files = list((tmp_path / "cache" / "dpo_ref").glob("ref-*.json"))
+    assert len(files) == 1
+    blob = json.loads(files[0].read_text())
+    assert blob["rows"] == 12 and all(x < 0 for x in blob["chosen"] + blob["rejected"])
+    # Another run (other learning rate, other checkpoint folder) with the same data, reference and
+    # lengths reads them back: policy = reference at step 1 again, so the loss is log 2 again.
+    second = _run_dpo(make_params(dpo={"max_steps": 2, "learning_rate": 1e-4}), tiny, sft_done, data, tmp_path / "b")
+    assert second["ref_logps_cache"]["hit"] is True and second["ref_logps_cache"]["key"] == first["ref_logps_cache"]["key"]
+    assert second["train_loss_first"] == first["train_loss_first"] == pytest.approx(math.log(2), abs=1e-4)
+    # Another max_length is another reference set.
+    third = _run_dpo(make_params(dpo={"max_steps": 1, "max_length": 80}), tiny, sft_done, data, tmp_path / "c")
+    assert third["ref_logps_cache"]["hit"] is False
+    assert len(list((tmp_path / "cache" / "dpo_ref").glob("ref-*.json"))) == 2
+
+
+def test_dpo_without_precompute_uses_the_reference_forward(sft_done, tiny, data, tmp_path):
+    m = _run_dpo(make_params(dpo={"max_steps": 2, "precompute_ref": False}), tiny, sft_done, data, tmp_path)
+    assert "ref_logps_cache" not in m
+    assert m["train_loss_first"] == pytest.approx(math.log(2), abs=1e-4) and m["weights_changed"] is True

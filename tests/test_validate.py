@@ -189,3 +189,161 @@ def test_cli_one_line_error(tmp_path, capsys, monkeypatch):
                         "--metrics", "m.json"])
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and "t.jsonl.gz" in err and "gzip" in err and "Traceback" not in err
+
+
+# ----------------------------------------------------------------------------- token checks
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from tempering.testing import make_tiny_tokenizer
+
+    return make_tiny_tokenizer()
+
+
+def _sft_file(tmp: Path, rows) -> Path:
+    return write(tmp / "sft.jsonl", [msgs(*r) for r in rows])
+
+
+def test_token_checks_quarantine_unsupervised_rows(tmp_path, tok):
+    from tempering.backend import tokenize_conversation
+
+    long_prompt = "the question " * 200  # fills max_length: no reply token survives truncation
+    rows = [(("user", "What is the capital city?"), ("assistant", "It is Paris.")),
+            (("user", long_prompt), ("assistant", "Yes.")),
+            (("user", "Say a long thing."), ("assistant", "word " * 200))]  # truncated, still supervised
+    path = _sft_file(tmp_path, rows)
+    kept, quarantine, metrics, _ = validate.validate_sources(
+        params_for([(path, "sft", "messages")], max_reject_share=1.0).validate_, tokenizer=tok, max_length=64)
+    assert [(q["row"], q["reason"]) for q in quarantine] == [(2, "low_supervision")]
+    assert f"{path}:2: messages: only 0 of 64 tokens (0.0%) are supervised" in quarantine[0]["message"]
+    t = metrics["tokens"]
+    assert t["checked"] and t["examples"] == 3 and t["truncated"] == 2 and t["eot_missing"] == 0
+    assert t["truncation_rate"] == round(2 / 3, 4) and t["end_of_turn"] == "<|im_end|>" and t["end_of_turn_is_eos"]
+    assert t["eot_cut_by_truncation"] == 2  # both truncated rows lose their end-of-turn token
+    # the first row's share is exactly the supervised tokens of SFT's own tokenization
+    enc = tokenize_conversation(tok, kept["sft"][0]["messages"])
+    share = sum(1 for x in enc["labels"] if x != -100) / len(enc["input_ids"])
+    assert t["supervised_share_min"] <= share and 0 < share < 1
+    assert t["failed"] == ["truncation_rate"]  # 67% > the default 20%
+    # a stricter per-row minimum quarantines the short-answer row too
+    _, quarantine, _, _ = validate.validate_sources(
+        params_for([(path, "sft", "messages")], max_reject_share=1.0,
+                   tokens={"min_supervised_share": share + 0.01}).validate_, tokenizer=tok, max_length=64)
+    assert {q["row"] for q in quarantine} == {1, 2}
+
+
+def test_truncation_rate_fails_the_stage_with_a_clear_message(tmp_path, tok, monkeypatch):
+    rows = [(("user", f"question {i}"), ("assistant", "answer " * (10 if i % 2 else 100))) for i in range(10)]
+    path = _sft_file(tmp_path, rows)
+    params = params_for([(path, "sft", "messages")])
+    params = params.model_copy(update={"sft": params.sft.model_copy(update={"max_length": 64})})
+    monkeypatch.setattr("tempering.backend.load_tokenizer", lambda folder, template=None: tok)
+    with pytest.raises(TemperingError) as exc:
+        validate.run(params, out=str(tmp_path / "v"), quarantine=str(tmp_path / "q.jsonl"),
+                     report=str(tmp_path / "r.md"), metrics=str(tmp_path / "m.json"), tokenizer="tiny")
+    msg = str(exc.value)
+    assert "\n" not in msg and "5 of 10 SFT examples (50.0%) are longer than sft.max_length=64" in msg
+    assert "validate.tokens.max_truncation_rate 20.0%" in msg and "r.md" in msg
+    assert not (tmp_path / "v").exists()
+    assert "truncation_rate" in json.loads((tmp_path / "m.json").read_text())["tokens"]["failed"]
+    assert "**(over limit)**" in (tmp_path / "r.md").read_text()
+    # a longer max_length passes
+    params = params.model_copy(update={"sft": params.sft.model_copy(update={"max_length": 512})})
+    summary = validate.run(params, out=str(tmp_path / "v"), quarantine=str(tmp_path / "q.jsonl"),
+                           report=str(tmp_path / "r.md"), metrics=str(tmp_path / "m.json"), tokenizer="tiny")
+    assert summary["token_checks"] and summary["kept"] == 10
+
+
+def test_template_without_end_of_turn_fails(tmp_path, tok):
+    """A template that ends replies with nothing trainable: the model would never learn to stop."""
+    path = _sft_file(tmp_path, [(("user", "q"), ("assistant", "a"))] * 3)
+    no_eot = "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\n' }}{% endfor %}" \
+             "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"
+    _, _, metrics, _ = validate.validate_sources(params_for([(path, "sft", "messages")]).validate_, tokenizer=tok,
+                                                 max_length=64, chat_template=no_eot)
+    t = metrics["tokens"]
+    assert t["eot_missing"] == 3 and t["failed"] == ["eot_missing_rate"] and t["end_of_turn"] == ""
+    msg = validate._token_failure(t, "r.md")
+    assert "end-of-turn token (none: the template adds no marker) is outside the loss mask in 3 of 3" in msg
+    # the ChatML template of the same tokenizer passes
+    _, _, metrics, _ = validate.validate_sources(params_for([(path, "sft", "messages")]).validate_, tokenizer=tok,
+                                                 max_length=64)
+    assert metrics["tokens"]["failed"] == [] and metrics["tokens"]["eot_missing"] == 0
+
+
+def test_generated_data_passes_token_checks_at_default_params(generated, tok):
+    """What `dvc repro` runs: the generated data, the default thresholds, sft.max_length."""
+    vp = params_for([(generated / f, k, fmt) for f, k, fmt in GENERATED_SOURCES]).validate_
+    _, _, metrics, _ = validate.validate_sources(vp, tokenizer=tok, max_length=Params().sft.max_length)
+    t = metrics["tokens"]
+    assert t["checked"] and t["failed"] == [] and t["examples"] == metrics["kinds"]["sft"]["rows"]
+    assert "low_supervision" not in metrics["by_reason"]
+
+
+def test_cli_with_tokenizer_folder(tmp_path, tok, capsys, monkeypatch):
+    folder = tmp_path / "tokenizer"
+    tok.save_pretrained(folder)
+    path = _sft_file(tmp_path, [(("user", "q"), ("assistant", "a"))])
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text(f"validate:\n  sources:\n    - {{path: {path}, kind: sft, format: messages}}\n",
+                                          encoding="utf-8")
+    rc = validate.main(["--out", "v", "--quarantine", "q.jsonl", "--report", "r.md", "--html", "r.html",
+                        "--metrics", "m.json", "--tokenizer", str(folder)])
+    assert rc == 0, capsys.readouterr().err
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert metrics["tokens"]["checked"] and metrics["tokens"]["examples"] == 1
+    html = (tmp_path / "r.html").read_text()
+    assert html.startswith("<!doctype html>") and f"<code>{path}</code>" in html and "<table>" in html
+    assert html.count("<table>") == html.count("</table>") >= 3 and "Token checks" in html
+
+
+# ----------------------------------------------------------------------------- PII
+
+
+def test_pii_redaction_counts_and_ids(tmp_path):
+    from tempering.io import content_id
+
+    rows = [msgs(("user", "Mail jane.doe@corp.io or call (202) 555-0143."), ("assistant", "Done.")),
+            msgs(("user", 'Use api_key = "A1b2C3d4E5f6G7h8" and AKIAIOSFODNN7EXAMPLE'), ("assistant", "ok")),
+            msgs(("user", "Write to info@example.com, in 2023-03-22, for 1,234,567 people"), ("assistant", "ok"))]
+    path = write(tmp_path / "p.jsonl", rows)
+    kept, _, metrics, _ = validate.validate_sources(params_for([(path, "sft", "messages")]).validate_)
+    texts = [r["messages"][0]["content"] for r in kept["sft"]]
+    assert texts[0] == "Mail [REDACTED_EMAIL] or call [REDACTED_PHONE]."
+    assert texts[1] == 'Use api_key = "[REDACTED_SECRET]" and [REDACTED_SECRET]'
+    assert texts[2] == rows[2]["messages"][0]["content"]  # allow-listed domain, a date and a number stay
+    assert metrics["pii"]["total"] == {"email": 1, "phone": 1, "secret": 2} and metrics["pii"]["rows_redacted"] == 2
+    assert metrics["sources"][str(path)]["redacted"] == {"email": 1, "phone": 1, "secret": 2}
+    row = kept["sft"][0]
+    assert row["id"] == content_id({"messages": row["messages"]})  # the id names the redacted content
+    # disabled: nothing changes
+    kept, _, metrics, _ = validate.validate_sources(params_for([(path, "sft", "messages")],
+                                                               pii={"enabled": False}).validate_)
+    assert kept["sft"][0]["messages"][0]["content"] == rows[0]["messages"][0]["content"]
+    assert not metrics["pii"]["rows_redacted"]
+
+
+@pytest.mark.parametrize("text,kind", [
+    ("reach me at first.last+tag@mail.example-corp.co.uk today", "email"),
+    ("phone +44 20 7946 0958", "phone"),
+    ("toll free 1-800-555-0199", "phone"),
+    ("token ghp_" + "a1B2" * 9, "secret"),
+    ("OPENAI_API_KEY=sk-proj-" + "x" * 30, "secret"),
+    ("-----BEGIN RSA PRIVATE KEY-----\nMIIEowIBAAKCAQEA\n-----END RSA PRIVATE KEY-----", "secret"),
+    ("bearer eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0.dozjgNryP4J3jVmNHl0w5N", "secret"),
+])
+def test_pii_patterns(text, kind):
+    from tempering.config import PiiParams
+
+    out, counts = validate.redact_text(text, PiiParams())
+    assert counts == {kind: 1} and f"[REDACTED_{kind.upper()}]" in out
+
+
+@pytest.mark.parametrize("text", ["x = ab@cd", "@app.route('/')", "2023-03-22", "version 10.0.0.1",
+                                  "ISBN 978-3-16-148410-0", "password = getpass()", "call 555-1234",
+                                  "pi is 3.14159265358979"])
+def test_pii_leaves_lookalikes(text):
+    from tempering.config import PiiParams
+
+    assert validate.redact_text(text, PiiParams()) == (text, {})
