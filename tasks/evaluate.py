@@ -41,6 +41,9 @@ from tempering.io import (atomic_path, content_id, dump_jsonl, hash_path, read_j
 TASK_PREFIX = "tempering_"
 # Bumped when the task definitions below change meaning (invalidates cached base results).
 TASK_VERSION = 1
+# Perplexity and KL look at the last this-many tokens of a text (the answer and what precedes
+# it): long passages (BoolQ) would otherwise dominate the signals' cost.
+SIGNAL_TOKENS = 256
 
 
 # ----------------------------------------------------------------------------- the bundle
@@ -208,15 +211,49 @@ def _device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def _amp_dtype(cfg: EvaluateParams):
+    """bf16 autocast where the hardware computes bf16 natively (AVX512-BF16 CPUs, bf16 GPUs),
+    else None (float32). Every model of a run is scored the same way, so paired deltas stay fair."""
+    import torch
+
+    from tempering import backend
+
+    if cfg.precision == "fp32":
+        return None
+    return torch.bfloat16 if backend.choose_precision("auto").bf16 else None
+
+
+@contextlib.contextmanager
+def _autocast(cfg: EvaluateParams):
+    import torch
+
+    dtype = _amp_dtype(cfg)
+    with torch.no_grad(), torch.autocast(device_type=_device(), dtype=dtype or torch.float32,
+                                         enabled=dtype is not None):
+        yield
+
+
 def multiple_choice(model, tok, info: dict, cfg: EvaluateParams) -> dict:
     """lm-eval on a loaded model: {name: {acc, acc_norm, n, samples: [per-item rows]}}."""
     import lm_eval
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
+    from tempering import env
+
+    class _HFLM(HFLM):
+        # lm-eval passes disable=False to its progress bars explicitly, overriding TQDM_DISABLE:
+        # quiet them ourselves under CI, keep them for people.
+        def loglikelihood(self, requests, disable_tqdm: bool = False):
+            return super().loglikelihood(requests, disable_tqdm=disable_tqdm or env.is_ci())
+
     logging.getLogger("lm_eval").setLevel(logging.WARNING)
-    lm = HFLM(pretrained=model, tokenizer=tok, batch_size=cfg.batch_size, device=_device(),
-              max_length=cfg.max_length)
+    import torch
+
+    amp = _amp_dtype(cfg)
+    lm = _HFLM(pretrained=model, tokenizer=tok, batch_size=cfg.batch_size, device=_device(),
+               max_length=cfg.max_length, mixed_precision_dtype=amp,
+               softmax_dtype=torch.float32 if amp is not None else None)
     specs: dict[str, BenchmarkSpec] = info["specs"]
     out: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="tempering-tasks-") as tasks_dir:
@@ -282,7 +319,7 @@ def generations(model, tok, info: dict, cfg: EvaluateParams) -> dict:
             enc = tok.apply_chat_template([{"role": "user", "content": row["question"]}], add_generation_prompt=True,
                                           return_tensors="pt", return_dict=True)
             enc = {k: v.to(model.device) for k, v in enc.items()}
-            with torch.no_grad():
+            with _autocast(cfg):
                 gen = model.generate(**enc, max_new_tokens=gcfg.max_new_tokens, do_sample=False,
                                      pad_token_id=tok.pad_token_id)
             text = tok.decode(gen[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
@@ -322,10 +359,11 @@ def perplexity(model, tok, info: dict, cfg: EvaluateParams) -> dict:
     for name, texts in _texts(info, None, False, cfg.signals.n_texts).items():
         nll, count = 0.0, 0
         for text in texts:
-            ids = tok(text, return_tensors="pt", add_special_tokens=False)["input_ids"].to(model.device)
+            ids = tok(text, return_tensors="pt", add_special_tokens=False)["input_ids"][:, -SIGNAL_TOKENS:]
+            ids = ids.to(model.device)
             if ids.shape[1] < 2:
                 continue
-            with torch.no_grad():
+            with _autocast(cfg):
                 logits = model(ids).logits[0, :-1].float()
             nll += torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum").item()
             count += ids.shape[1] - 1
@@ -344,8 +382,9 @@ def mean_kl(cand, base, tok, info: dict, cfg: EvaluateParams) -> dict:
     for name, convs in _texts(info, "general", True, cfg.signals.n_texts).items():
         total, count = 0.0, 0
         for conv in convs:
-            ids = tok.apply_chat_template(conv, return_tensors="pt", return_dict=True)["input_ids"].to(cand.device)
-            with torch.no_grad():
+            ids = tok.apply_chat_template(conv, return_tensors="pt", return_dict=True)["input_ids"]
+            ids = ids[:, -SIGNAL_TOKENS:].to(cand.device)
+            with _autocast(cfg):
                 lp = torch.log_softmax(cand(ids).logits[0].float(), -1)
                 lq = torch.log_softmax(base(ids).logits[0].float(), -1)
             total += (lp.exp() * (lp - lq)).sum(-1).sum().item()
@@ -366,7 +405,8 @@ def cached_scores(model_dir: Path, cfg: EvaluateParams, info: dict, model_hash: 
 
     key = content_id({"model": model_hash, "lm_eval": version("lm-eval"), "bundle": info["hash"],
                       "max_length": cfg.max_length, "generation": cfg.generation.model_dump(),
-                      "signals": cfg.signals.model_dump(), "task_version": TASK_VERSION}, 32)
+                      "signals": cfg.signals.model_dump(), "task_version": TASK_VERSION,
+                      "amp": str(_amp_dtype(cfg))}, 32)
     path = Path(cfg.cache_dir) / f"{key}.json"
     if path.exists():
         with contextlib.suppress(TemperingError, KeyError, TypeError):

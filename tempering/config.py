@@ -296,6 +296,9 @@ class EvaluateParams(_Section):
     batch_size: int = Field(16, ge=1)
     # Context length for scoring (null = the model's own). Longer items are cut from the left.
     max_length: int | None = Field(None, ge=8)
+    # auto: bf16 autocast where the hardware has it (AVX512-BF16 CPUs, bf16 GPUs): ~3x faster
+    # scoring, and every model of a run is scored the same way; fp32: exact float32 scoring.
+    precision: Literal["auto", "fp32"] = "auto"
     generation: GenerationParams = GenerationParams()
     signals: SignalParams = SignalParams()
     # Cache base-model results keyed by (model hash, lm-eval version, benchmark hash).

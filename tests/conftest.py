@@ -35,3 +35,18 @@ def tiny_project(tmp_path_factory):
     root = build_tiny_project(tmp_path_factory.mktemp("project"), tmp_path_factory.mktemp("tiny") / "tiny-model")
     dvc(root, "repro", timeout=900)
     return root
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from more threads, and under CPU contention (other jobs on the
+    box) OpenMP oversubscription made tiny-model tests ~7x slower. setup_torch respects this env.
+    Use from a module: an autouse module fixture that requests ``one_thread``."""
+    import torch
+
+    previous = torch.get_num_threads()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("OMP_NUM_THREADS", "1")
+        torch.set_num_threads(1)
+        yield
+    torch.set_num_threads(previous)

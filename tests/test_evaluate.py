@@ -31,6 +31,11 @@ DOMAIN = [(f"Where does {n} live?", TOWNS[i % 4], [t for t in TOWNS if t != TOWN
           for i, n in enumerate(NAMES)]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread(one_thread):
+    """Tiny models on one thread (see conftest.one_thread)."""
+
+
 def write_bench(path: Path, items) -> Path:
     with open(path, "w") as fh:
         for i, (q, right, wrong) in enumerate(items):

@@ -111,3 +111,25 @@ def test_prefect_flow_runs_same_stages(project: Path, prefect_harness):
         os.environ["PATH"] = old_path
     assert list(result) == stage_order(project / "dvc.yaml")
     assert set(result.values()) == {"skipped"}, result
+
+
+def test_dvc_metrics_show_and_exp_run_with_a_changed_knob(project: Path, tmp_path: Path):
+    """`dvc metrics show` lists the stages' metrics; `dvc exp run -S` re-runs only what the knob
+    touches (a stricter gate: gate, promote, report) and the verdict follows the new threshold."""
+    from tiny_project import copy_project, dvc
+
+    shown = dvc(project, "metrics", "show", "--json").stdout
+    metrics = json.loads(shown)
+    files = next(iter(metrics.values()))["data"]
+    assert {"metrics/evaluate.json", "metrics/gate.json", "metrics/promote.json"} <= set(files)
+    assert "passed" in files["metrics/gate.json"]["data"]
+
+    work = copy_project(project, tmp_path / "exp")
+    out = dvc(work, "exp", "run", "-S", "gate.min_domain_gain=1.0").stdout
+    ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
+    assert ran == {"gate", "promote", "report"}, out
+    gate = _json(work / "metrics/gate.json")
+    assert gate["passed"] is False
+    assert any("domain: gain" in r for r in gate["reasons"])
+    promote = _json(work / "metrics/promote.json")
+    assert promote["promoted"] is False and promote["reasons"]

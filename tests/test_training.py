@@ -88,17 +88,8 @@ def _isolated_cache(tmp_path, monkeypatch):
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from more threads, and under CPU contention (other jobs on the
-    box) OpenMP oversubscription made these tests ~7x slower. setup_torch respects this env."""
-    import torch
-
-    previous = torch.get_num_threads()
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("OMP_NUM_THREADS", "1")
-        torch.set_num_threads(1)
-        yield
-    torch.set_num_threads(previous)
+def _one_thread(one_thread):
+    """Tiny models on one thread (see conftest.one_thread)."""
 
 
 @pytest.fixture(autouse=True)
