@@ -54,10 +54,10 @@ sys.path.insert(0, str(ROOT))
 
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("TQDM_DISABLE", "1")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("DISABLE_MLFLOW_INTEGRATION", "TRUE")
+from tempering import env  # noqa: E402
+
+env.setup()  # offline, no telemetry (the same defaults every stage uses)
 
 
 # ----------------------------------------------------------------------------- measuring
