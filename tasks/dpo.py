@@ -11,14 +11,23 @@ data, reference model = base + SFT, tokenizer, max lengths, precision): no refer
 any epoch, and none at all in a later run with the same inputs (LoRA and full alike). ``beta``, ``loss_type``, ``max_length`` and
 ``max_prompt_length`` come from the ``dpo`` params (long prompts keep their end).
 
+``dpo.eval_share`` holds out pairs for an eval loss (the DPO loss, against the same reference) at
+every checkpoint, and ``dpo.early_stopping_patience`` stops on it, keeping the best checkpoint.
+
 Checkpoints/resume as in ``tasks.sft``. Writes the DPO adapter (+ tokenizer) to ``--out``
 atomically with ``meta.json``; metrics (loss, rewards/accuracies, margins, speed) to
 ``--metrics``; curves to ``--live``.
+
+Optional, as cpt is: with ``dpo.enabled: false``, or with no preference rows to train on (none
+given, or all quarantined), the SFT model passes through: ``--out`` gets a ``pointer.json``
+(``{"model": "<sft, relative to --out>"}``) and ``meta.json``, no weights, and ``--metrics`` a
+``note`` saying why. Export then merges the SFT model alone.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import tempfile
 import time
@@ -27,7 +36,11 @@ from pathlib import Path
 from tempering import TemperingError
 from tempering.cli import stage_main
 from tempering.config import Params
-from tempering.io import content_id, hash_path, read_jsonl, resolve_model_dir, write_json, write_meta
+from tempering.io import (POINTER_FILE, atomic_path, content_id, hash_path, read_jsonl, resolve_model_dir,
+                          write_json, write_meta)
+
+NOTE_DISABLED = "dpo.enabled is false: the SFT model passed through untrained"
+NOTE_NO_DATA = "no preference rows to train on ({data}): the SFT model passed through untrained"
 
 
 def _policy_base(base_dir: Path, sft: Path, method: str, precision):
@@ -47,10 +60,33 @@ def _policy_base(base_dir: Path, sft: Path, method: str, precision):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def run(params: Params, base: str, sft: str, data: str, out: str, checkpoints: str, metrics: str,
-        live: str | None = None) -> dict:
+def _pass_through(params: Params, sft: str, out: str, checkpoints: str, metrics: str, started: float,
+                  note: str, inputs: dict, live: str | None) -> dict:
+    """No training: ``out`` points at the SFT model, the metrics and meta say why."""
     from tempering import backend
 
+    # Old checkpoints of a trained run are stale now: the fingerprint differs, so they go.
+    backend.prepare_checkpoints(checkpoints, backend.fingerprint(params.dpo, passthrough="sft", **inputs))
+    if live:  # a trained run's curves are stale too; an empty curve (header only) is what DVC plots
+        shutil.rmtree(live, ignore_errors=True)
+        curve = Path(live) / "plots" / "metrics" / "train" / "loss.tsv"
+        curve.parent.mkdir(parents=True)
+        curve.write_text("step\tloss\n", encoding="utf-8")
+    target = Path(os.path.relpath(Path(sft).resolve(), Path(out).resolve())).as_posix()
+    with atomic_path(out) as tmp:
+        tmp.mkdir()
+        write_json(tmp / POINTER_FILE, {"model": target})
+    write_meta(out, stage="dpo", params=params.dpo, inputs=inputs, started=started,
+               extra={"enabled": params.dpo.enabled, "trained": False, "note": note, "pointer": target,
+                      "sft": str(sft)})
+    summary = {"enabled": params.dpo.enabled, "trained": False, "steps": 0, "pairs": 0, "note": note,
+               "pointer": target, "wall_time_s": round(time.time() - started, 2)}
+    write_json(metrics, summary)
+    return {"out": out, **summary}
+
+
+def run(params: Params, base: str, sft: str, data: str, out: str, checkpoints: str, metrics: str,
+        live: str | None = None) -> dict:
     started = time.time()
     cfg = params.dpo
     data_file = Path(data) / "preference.jsonl"
@@ -60,9 +96,23 @@ def run(params: Params, base: str, sft: str, data: str, out: str, checkpoints: s
         raise TemperingError(f"{base}: base model folder not found")
     if not sft_dir.exists():
         raise TemperingError(f"{sft}: SFT output not found (run the sft stage)")
+    base_hash, sft_hash = hash_path(base_dir), hash_path(sft_dir)
+    if not cfg.enabled:
+        return _pass_through(params, sft, out, checkpoints, metrics, started, NOTE_DISABLED,
+                             {"base": base_hash, "sft": sft_hash}, live)
+    if not data_file.exists():
+        raise TemperingError(f"{data_file}: not found (run the validate and dedup stages, or set "
+                             "dpo.enabled: false)")
     rows = read_jsonl(data_file)
+    data_hash = hash_path(data_file)
+    if not rows:
+        return _pass_through(params, sft, out, checkpoints, metrics, started, NOTE_NO_DATA.format(data=data_file),
+                             {"base": base_hash, "sft": sft_hash, "data": data_hash}, live)
+
+    from tempering import backend
+
     dataset = backend.dpo_dataset(rows, source=str(data_file))
-    data_hash, base_hash, sft_hash = hash_path(data_file), hash_path(base_dir), hash_path(sft_dir)
+    train_set, eval_set = backend.split_eval(dataset, cfg.eval_share, cfg.seed)
     fp = backend.fingerprint(cfg, data=data_hash, base=base_hash, sft=sft_hash)
     resume = backend.prepare_checkpoints(checkpoints, fp)
 
@@ -87,23 +137,27 @@ def run(params: Params, base: str, sft: str, data: str, out: str, checkpoints: s
         tokenizer=backend.tokenizer_hash(tok_dir), max_length=cfg.max_length,
         max_prompt_length=cfg.max_prompt_length, precision=precision.name)
     resume_step = int(resume.name.split("-")[1]) if resume else None
-    trainer = backend.build_dpo_trainer(model, tokenizer, dataset, args, adapter=cfg.adapter,
+    if eval_set is not None:  # the reference log-probs are cached per split
+        ref_key = content_id({"ref": ref_key, "eval_share": cfg.eval_share, "seed": cfg.seed}, 32)
+    trainer = backend.build_dpo_trainer(model, tokenizer, train_set, args, adapter=cfg.adapter,
                                         max_prompt_length=cfg.max_prompt_length, stage="dpo",
                                         checkpoints=checkpoints, live_dir=live,
                                         tracking=params.tracking, resume_step=resume_step,
-                                        ref_cache_key=ref_key)
+                                        ref_cache_key=ref_key, eval_dataset=eval_set, cfg=cfg)
     before = backend.snapshot_trainable(trainer.model)
     summary = backend.train(trainer, resume, before)
     backend.save_trained(trainer, tokenizer, out)
 
-    summary.update({"precision": precision.name, "device": precision.device, "threads": threads,
-                    "pairs": len(dataset), "method": cfg.adapter.method, "beta": cfg.beta,
-                    "loss_type": cfg.loss_type, "wall_time_s": round(time.time() - started, 2)})
+    summary.update({"enabled": True, "trained": True, "precision": precision.name, "device": precision.device,
+                    "threads": threads, "pairs": len(dataset), "train_pairs": len(train_set),
+                    "eval_pairs": len(eval_set) if eval_set is not None else 0, "method": cfg.adapter.method,
+                    "beta": cfg.beta, "loss_type": cfg.loss_type, "wall_time_s": round(time.time() - started, 2)})
     curve = summary.pop("loss_curve")
+    eval_curve = summary.pop("eval_loss_curve", None)
     write_meta(out, stage="dpo", params=cfg,
                inputs={"base": base_hash, "sft": sft_hash, "data": data_hash}, started=started,
-               extra={"base_model": str(base), "sft": str(sft), "train": summary, "loss_curve": curve,
-                      "fingerprint": fp})
+               extra={"enabled": True, "trained": True, "base_model": str(base), "sft": str(sft), "train": summary,
+                      "loss_curve": curve, "eval_loss_curve": eval_curve, "fingerprint": fp})
     write_json(metrics, summary)
     keys = ("steps", "train_loss_first", "train_loss_last", "rewards_accuracies_last",
             "rewards_margins_last", "tokens_per_s", "s_per_step", "weights_changed", "resumed_from")

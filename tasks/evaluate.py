@@ -1,23 +1,32 @@
-"""Stage ``evaluate``: lm-eval benchmarks of the exported model, the base and the production model.
+"""Stage ``evaluate``: lm-eval benchmarks of the exported model, the base and the production model,
+and the drift texts the gate's label-free checks read.
 
-    python -m tasks.evaluate --model models/export --base models/base \
-        --registry registry --samples eval/samples --metrics metrics/evaluate.json
+    python -m tasks.evaluate --model models/export --base models/base --registry registry \
+        --champion eval/champion.json --samples eval/samples --metrics metrics/evaluate.json
 
 Each benchmark of ``evaluate.benchmarks`` becomes a local lm-eval YAML task (``dataset_path:
-json``, ``output_type: multiple_choice``, acc and acc_norm) run by ``lm_eval.simple_evaluate``
-with model ``hf`` (an ``HFLM`` around the loaded model), fully offline. ``chat: true`` benchmarks
-go through the model's chat template (the question as a user turn, each choice scored as the
-start of the assistant's reply: how the model was tuned). The task files written are part of the
-bundle hash, with the data files, so a result always says exactly what it measured.
+json``, ``output_type: multiple_choice``, acc and acc_norm) run by ``lm_eval.simple_evaluate``,
+fully offline; ``evaluate.backend`` picks the lm-eval model that computes the log-likelihoods
+(``tempering``: tempering/scoring.py, one pass per shared context; ``hf``: lm-eval's HFLM). ``chat: true`` benchmarks go through the model's chat template (the question as a
+user turn, each choice scored as the start of the assistant's reply: how the model was tuned).
+The task files written are part of the bundle hash, with the data files, so a result always says
+exactly what it measured. ``limit: power`` benchmarks get as many items as the gate needs to
+certify their forgetting budget (:func:`planned_limits`).
 
-Three models are scored on the same items: the candidate (``--model``), the base (``--base``) and,
-when ``--registry`` holds a ``production`` alias, the current production model (champion /
-challenger). Base and production results are cached in ``evaluate.cache_dir`` keyed by (model
-hash, lm-eval version, bundle hash, limit): the weekly refresh does not score them again.
+Three models are scored on the same items: the candidate (``--model``), the base (``--base``) and
+the current production model (champion / challenger), named by ``--champion`` (the ``champion``
+stage's file; a promotion or rollback changes it, so DVC re-runs this stage). Every model's scores
+are cached in ``evaluate.cache_dir`` by :func:`scoring_key` (model hash, bundle, scoring code and
+library versions, precision, batch size, max length, backend): an unchanged base is scored once,
+and production is never re-scored: its per-item results are stored with its registry version
+when it is promoted, and reused while they were scored the way this run scores.
 
-Writes ``--metrics`` (per benchmark: role, n, each model's acc/acc_norm and the candidate's delta,
-a DVC metric) and ``--samples/<model>/<benchmark>.jsonl`` (per-item correctness, for the gate's
-paired statistics), both atomically.
+The drift texts (``evaluate.drift``) are read by candidate and base together: per text, the
+summed KL(candidate || base) and each model's negative log-likelihood (``--samples/drift.jsonl``).
+
+Writes ``--metrics`` (per benchmark: role, n, each model's acc/acc_norm and the candidate's delta;
+the configured list; drift point values; a DVC metric) and ``--samples/<model>/<benchmark>.jsonl``
+(per-item correctness, for the gate's paired statistics), both atomically.
 """
 
 from __future__ import annotations
@@ -34,16 +43,17 @@ import yaml
 
 from tempering import TemperingError
 from tempering.cli import stage_main
-from tempering.config import BenchmarkSpec, EvaluateParams, Params
+from tempering.config import BenchmarkSpec, EvaluateParams, GateParams, Params
 from tempering.io import (atomic_path, content_id, dump_jsonl, hash_path, read_json, read_jsonl,
                           resolve_model_dir, write_json, write_meta, write_text)
 
 TASK_PREFIX = "tempering_"
 # Bumped when the task definitions below change meaning (invalidates cached base results).
-TASK_VERSION = 1
-# Perplexity and KL look at the last this-many tokens of a text (the answer and what precedes
-# it): long passages (BoolQ) would otherwise dominate the signals' cost.
-SIGNAL_TOKENS = 256
+# 2: lm-eval's own prompts for the shipped sets (BoolQ without "Passage: ", HellaSwag's
+#    preprocess, ARC's padded duplicate choices dropped).
+TASK_VERSION = 2
+# Bumped when the scoring code changes what a score means (part of every cache key).
+SCORING_VERSION = 2
 
 
 # ----------------------------------------------------------------------------- the bundle
@@ -76,11 +86,56 @@ def _json_rows(path: Path) -> list[dict]:
     return rows
 
 
+def hellaswag_preprocess(text: str) -> str:
+    """lm-eval's HellaSwag ``preprocess`` (lm_eval/tasks/hellaswag/utils.py); a test compares the two."""
+    import re
+
+    text = text.strip()
+    # Brackets are artifacts of the WikiHow part of HellaSwag.
+    text = text.replace(" [title]", ". ")
+    text = re.sub("\\[.*?\\]", "", text)
+    return text.replace("  ", " ")
+
+
+def _llmfoundry_prompt(query: str) -> tuple[str, str]:
+    """(chat question, lm-eval prompt) of an llm-foundry ``query``.
+
+    ``Question: <stem>`` (ARC ...) -> lm-eval's ``Question: <stem>\nAnswer:``, question = the stem.
+    ``Passage: <p>\nQuestion: <q>?`` (BoolQ) -> lm-eval's boolq ``<p>\nQuestion: <q>?\nAnswer:``
+    (lm-eval writes no "Passage: "), question = the query as it is.
+    """
+    if query.startswith("Passage: ") and "\nQuestion: " in query:
+        return query, f"{query[len('Passage: '):]}\nAnswer:"
+    question = query[len("Question: "):] if query.startswith("Question: ") else query
+    return question, f"{query}\nAnswer:"
+
+
+def _drop_repeats(choices: list, answer):
+    """Choices without exact repeats (first kept), and the answer's index among them.
+
+    llm-foundry padded ARC's 3-choice items to 4 by repeating one choice; lm-eval scores the
+    original 3. A repeat changes nothing but ties, yet a gold on the second copy could never win.
+    """
+    if not isinstance(choices, list) or not isinstance(answer, int) or isinstance(answer, bool) \
+            or not 0 <= answer < len(choices) or not all(isinstance(c, str) for c in choices):
+        return choices, answer  # the checks below name the problem
+    unique = list(dict.fromkeys(choices))
+    return unique, unique.index(choices[answer])
+
+
+# Each layout's own name for question, choices and answer (for error messages).
+_FIELDS = {"llmfoundry": {"question": "query", "answer": "gold"},
+           "hellaswag": {"question": "query", "choices": "endings", "answer": "label"},
+           "piqa": {"question": "goal", "choices": "sol1/sol2", "answer": "label"}}
+
+
 def load_items(spec: BenchmarkSpec) -> list[dict]:
     """A benchmark file in any supported layout -> ``{id, question, prompt, choices, answer}`` rows.
 
-    ``question`` is the chat form (a user turn); ``prompt`` the plain-completion form, as lm-eval
-    writes it for the standard benchmarks (``Question: ...\nAnswer:``; HellaSwag's context alone).
+    ``question`` is the chat form (a user turn); ``prompt`` the plain-completion form, exactly the
+    context lm-eval's own task of that benchmark builds (``arc_easy``/``arc_challenge``,
+    ``boolq``, ``hellaswag`` with its preprocess, ``piqa``; each choice follows after a space).
+    ``tests/test_benchmarks_shipped.py`` checks this against lm-eval's task configs.
     """
     path = Path(spec.path)
     if not path.is_file():
@@ -98,11 +153,19 @@ def load_items(spec: BenchmarkSpec) -> list[dict]:
                 prompt = f"Question: {question}\nAnswer:"
             elif spec.format == "llmfoundry":
                 query, choices, answer = row["query"], row["choices"], row["gold"]
-                question = query[len("Question: "):] if query.startswith("Question: ") else query
-                prompt = f"{query}\nAnswer:"
+                if not isinstance(query, str) or not query.strip():
+                    raise TemperingError(f"{path}: row {n}: query: expected a non-empty string")
+                question, prompt = _llmfoundry_prompt(query)
+                choices, answer = _drop_repeats(choices, answer)
             elif spec.format == "hellaswag":
-                question = prompt = row["query"]
-                choices, answer = row["endings"], row["label"]
+                # lm-eval: preprocess(activity_label + ": " + ctx) and preprocess(ending); the dump's
+                # query is already activity_label + ": " + ctx (ctx_b not capitalised, see docs).
+                query, choices, answer = row["query"], row["endings"], row["label"]
+                if not isinstance(query, str) or not query.strip():
+                    raise TemperingError(f"{path}: row {n}: query: expected a non-empty string")
+                question = prompt = hellaswag_preprocess(query)
+                if isinstance(choices, list) and all(isinstance(c, str) for c in choices):
+                    choices = [hellaswag_preprocess(c) for c in choices]
             else:  # piqa
                 question, choices = row["goal"], [row["sol1"], row["sol2"]]
                 answer = int(labels[n - 1])
@@ -111,12 +174,16 @@ def load_items(spec: BenchmarkSpec) -> list[dict]:
             raise TemperingError(f"{path}: row {n}: {exc.args[0]}: missing field (format {spec.format})") from None
         except ValueError:
             raise TemperingError(f"{spec.labels}: row {n}: label: expected 0 or 1") from None
+        field = _FIELDS.get(spec.format, {})
         if not isinstance(question, str) or not question.strip():
-            raise TemperingError(f"{path}: row {n}: question: expected a non-empty string")
+            raise TemperingError(f"{path}: row {n}: {field.get('question', 'question')}: expected a non-empty string")
         if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) and c for c in choices):
-            raise TemperingError(f"{path}: row {n}: choices: expected a list of at least 2 non-empty strings")
+            raise TemperingError(f"{path}: row {n}: {field.get('choices', 'choices')}: "
+                                 "expected a list of at least 2 non-empty strings")
         if not isinstance(answer, int) or isinstance(answer, bool) or not 0 <= answer < len(choices):
-            raise TemperingError(f"{path}: row {n}: answer: expected an index into choices (0-{len(choices) - 1})")
+            where = spec.labels if spec.format == "piqa" else path
+            raise TemperingError(f"{where}: row {n}: {field.get('answer', 'answer')}: "
+                                 f"expected an index into choices (0-{len(choices) - 1})")
         items.append({"id": str(row.get("id", row.get("ind", n - 1))), "question": question, "prompt": prompt,
                       "choices": choices, "answer": answer})
     if not items:
@@ -144,13 +211,43 @@ def task_config(spec: BenchmarkSpec, data_file: str | Path) -> dict:
     }
 
 
-def bundle(cfg: EvaluateParams) -> dict:
+def planned_limits(cfg: EvaluateParams, gate: GateParams | None) -> dict[str, int | None]:
+    """Each benchmark's item count: its ``limit``, or for ``limit: power`` the count the gate
+    needs to certify its forgetting budget (the gate's own rule, :mod:`tempering.stats`), capped by
+    ``evaluate.limit``."""
+    from tempering import stats
+
+    gate = gate or GateParams()
+    general = sum(1 for s in cfg.benchmarks if s.role == "general")
+    drift = sum(x is not None for x in (gate.max_kl, gate.max_perplexity_ratio)) if cfg.drift.path else 0
+    out: dict[str, int | None] = {}
+    for spec in cfg.benchmarks:
+        limit = spec.limit
+        if limit == "power":
+            budget = gate.max_forgetting.get(spec.name, gate.max_forgetting.get("default"))
+            if budget is None:
+                raise TemperingError(f"evaluate.benchmarks: {spec.name}: limit power needs a forgetting budget "
+                                     f"(gate.max_forgetting.{spec.name} or default)")
+            alpha = stats.planning_alpha(gate.confidence, gate.multiplicity, general + drift)
+            limit = stats.required_items(budget, gate.planning_discordance, alpha, gate.power)
+        if cfg.limit:
+            limit = min(limit, cfg.limit) if limit else cfg.limit
+        out[spec.name] = limit
+    return out
+
+
+def bundle(cfg: EvaluateParams, gate: GateParams | None = None) -> dict:
     """Every benchmark, normalized and hashed, with its task definition; one hash over all of it.
 
     Local files are normalized into ``<cache_dir>/data/<hash>.jsonl`` (content-addressed, cut to
-    the benchmark's limit); hub tasks are recorded by name and lm-eval version.
+    the benchmark's limit: :func:`planned_limits`); hub tasks are recorded by name and lm-eval
+    version. Items a drift text was made from (``evaluate.drift``) are never scored.
     """
     from importlib.metadata import version
+
+    limits = planned_limits(cfg, gate)
+    drift_sources = ({str(r.get("source")) for r in drift_texts(cfg)}
+                     if cfg.drift.path and Path(cfg.drift.path).is_file() else set())
 
     if not cfg.benchmarks:
         raise TemperingError("evaluate.benchmarks: no benchmarks configured")
@@ -160,7 +257,7 @@ def bundle(cfg: EvaluateParams) -> dict:
         raise TemperingError(f"evaluate.benchmarks: duplicate names {dupes}")
     items, specs, skipped = {}, {}, {}
     for spec in cfg.benchmarks:
-        limit = spec.limit or cfg.limit
+        limit = limits[spec.name]
         if spec.task:
             items[spec.name] = {"role": spec.role, "chat": spec.chat, "task": spec.task, "limit": limit,
                                 "lm_eval": version("lm-eval")}
@@ -170,6 +267,7 @@ def bundle(cfg: EvaluateParams) -> dict:
             skipped[spec.name] = f"{spec.path}: not on this machine (optional)"
             continue
         rows = load_items(spec)
+        rows = [r for r in rows if f"{spec.name}:{r['id']}" not in drift_sources]
         kept = rows[:limit] if limit else rows
         blob = "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in kept)
         digest = content_id(blob, 32)
@@ -180,7 +278,8 @@ def bundle(cfg: EvaluateParams) -> dict:
         portable = dict(config, dataset_kwargs={"data_files": {"test": f"{digest}.jsonl"}})
         items[spec.name] = {"role": spec.role, "chat": spec.chat, "path": spec.path, "format": spec.format,
                             "rows": len(rows), "n": len(kept), "data_sha256": hash_path(spec.path),
-                            "items_hash": digest, "task": portable, "data_file": str(data_file)}
+                            "items_hash": digest, "task": portable, "data_file": str(data_file),
+                            "planned_n": limit}
         specs[spec.name] = spec
     if not specs:
         raise TemperingError("evaluate.benchmarks: every benchmark was skipped (" + "; ".join(skipped.values()) + ")")
@@ -233,13 +332,23 @@ def _autocast(cfg: EvaluateParams):
         yield
 
 
-def multiple_choice(model, tok, info: dict, cfg: EvaluateParams) -> dict:
-    """lm-eval on a loaded model: {name: {acc, acc_norm, n, samples: [per-item rows]}}."""
-    import lm_eval
-    from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
+def scoring_lm(model, tok, cfg: EvaluateParams):
+    """The lm-eval model that scores a loaded model: ``evaluate.backend`` tempering (lm-eval's
+    HFLM with tempering/scoring.py's shared-context scorer) or hf (lm-eval's own HFLM). Both:
+    same autocast dtype (``_amp_dtype``), float32 log-softmax, progress bars quiet under CI."""
+    import torch
 
     from tempering import env
+
+    amp = _amp_dtype(cfg)
+    common = dict(pretrained=model, tokenizer=tok, batch_size=cfg.batch_size, device=_device(),
+                  max_length=cfg.max_length, mixed_precision_dtype=amp,
+                  softmax_dtype=torch.float32 if amp is not None else None)
+    if cfg.backend == "tempering":
+        from tempering.scoring import TemperingLM
+
+        return TemperingLM(**common, batch_tokens=cfg.batch_tokens)
+    from lm_eval.models.huggingface import HFLM
 
     class _HFLM(HFLM):
         # lm-eval passes disable=False to its progress bars explicitly, overriding TQDM_DISABLE:
@@ -247,15 +356,17 @@ def multiple_choice(model, tok, info: dict, cfg: EvaluateParams) -> dict:
         def loglikelihood(self, requests, disable_tqdm: bool = False):
             return super().loglikelihood(requests, disable_tqdm=disable_tqdm or env.is_ci())
 
-    logging.getLogger("lm_eval").setLevel(logging.WARNING)
-    import torch
+    return _HFLM(**common)
 
-    amp = _amp_dtype(cfg)
-    lm = _HFLM(pretrained=model, tokenizer=tok, batch_size=cfg.batch_size, device=_device(),
-               max_length=cfg.max_length, mixed_precision_dtype=amp,
-               softmax_dtype=torch.float32 if amp is not None else None)
+
+def run_lm_eval(lm, info: dict):
+    """``lm_eval.simple_evaluate`` over every benchmark of the bundle with the lm-eval model ``lm``:
+    yields (spec, the task's aggregate results, its logged samples sorted by doc_id)."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    logging.getLogger("lm_eval").setLevel(logging.WARNING)
     specs: dict[str, BenchmarkSpec] = info["specs"]
-    out: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="tempering-tasks-") as tasks_dir:
         local = [s for s in specs.values() if s.task is None]
         hub = [s for s in specs.values() if s.task is not None]
@@ -279,12 +390,22 @@ def multiple_choice(model, tok, info: dict, cfg: EvaluateParams) -> dict:
                 if res is None or "acc,none" not in res:
                     raise TemperingError(f"evaluate.benchmarks: {spec.name}: lm-eval task {task} "
                                          "reported no acc (a group of tasks? name one task)")
-                samples = sorted(results["samples"].get(task, []), key=lambda s: s["doc_id"])
-                rows = [{"doc_id": s["doc_id"], "id": (s.get("doc") or {}).get("id"), "target": s.get("target"),
-                         "acc": float(s["acc"]), "acc_norm": float(s.get("acc_norm", s["acc"]))} for s in samples]
-                out[spec.name] = {"acc": float(res["acc,none"]),
-                                  "acc_norm": float(res.get("acc_norm,none", res["acc,none"])),
-                                  "n": len(rows), "samples": rows}
+                yield spec, res, sorted(results["samples"].get(task, []), key=lambda s: s["doc_id"])
+
+
+def multiple_choice(model, tok, info: dict, cfg: EvaluateParams) -> dict:
+    """lm-eval on a loaded model: {name: {acc, acc_norm, n, samples: [per-item rows]}}.
+
+    lm-eval builds the requests, computes acc/acc_norm and logs every item; ``scoring_lm`` picks
+    who computes the log-likelihoods (``evaluate.backend``)."""
+    lm = scoring_lm(model, tok, cfg)
+    out: dict[str, dict] = {}
+    for spec, res, samples in run_lm_eval(lm, info):
+        rows = [{"doc_id": s["doc_id"], "id": (s.get("doc") or {}).get("id"), "target": s.get("target"),
+                 "acc": float(s["acc"]), "acc_norm": float(s.get("acc_norm", s["acc"]))} for s in samples]
+        out[spec.name] = {"acc": float(res["acc,none"]),
+                          "acc_norm": float(res.get("acc_norm,none", res["acc,none"])),
+                          "n": len(rows), "samples": rows}
     del lm
     return out
 
@@ -332,116 +453,235 @@ def generations(model, tok, info: dict, cfg: EvaluateParams) -> dict:
     return out
 
 
-def _texts(info: dict, role: str | None, chat: bool, n: int) -> dict[str, list]:
-    """Question + right answer of the first ``n`` items of each (local) benchmark."""
-    out = {}
-    for name, meta in info["benchmarks"].items():
-        if "data_file" not in meta or (role and meta["role"] != role):
+def drift_texts(cfg: EvaluateParams) -> list[dict]:
+    """The fixed general text set of the drift checks (``evaluate.drift.path``), validated."""
+    dcfg = cfg.drift
+    if not dcfg.path:
+        return []
+    path = Path(dcfg.path)
+    if not path.is_file():
+        raise TemperingError(f"{path}: drift text set not found (evaluate.drift.path)")
+    rows = _json_rows(path)
+    for n, row in enumerate(rows, 1):
+        kind = row.get("kind")
+        if kind == "text" and isinstance(row.get("text"), str) and row["text"].strip():
             continue
-        rows = read_jsonl(meta["data_file"])[:n]
-        if chat:
-            out[name] = [[{"role": "user", "content": r["question"]},
-                          {"role": "assistant", "content": r["choices"][r["answer"]]}] for r in rows]
-        else:
-            out[name] = [f"{r['prompt']} {r['choices'][r['answer']]}" for r in rows]
-    return out
+        if kind == "chat" and isinstance(row.get("messages"), list) and row["messages"] and all(
+                isinstance(m, dict) and isinstance(m.get("content"), str) and m.get("role") for m in row["messages"]):
+            continue
+        raise TemperingError(f"{path}: row {n}: kind: expected 'text' with a non-empty text, or 'chat' with messages")
+    return rows[: dcfg.n_texts] if dcfg.n_texts else rows
 
 
-def perplexity(model, tok, info: dict, cfg: EvaluateParams) -> dict:
-    """Perplexity of "prompt + right answer" (plain text) on each local benchmark."""
+def _drift_ids(tok, row: dict, max_tokens: int) -> list[int]:
+    if row["kind"] == "chat":
+        ids = tok.apply_chat_template(row["messages"], tokenize=True, return_dict=True)["input_ids"]
+    else:
+        ids = tok(row["text"], add_special_tokens=False)["input_ids"]
+    return list(ids)[-max_tokens:]
+
+
+def drift_records(cand, base, tok, rows: list[dict], cfg: EvaluateParams) -> list[dict]:
+    """Per text: tokens predicted, summed KL(candidate || base) over the full vocabulary at each
+    of them, and each model's summed negative log-likelihood. The gate bootstraps over texts.
+
+    Both models read the same padded batches (sorted by length, ``drift.batch_size`` at a time)
+    in one pass each."""
+    import torch
+
+    dcfg = cfg.drift
+    encoded = [(row, _drift_ids(tok, row, dcfg.max_tokens)) for row in rows]
+    encoded = [(row, ids) for row, ids in encoded if len(ids) >= 2]
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][1]))
+    out: dict[int, dict] = {}
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    for start in range(0, len(order), dcfg.batch_size):
+        idx = order[start:start + dcfg.batch_size]
+        width = max(len(encoded[i][1]) for i in idx)
+        ids = torch.full((len(idx), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(idx), width), dtype=torch.long)
+        for r, i in enumerate(idx):
+            seq = encoded[i][1]
+            ids[r, : len(seq)] = torch.tensor(seq)
+            mask[r, : len(seq)] = 1
+        ids, mask = ids.to(cand.device), mask.to(cand.device)
+        with _autocast(cfg):
+            lp = torch.log_softmax(cand(input_ids=ids, attention_mask=mask).logits[:, :-1].float(), -1)
+            lq = torch.log_softmax(base(input_ids=ids, attention_mask=mask).logits[:, :-1].float(), -1)
+        target = ids[:, 1:]
+        valid = mask[:, 1:].bool()
+        kl = (lp.exp() * (lp - lq)).sum(-1)
+        nll_c = -lp.gather(-1, target[..., None])[..., 0]
+        nll_b = -lq.gather(-1, target[..., None])[..., 0]
+        for r, i in enumerate(idx):
+            v = valid[r]
+            row = encoded[i][0]
+            out[i] = {"id": row.get("id", str(i)), "kind": row["kind"], "tokens": int(v.sum()),
+                      "kl": float(kl[r][v].sum()), "nll_candidate": float(nll_c[r][v].sum()),
+                      "nll_base": float(nll_b[r][v].sum())}
+        del lp, lq, kl
+    return [out[i] for i in range(len(encoded))]
+
+
+def drift_summary(records: list[dict]) -> dict:
+    """Point values for the metrics file and the report (the gate computes the intervals)."""
     import math
 
-    import torch
-
-    out = {}
-    if not cfg.signals.n_texts:
-        return out
-    for name, texts in _texts(info, None, False, cfg.signals.n_texts).items():
-        nll, count = 0.0, 0
-        for text in texts:
-            ids = tok(text, return_tensors="pt", add_special_tokens=False)["input_ids"][:, -SIGNAL_TOKENS:]
-            ids = ids.to(model.device)
-            if ids.shape[1] < 2:
-                continue
-            with _autocast(cfg):
-                logits = model(ids).logits[0, :-1].float()
-            nll += torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum").item()
-            count += ids.shape[1] - 1
-        if count:
-            out[name] = {"perplexity": math.exp(nll / count), "tokens": count}
-    return out
-
-
-def mean_kl(cand, base, tok, info: dict, cfg: EvaluateParams) -> dict:
-    """Mean per-token KL(candidate || base) over chat-formatted general items."""
-    import torch
-
-    out = {}
-    if not cfg.signals.n_texts:
-        return out
-    for name, convs in _texts(info, "general", True, cfg.signals.n_texts).items():
-        total, count = 0.0, 0
-        for conv in convs:
-            ids = tok.apply_chat_template(conv, return_tensors="pt", return_dict=True)["input_ids"]
-            ids = ids[:, -SIGNAL_TOKENS:].to(cand.device)
-            with _autocast(cfg):
-                lp = torch.log_softmax(cand(ids).logits[0].float(), -1)
-                lq = torch.log_softmax(base(ids).logits[0].float(), -1)
-            total += (lp.exp() * (lp - lq)).sum(-1).sum().item()
-            count += ids.shape[1]
-        if count:
-            out[name] = {"kl": total / count, "tokens": count}
+    out: dict = {"texts": len(records)}
+    for kind in ("all", "text", "chat"):
+        rows = [r for r in records if kind == "all" or r["kind"] == kind]
+        tokens = sum(r["tokens"] for r in rows)
+        if not tokens:
+            continue
+        key = "" if kind == "all" else f"_{kind}"
+        out[f"kl{key}"] = sum(r["kl"] for r in rows) / tokens
+        out[f"perplexity_candidate{key}"] = math.exp(sum(r["nll_candidate"] for r in rows) / tokens)
+        out[f"perplexity_base{key}"] = math.exp(sum(r["nll_base"] for r in rows) / tokens)
+        out[f"perplexity_ratio{key}"] = out[f"perplexity_candidate{key}"] / out[f"perplexity_base{key}"]
+        out[f"tokens{key}"] = tokens
     return out
 
 
 def score_all(model, tok, info: dict, cfg: EvaluateParams) -> dict:
-    return {"mc": multiple_choice(model, tok, info, cfg), "generation": generations(model, tok, info, cfg),
-            "perplexity": perplexity(model, tok, info, cfg)}
+    return {"mc": multiple_choice(model, tok, info, cfg), "generation": generations(model, tok, info, cfg)}
 
 
-def cached_scores(model_dir: Path, cfg: EvaluateParams, info: dict, model_hash: str) -> tuple[dict, str]:
-    """Scores of a model that does not change (base, production), cached by content."""
+def scoring_key(cfg: EvaluateParams, info: dict, model_hash: str) -> dict:
+    """Everything that changes a model's scores: the model's content (weights, tokenizer and its
+    chat template all live in the hashed folder), the bundle (normalized items, task definitions,
+    source file hashes), the scoring code and library versions, precision, batch size, max length,
+    backend and generation settings. Equal keys mean the per-item results can be reused."""
     from importlib.metadata import version
 
-    key = content_id({"model": model_hash, "lm_eval": version("lm-eval"), "bundle": info["hash"],
-                      "max_length": cfg.max_length, "generation": cfg.generation.model_dump(),
-                      "signals": cfg.signals.model_dump(), "task_version": TASK_VERSION,
-                      "amp": str(_amp_dtype(cfg))}, 32)
-    path = Path(cfg.cache_dir) / f"{key}.json"
+    return {"model": model_hash, "bundle": info["hash"], "task_version": TASK_VERSION,
+            "scoring_version": SCORING_VERSION,
+            "versions": {p: version(p) for p in ("torch", "transformers", "lm-eval")},
+            "amp": str(_amp_dtype(cfg)), "precision": cfg.precision, "batch_size": cfg.batch_size,
+            "max_length": cfg.max_length, "backend": getattr(cfg, "backend", "hf"),
+            "batch_tokens": getattr(cfg, "batch_tokens", None),
+            "generation": cfg.generation.model_dump(mode="json")}
+
+
+def _cache_file(cfg: EvaluateParams, key: dict, kind: str = "scores") -> Path:
+    return Path(cfg.cache_dir) / f"{kind}-{content_id(key, 32)}.json"
+
+
+def _read_cached(path: Path, key: dict):
+    if not path.exists():
+        return None
+    with contextlib.suppress(TemperingError, KeyError, TypeError):
+        cached = read_json(path)
+        if cached["key"] == json.loads(json.dumps(key)):
+            return cached["value"]
+    return None
+
+
+def cached_scores(model_dir: Path, cfg: EvaluateParams, info: dict, model_hash: str) -> tuple[dict, str, dict]:
+    """Scores of a model, cached per benchmark: (scores, "hit" | "partial" | "miss", key).
+
+    Each benchmark's results are cached under :func:`scoring_key` with that benchmark's own
+    definition in place of the bundle hash, so a change to one benchmark re-scores only it; the
+    greedy generations under the generation benchmarks' definitions. Every model is cached, the
+    candidate too: re-running evaluate after a promotion costs no scoring. ``key`` (with the
+    bundle hash) is what the registry stores beside a promoted model's results."""
+    key = scoring_key(cfg, info, model_hash)
+    hashed = {name: {k: v for k, v in meta.items() if k != "data_file"} for name, meta in info["benchmarks"].items()}
+
+    def bench_key(name: str) -> dict:
+        return dict(key, bundle=None, benchmark={"name": name, **hashed[name]})
+
+    gen_key = dict(key, bundle=None, benchmark={n: hashed.get(n) for n in cfg.generation.benchmarks})
+    mc = {name: _read_cached(_cache_file(cfg, bench_key(name)), bench_key(name)) for name in info["specs"]}
+    gens = _read_cached(_cache_file(cfg, gen_key, "generation"), gen_key)
+    missing = [name for name, v in mc.items() if v is None]
+    if missing or gens is None:
+        model, tok = load_model(model_dir)
+        if missing:
+            sub = dict(info, specs={n: info["specs"][n] for n in missing})
+            for name, value in multiple_choice(model, tok, sub, cfg).items():
+                mc[name] = value
+                write_json(_cache_file(cfg, bench_key(name)), {"key": bench_key(name), "value": value})
+        if gens is None:
+            gens = generations(model, tok, info, cfg)
+            write_json(_cache_file(cfg, gen_key, "generation"), {"key": gen_key, "value": gens})
+        del model
+    status = "hit" if not missing else ("miss" if len(missing) == len(mc) else "partial")
+    return {"mc": mc, "generation": gens}, status, key
+
+
+def cached_drift(cand_dir: Path, base_dir: Path, cfg: EvaluateParams, key: dict) -> tuple[list[dict], str]:
+    """Per-text drift records of (candidate, base), cached by both scoring keys and the text set."""
+    rows = drift_texts(cfg)
+    if not rows:
+        return [], "off"
+    key = dict(key, texts=content_id(rows, 32), drift=cfg.drift.model_dump(mode="json"))
+    path = _cache_file(cfg, key, "drift")
     if path.exists():
         with contextlib.suppress(TemperingError, KeyError, TypeError):
             cached = read_json(path)
-            if set(cached["scores"]["mc"]) == set(info["specs"]):
-                return cached["scores"], "hit"
-    model, tok = load_model(model_dir)
-    scores = score_all(model, tok, info, cfg)
-    del model
-    write_json(path, {"model_hash": model_hash, "bundle_hash": info["hash"], "scores": scores})
-    return scores, "miss"
+            if cached["key"] == json.loads(json.dumps(key)):
+                return cached["records"], "hit"
+    cand, tok = load_model(cand_dir)
+    base, _ = load_model(base_dir)
+    records = drift_records(cand, base, tok, rows, cfg)
+    del cand, base
+    write_json(path, {"key": key, "records": records})
+    return records, "miss"
 
 
-def production_model(registry: str | None, name: str, alias: str) -> Path | None:
+def production_model(registry: str | None, name: str, alias: str,
+                     champion: str | None = None) -> tuple[str, Path] | None:
+    """(version, model folder) of the champion: the version ``--champion`` (the champion stage's
+    file) names, else the registry's ``alias`` now; None when there is none."""
     if not registry:
         return None
     from tempering.registry import Registry
 
     reg = Registry(registry, name)
+    if champion:
+        version = read_json(champion).get("version")
+        if not version:
+            return None
+        return version, reg.model_path(version)
     if alias not in reg.aliases():
         return None
-    return reg.model_path(alias)
+    version = reg.resolve(alias)
+    return version, reg.model_path(version)
+
+
+def stored_production_scores(registry: str, name: str, version: str, key: dict) -> dict | None:
+    """Production's per-item results as stored with its registry version when it was promoted
+    (it was the candidate then), when they were scored exactly as this run scores: else None."""
+    from tempering.registry import Registry
+
+    reg = Registry(registry, name)
+    with contextlib.suppress(TemperingError, KeyError, TypeError, OSError):
+        record = reg.record(version)
+        stored = ((record.get("metrics") or {}).get("models") or {}).get("candidate") or {}
+        if stored.get("score_key") != json.loads(json.dumps(key)):
+            return None
+        folder = reg.version_dir(version) / "samples" / "candidate"
+        mc = {}
+        for bench, entry in sorted(record["metrics"]["benchmarks"].items()):
+            rows = read_jsonl(folder / f"{bench}.jsonl")
+            mc[bench] = {"acc": float(entry["candidate"]["acc"]), "acc_norm": float(entry["candidate"]["acc_norm"]),
+                         "n": len(rows), "samples": rows}
+        gens = {f.stem[len("generation-"):]: read_json(f) for f in folder.glob("generation-*.json")}
+        return {"mc": mc, "generation": gens}
+    return None
 
 
 # ----------------------------------------------------------------------------- the stage
 
 
 def run(params: Params, model: str, base: str, samples: str, metrics: str, registry: str | None = None,
-        registry_name: str = "tempering-model", alias: str = "production") -> dict:
+        registry_name: str = "tempering-model", alias: str = "production", champion: str | None = None) -> dict:
     from tempering import backend
 
     started = time.time()
     cfg = params.evaluate
     backend.setup_torch()
-    info = bundle(cfg)
+    info = bundle(cfg, params.gate)
     cand_dir, base_dir = resolve_model_dir(model), resolve_model_dir(base)
     for label, folder in (("--model", cand_dir), ("--base", base_dir)):
         if not (folder / "config.json").exists():
@@ -449,41 +689,46 @@ def run(params: Params, model: str, base: str, samples: str, metrics: str, regis
 
     models: dict[str, dict] = {}
     scores: dict[str, dict] = {}
+    timings: dict[str, float] = {}
     cand_hash = hash_path(cand_dir)
-    cand_model, tok = load_model(cand_dir)
-    scores["candidate"] = score_all(cand_model, tok, info, cfg)
-    models["candidate"] = {"path": str(model), "hash": cand_hash}
+    t0 = time.time()
+    scores["candidate"], hit, cand_key = cached_scores(cand_dir, cfg, info, cand_hash)
+    timings["candidate"] = round(time.time() - t0, 2)
+    models["candidate"] = {"path": str(model), "hash": cand_hash, "cache": hit, "score_key": cand_key}
     base_hash = hash_path(base_dir)
-    scores["base"], hit = cached_scores(base_dir, cfg, info, base_hash)
+    t0 = time.time()
+    scores["base"], hit, base_key = cached_scores(base_dir, cfg, info, base_hash)
+    timings["base"] = round(time.time() - t0, 2)
     models["base"] = {"path": str(base), "hash": base_hash, "cache": hit}
-    prod_dir = production_model(registry, registry_name, alias)
-    if prod_dir is not None:
+    prod = production_model(registry, registry_name, alias, champion)
+    if prod is not None:
+        version, prod_dir = prod
         prod_hash = hash_path(prod_dir)
-        scores["production"], hit = cached_scores(prod_dir, cfg, info, prod_hash)
-        models["production"] = {"path": str(prod_dir), "hash": prod_hash, "cache": hit}
-    kl = {}
-    if cfg.signals.n_texts and any(b["role"] == "general" and "data_file" in b for b in info["benchmarks"].values()):
-        base_model, _ = load_model(base_dir)
-        kl = mean_kl(cand_model, base_model, tok, info, cfg)
-        del base_model
-    del cand_model
+        key = scoring_key(cfg, info, prod_hash)
+        stored = stored_production_scores(registry, registry_name, version, key)
+        t0 = time.time()
+        if stored is not None and set(stored["mc"]) == set(info["specs"]):
+            scores["production"], hit = stored, "registry"
+        else:
+            scores["production"], hit, _ = cached_scores(prod_dir, cfg, info, prod_hash)
+        timings["production"] = round(time.time() - t0, 2)
+        models["production"] = {"path": str(prod_dir), "hash": prod_hash, "version": version, "cache": hit}
+    t0 = time.time()
+    drift, drift_hit = cached_drift(cand_dir, base_dir, cfg, {"candidate": cand_key, "base": base_key})
+    timings["drift"] = round(time.time() - t0, 2)
 
     benchmarks = {}
     for name, spec in info["specs"].items():
         entry = {"role": spec.role, "chat": spec.chat, "n": scores["candidate"]["mc"][name]["n"],
                  "source": spec.task or spec.path, "format": None if spec.task else spec.format,
-                 "items_hash": info["benchmarks"][name].get("items_hash")}
+                 "items_hash": info["benchmarks"][name].get("items_hash"),
+                 "planned_n": info["benchmarks"][name].get("planned_n")}
         for who in scores:
             entry[who] = {k: scores[who]["mc"][name][k] for k in ("acc", "acc_norm")}
-            ppl = scores[who]["perplexity"].get(name)
-            if ppl:
-                entry[who]["perplexity"] = ppl["perplexity"]
         entry["delta"] = {k: entry["candidate"][k] - entry["base"][k] for k in ("acc", "acc_norm")}
         if "production" in scores:
             entry["delta_vs_production"] = {k: entry["candidate"][k] - entry["production"][k]
                                             for k in ("acc", "acc_norm")}
-        if name in kl:
-            entry["kl_vs_base"] = kl[name]["kl"]
         benchmarks[name] = entry
     gens = {}
     for name in scores["candidate"]["generation"]:
@@ -503,9 +748,15 @@ def run(params: Params, model: str, base: str, samples: str, metrics: str, regis
             for name, res in per["generation"].items():
                 with open(tmp / who / f"generation-{name}.json", "w", encoding="utf-8") as fh:
                     json.dump(res, fh, indent=1, ensure_ascii=False)
+        if drift:
+            with open(tmp / "drift.jsonl", "w", encoding="utf-8") as fh:
+                dump_jsonl(drift, fh)
         write_json(tmp / "bundle.json", {k: v for k, v in info.items() if k != "specs"})
+    configured = [{"name": s.name, "role": s.role, "required": s.required} for s in cfg.benchmarks]
     result = {"bundle_hash": info["hash"], "limit": cfg.limit, "models": models, "benchmarks": benchmarks,
-              "generations": gens, "skipped": info["skipped"], "wall_time_s": round(time.time() - started, 2)}
+              "configured": configured, "skipped": info["skipped"], "generations": gens,
+              "drift": dict(drift_summary(drift), cache=drift_hit) if drift else {"texts": 0, "cache": drift_hit},
+              "timings_s": timings, "wall_time_s": round(time.time() - started, 2)}
     write_meta(samples, stage="evaluate", params=cfg, started=started,
                inputs={"candidate": cand_hash, "base": base_hash, "bundle": info["hash"]})
     write_json(metrics, result)
@@ -521,6 +772,8 @@ def _args(parser: argparse.ArgumentParser) -> None:
                         help="model registry folder: also score its production model (champion)")
     parser.add_argument("--registry-name", default="tempering-model", help="model name in the registry")
     parser.add_argument("--alias", default="production", help="registry alias of the champion")
+    parser.add_argument("--champion", default=None,
+                        help="the champion stage's file (eval/champion.json): score the version it names")
     parser.add_argument("--samples", default="eval/samples", help="per-item results folder")
     parser.add_argument("--metrics", default="metrics/evaluate.json")
 

@@ -14,6 +14,10 @@ place, the saved folder is reloaded and its greedy generations (chat template) o
 DPO adapter, as trained). Prompts are the first user turns of ``--data``/sft.jsonl when given,
 otherwise a few fixed ones. The match rate and token agreement go to ``--metrics``; the stage
 fails, leaving no output, when the agreement is below ``export.min_agreement``.
+
+When DPO passed the SFT model through (``dpo.enabled: false``, or no preference rows: ``--dpo``
+holds a ``pointer.json`` to ``--sft``), the model is base + SFT: the SFT adapter is the live one
+the merged export is checked against, and the model card says why DPO did not train.
 """
 
 from __future__ import annotations
@@ -26,7 +30,8 @@ from pathlib import Path
 from tempering import TemperingError
 from tempering.cli import stage_main
 from tempering.config import Params
-from tempering.io import atomic_path, hash_path, read_jsonl, resolve_model_dir, write_json, write_meta
+from tempering.io import (POINTER_FILE, atomic_path, hash_path, read_json, read_jsonl, resolve_model_dir,
+                          write_json, write_meta)
 
 FIXED_PROMPTS = (
     "What is the capital of France?",
@@ -101,12 +106,32 @@ def agreement(a: list[int], b: list[int]) -> float:
     return prefix / longest
 
 
+def dpo_passed_through(dpo: Path, sft: Path) -> bool:
+    """Whether ``dpo`` is a pass-through of ``sft`` (a pointer written by the dpo stage)."""
+    if not (dpo / POINTER_FILE).exists():
+        return False
+    target = resolve_model_dir(dpo)
+    if target.resolve() != sft.resolve():
+        raise TemperingError(f"{dpo}: passes through {read_json(dpo / POINTER_FILE)['model']!r}, which is not "
+                             f"the SFT model {sft} (re-run the dpo stage)")
+    return True
+
+
 def _adapter_model(base_dir: Path, sft: Path, dpo: Path):
-    """The model as trained: base + merged SFT, with the DPO adapter live (not merged)."""
+    """The model as trained: base + merged SFT, with the DPO adapter live (not merged). When DPO
+    passed the SFT model through, base with the SFT adapter live."""
     from peft import PeftModel
 
     from tempering import backend
 
+    if dpo_passed_through(dpo, sft):
+        model = backend.load_merged(base_dir, [])
+        peft_type = str(read_json(sft / "adapter_config.json").get("peft_type", "")) \
+            if backend.is_adapter_dir(sft) else ""
+        if peft_type and peft_type not in ("PREFIX_TUNING", "PROMPT_TUNING", "P_TUNING"):
+            return PeftModel.from_pretrained(model, sft)
+        # full SFT (the saved model is the policy); prefix/prompt adapters get merge_adapter's refusal
+        return backend.merge_adapter(model, sft)
     model = backend.load_merged(base_dir, [sft])
     if backend.is_adapter_dir(dpo):
         return PeftModel.from_pretrained(model, dpo)
@@ -120,7 +145,7 @@ def _merged(adapter_model):
 
 def _lineage(meta: dict) -> dict:
     keep = ("stage", "params", "inputs", "git_sha", "finished_at", "source", "n_params", "enabled", "pointer",
-            "train", "base_model", "fingerprint")
+            "train", "base_model", "fingerprint", "trained", "note")
     return {k: meta[k] for k in keep if k in meta}
 
 
@@ -149,6 +174,9 @@ def model_card(lineage: dict, check: dict, cfg) -> str:
         lines.append("")
         if stage == "cpt" and meta.get("enabled") is False:
             lines += ["Disabled: the base model passed through.", ""]
+            continue
+        if stage == "dpo" and meta.get("trained") is False:
+            lines += [f"Not trained: {meta.get('note') or 'the SFT model passed through'}.", ""]
             continue
         for key in ("steps", "train_loss_first", "train_loss_last", "tokens_seen", "tokens_per_s",
                     "rewards_accuracies_last", "rewards_margins_last", "precision"):

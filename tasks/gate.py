@@ -1,61 +1,70 @@
-"""Stage ``gate``: promote or not, with a reason for every threshold.
+"""Stage ``gate``: promote or not, with a reason for every check. The burden of proof is on the
+candidate.
 
     python -m tasks.gate --evaluation metrics/evaluate.json --samples eval/samples \
         --report reports/gate.md --metrics metrics/gate.json
 
-:func:`decide` is a pure function over the evaluation record (and the per-item results, when
-given) that returns a :class:`Verdict`: passed or not, and one :class:`Check` per threshold with
-its value, delta, interval and verdict. The thresholds (``gate`` in ``params.yaml``):
+:func:`decide` is a pure function over the evaluation record and the per-item results that
+returns a :class:`Verdict`: passed or not, and one :class:`Check` per threshold. A check passes
+only when the data *certify* it (one-sided tests in :mod:`tempering.stats`, ``gate`` in
+``params.yaml``):
 
-- **gain**, every ``domain`` benchmark: the candidate must beat the base by ``min_domain_gain``.
-  With an interval test it fails when the whole interval lies below ``min_domain_gain`` (the data
-  say the gain is too small) or, for a positive minimum, when the interval reaches 0 (the
-  candidate is not *measurably* better than the base).
-- **forgetting**, every ``general`` benchmark: the drop from the base may be at most its
-  ``max_forgetting`` budget. With an interval test it fails only when the whole interval of the
-  drop lies above the budget, so noise alone never rejects a model: the same model scored twice
-  passes every forgetting and champion check.
-- **kl** / **perplexity**, every ``general`` benchmark, when ``max_kl`` / ``max_perplexity_ratio``
-  are set: label-free forgetting signals (point values; the evaluate stage measures them).
-- **champion**, every ``domain`` benchmark, when ``min_gain_vs_production`` is set and a
-  production model was scored: the candidate must not fall short of production by more than the
-  interval allows.
+- **gain**, every ``domain`` benchmark: the lower end of the paired interval of
+  (candidate - base) is at least ``min_domain_gain``.
+- **forgetting**, every ``general`` benchmark: non-inferiority, the lower end of the interval of
+  (candidate - base) is at least ``-budget`` (``max_forgetting``), and the benchmark has enough
+  items to certify that budget at ``power`` (else it is refused as underpowered, in one line:
+  ``arc_challenge: 100 items can certify drops of 0.11 or more; budget 0.05``).
+- **kl** / **perplexity**, on the fixed general text set (``evaluate.drift``): the upper end of
+  the interval (bootstrap over texts) of the mean per-token KL(candidate || base) is at most
+  ``max_kl``; of the perplexity ratio, at most ``max_perplexity_ratio``.
+- **champion**, every benchmark, when a production model was scored: non-inferior to production
+  within ``production_margin`` (the lower end of (candidate - production) at least ``-margin``).
 
-Deltas are paired (the same items for both models): ``test: bootstrap`` resamples items
-(``bootstrap_iters`` times, seeded); ``test: mcnemar`` uses the normal interval of a paired
-difference of proportions built from the discordant pairs (McNemar's statistic, with its exact
-p-value); ``test: none`` judges the point estimates. ``confidence`` sets the two-sided level.
+Each family (forgetting + drift; gain; champion) is corrected for multiplicity (``holm`` by
+default, or ``bh``). Missing, skipped, empty, NaN or unpaired evidence fails its check with a
+reason; a benchmark marked ``required: false`` that was not scored is listed as not checked.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
-import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from tempering import TemperingError
+from tempering import TemperingError, stats
 from tempering.cli import stage_main
 from tempering.config import GateParams, Params
 from tempering.io import read_json, read_jsonl, write_json, write_text
 
-EPS = 1e-9
+EPS = 1e-12
+DRIFT_FILE = "drift.jsonl"
+
+# Which family a check belongs to (multiplicity is controlled within each).
+FAMILY = {"forgetting": "no-forgetting", "kl": "no-forgetting", "perplexity": "no-forgetting",
+          "gain": "gain", "champion": "champion"}
 
 
 @dataclass(frozen=True)
 class Check:
     benchmark: str
-    kind: str            # gain | forgetting | champion
-    threshold: float     # min gain (gain, champion) or max drop (forgetting)
-    candidate: float
-    reference: float     # the base's (gain, forgetting) or production's (champion) score
-    delta: float         # candidate - reference
+    kind: str                  # gain | forgetting | kl | perplexity | champion
+    threshold: float           # min gain, budget / margin (as a positive drop), or upper limit
+    candidate: float | None
+    reference: float | None    # the base's (gain, forgetting, drift) or production's (champion)
+    delta: float | None        # candidate - reference (accuracy), or the drift statistic
     ci: tuple[float, float] | None
     n: int
     passed: bool
     reason: str
     p_value: float | None = None
+    p_adjusted: float | None = None
+    discordance: float | None = None   # observed share of discordant items
+    mde: float | None = None           # smallest drop n items certify (planning discordance)
+    mde_observed: float | None = None  # same at the observed discordance
+    powered: bool | None = None        # n can certify the margin (non-inferiority checks)
+    family: str = ""
 
 
 @dataclass(frozen=True)
@@ -65,21 +74,25 @@ class Verdict:
     test: str
     confidence: float
     metric: str
+    multiplicity: str
     notes: tuple[str, ...] = field(default_factory=tuple)
+    not_checked: tuple[str, ...] = field(default_factory=tuple)
+    certifies: tuple[str, ...] = field(default_factory=tuple)
 
     @property
     def reasons(self) -> list[str]:
-        """Every failed threshold (and structural problem), one line each."""
+        """Every failed check (and structural problem), one line each."""
         return list(self.notes) + [c.reason for c in self.checks if not c.passed]
 
     def to_dict(self) -> dict:
         return {"passed": self.passed, "reasons": self.reasons, "test": self.test,
-                "confidence": self.confidence, "metric": self.metric,
+                "confidence": self.confidence, "metric": self.metric, "multiplicity": self.multiplicity,
                 "checks": [dict(asdict(c), ci=list(c.ci) if c.ci else None) for c in self.checks],
+                "not_checked": list(self.not_checked), "certifies": list(self.certifies),
                 "n_checks": len(self.checks), "n_failed": sum(not c.passed for c in self.checks)}
 
 
-# ----------------------------------------------------------------------------- statistics
+# ----------------------------------------------------------------------------- evidence
 
 
 def paired(cand: list[dict], ref: list[dict], metric: str) -> tuple[list[float], list[float]]:
@@ -93,200 +106,331 @@ def paired(cand: list[dict], ref: list[dict], metric: str) -> tuple[list[float],
     return xs, ys
 
 
-def bootstrap_ci(diffs: list[float], confidence: float, iters: int, seed: int) -> tuple[float, float]:
-    """Percentile interval of the mean paired difference, resampling items."""
-    import numpy as np
-
-    d = np.asarray(diffs, dtype=np.float64)
-    if d.size == 0:
-        return (float("nan"), float("nan"))
-    if np.all(d == d[0]):
-        return (float(d[0]), float(d[0]))
-    rng = np.random.default_rng(seed)
-    means = np.empty(iters)
-    chunk = max(1, 2_000_000 // d.size)  # bounded memory for large benchmarks
-    for start in range(0, iters, chunk):
-        k = min(chunk, iters - start)
-        means[start:start + k] = d[rng.integers(0, d.size, size=(k, d.size))].mean(axis=1)
-    alpha = (1.0 - confidence) / 2.0
-    lo, hi = np.quantile(means, [alpha, 1.0 - alpha])
-    return (float(lo), float(hi))
-
-
-def mcnemar_ci(xs: list[float], ys: list[float], confidence: float) -> tuple[tuple[float, float], float]:
-    """Normal interval of the paired difference of proportions, and McNemar's exact p-value."""
-    n = len(xs)
-    if n == 0:
-        return (float("nan"), float("nan")), float("nan")
-    b = sum(1 for x, y in zip(xs, ys) if x > 0.5 >= y)  # candidate right, reference wrong
-    c = sum(1 for x, y in zip(xs, ys) if y > 0.5 >= x)  # candidate wrong, reference right
-    delta = (b - c) / n
-    var = max(0.0, ((b + c) - (b - c) ** 2 / n) / n ** 2)
-    z = statistics.NormalDist().inv_cdf((1 + confidence) / 2)
-    half = z * math.sqrt(var)
-    k, m = min(b, c), b + c
-    p = 1.0 if m == 0 else min(1.0, 2 * sum(math.comb(m, i) for i in range(k + 1)) / 2 ** m)
-    return (delta - half, delta + half), p
+def _evidence(name: str, who: str, cand_rows, ref_rows, metric: str, n_expected: int | None):
+    """Paired per-item scores, or the one-line reason they cannot be used."""
+    if cand_rows is None or ref_rows is None:
+        missing = "candidate" if cand_rows is None else who
+        return None, f"per-item results of the {missing} are missing"
+    if not cand_rows or not ref_rows:
+        return None, f"no scored items ({'candidate' if not cand_rows else who} results are empty)"
+    for label, rows in (("candidate", cand_rows), (who, ref_rows)):
+        ids = [r.get("doc_id") for r in rows]
+        if None in ids or len(set(ids)) != len(ids):
+            return None, f"the {label}'s item ids are missing or repeated"
+        for r in rows:
+            try:
+                v = float(r[metric])
+            except (KeyError, TypeError, ValueError):
+                return None, f"item {r.get('doc_id')} of the {label} has no {metric}"
+            if not math.isfinite(v):
+                return None, f"item {r.get('doc_id')} of the {label} scored {v} ({metric} is not finite)"
+    c_ids, r_ids = {r["doc_id"] for r in cand_rows}, {r["doc_id"] for r in ref_rows}
+    if c_ids != r_ids:
+        return None, (f"item ids do not pair: {len(c_ids - r_ids)} candidate items have no {who} result, "
+                      f"{len(r_ids - c_ids)} {who} items have no candidate result")
+    if n_expected is not None and n_expected != len(c_ids):
+        return None, f"the record says n={n_expected} but {len(c_ids)} items were scored"
+    return paired(cand_rows, ref_rows, metric), None
 
 
-def _interval(xs, ys, cfg: GateParams, salt: int) -> tuple[tuple[float, float] | None, float | None]:
-    if cfg.test == "none" or not xs:
-        return None, None
-    if cfg.test == "mcnemar":
-        return mcnemar_ci(xs, ys, cfg.confidence)
-    diffs = [x - y for x, y in zip(xs, ys)]
-    return bootstrap_ci(diffs, cfg.confidence, cfg.bootstrap_iters, cfg.seed + salt), None
+def _family_sizes(configured: list[dict], cfg: GateParams, has_production: bool, drift_on: int) -> dict[str, int]:
+    """Checks per family, as configured (what evaluate planned its item counts for)."""
+    general = sum(1 for b in configured if b.get("role") == "general")
+    domain = sum(1 for b in configured if b.get("role") == "domain")
+    return {"no-forgetting": max(1, general + drift_on), "gain": max(1, domain),
+            "champion": max(1, len(configured) if has_production else 1)}
+
+
+def planning_alpha(cfg: GateParams, family_size: int) -> float:
+    return stats.planning_alpha(cfg.confidence, cfg.multiplicity, family_size)
+
+
+def required_items(cfg: GateParams, budget: float, family_size: int) -> int:
+    """Items a general benchmark needs to certify ``budget`` (evaluate's ``limit: power``)."""
+    return stats.required_items(budget, cfg.planning_discordance, planning_alpha(cfg, family_size), cfg.power)
 
 
 # ----------------------------------------------------------------------------- the decision
 
 
-def _fmt_ci(ci) -> str:
-    return "" if ci is None else f", {ci[0]:+.3f} to {ci[1]:+.3f}"
+@dataclass
+class _Pending:
+    """A check whose pass/fail waits for the family's multiplicity correction."""
+
+    benchmark: str
+    kind: str
+    threshold: float
+    candidate: float | None = None
+    reference: float | None = None
+    delta: float | None = None
+    ci: tuple[float, float] | None = None
+    n: int = 0
+    p_value: float | None = None
+    discordance: float | None = None
+    mde: float | None = None
+    mde_observed: float | None = None
+    powered: bool | None = None
+    problem: str | None = None     # evidence unusable: fails with this reason
 
 
-def _judge(kind: str, name: str, threshold: float, cand: float, ref: float, delta: float, ci, n: int,
-           level: str, p_value: float | None) -> Check:
-    lo, hi = ci if ci is not None else (delta, delta)
-    where = f"{name}: {kind}"
-    scores = f"candidate {cand:.3f} vs {'production' if kind == 'champion' else 'base'} {ref:.3f}"
-    shown = f"delta {delta:+.3f}{_fmt_ci(ci)} at {level}" if ci is not None else f"delta {delta:+.3f}"
+def _accuracy_check(name, kind, who, threshold, b, samples, cfg, salt, fam_size) -> _Pending:
+    pend = _Pending(name, kind, threshold, n=int(b.get("n") or 0))
+    xs_ys, problem = _evidence(name, who, (samples.get("candidate") or {}).get(name),
+                               (samples.get(who) or {}).get(name), cfg.metric, b.get("n"))
+    if problem:
+        pend.problem = problem
+        return pend
+    xs, ys = xs_ys
+    n = len(xs)
+    pend.n = n
+    pend.candidate, pend.reference = sum(xs) / n, sum(ys) / n
+    pend.delta = pend.candidate - pend.reference
+    pend.discordance = stats.discordance(xs, ys)
+    bound = threshold if kind == "gain" else -threshold
+    diffs = [x - y for x, y in zip(xs, ys)]
+    res = stats.mean_lower_test(diffs, bound, method="bootstrap" if cfg.test == "bootstrap" else "normal",
+                                confidence=cfg.confidence, iters=cfg.bootstrap_iters, seed=cfg.seed + salt)
+    pend.ci, pend.p_value = res.ci, res.p_value
+    alpha = planning_alpha(cfg, fam_size)
+    pend.mde = stats.min_detectable(n, cfg.planning_discordance, alpha, cfg.power)
+    pend.mde_observed = stats.min_detectable(n, pend.discordance, alpha, cfg.power)
     if kind == "forgetting":
-        passed = -hi <= threshold + EPS
-        why = (f"{where}: drop {-delta:.3f} is within the budget {threshold:.3f} ({scores}; {shown})" if passed else
-               f"{where}: dropped {-delta:.3f}, over the budget {threshold:.3f}"
-               + (f" even at the interval's best ({-hi:.3f})" if ci is not None else "") + f" ({scores}; {shown})")
-    elif kind == "gain":
-        below = hi < threshold - EPS
-        not_better = ci is not None and threshold > 0 and lo <= 0
-        passed = not below and not not_better
-        if passed:
-            why = f"{where}: gained {delta:+.3f}, at least {threshold:.3f} ({scores}; {shown})"
-        elif below:
-            why = (f"{where}: gained {delta:+.3f}, less than the required {threshold:.3f}"
-                   + (" across the whole interval" if ci is not None else "") + f" ({scores}; {shown})")
-        else:
-            why = (f"{where}: gain {delta:+.3f} is not measurably above 0 (the interval reaches {lo:+.3f}; "
-                   f"{scores}; {shown})")
-    else:  # champion
-        passed = hi >= threshold - EPS
-        why = (f"{where}: {delta:+.3f} vs production, required {threshold:+.3f} ({scores}; {shown})" if passed else
-               f"{where}: {delta:+.3f} vs production, short of the required {threshold:+.3f}"
-               + (" across the whole interval" if ci is not None else "") + f" ({scores}; {shown})")
-    return Check(benchmark=name, kind=kind, threshold=threshold, candidate=cand, reference=ref, delta=delta,
-                 ci=ci, n=n, passed=passed, reason=why, p_value=p_value)
+        # A forgetting budget must be certifiable by design: n too small for it is a refusal. A
+        # champion check is judged by its interval alone (reported with its mde): on a small set
+        # it certifies only when candidate and production rarely disagree.
+        pend.powered = pend.mde <= threshold + EPS
+    return pend
 
 
-def _signal_checks(name: str, b: dict, cfg: GateParams) -> list[Check]:
-    """Label-free forgetting thresholds (point values): KL from the base, perplexity ratio."""
+def _drift_checks(rows: list[dict] | None, cfg: GateParams, salt: int) -> list[_Pending]:
     out = []
-    n = int(b.get("n") or 0)
-    if cfg.max_kl is not None and b.get("kl_vs_base") is not None:
-        kl = float(b["kl_vs_base"])
-        ok = kl <= cfg.max_kl + EPS
-        out.append(Check(benchmark=name, kind="kl", threshold=cfg.max_kl, candidate=kl, reference=0.0, delta=kl,
-                         ci=None, n=n, passed=ok,
-                         reason=f"{name}: kl: mean per-token KL from the base {kl:.4f} "
-                                f"{'within' if ok else 'over'} the limit {cfg.max_kl:.4f}"))
-    ppl_c = (b.get("candidate") or {}).get("perplexity")
-    ppl_b = (b.get("base") or {}).get("perplexity")
-    if cfg.max_perplexity_ratio is not None and ppl_c and ppl_b:
-        ratio = float(ppl_c) / float(ppl_b)
-        ok = ratio <= cfg.max_perplexity_ratio + EPS
-        out.append(Check(benchmark=name, kind="perplexity", threshold=cfg.max_perplexity_ratio, candidate=float(ppl_c),
-                         reference=float(ppl_b), delta=ratio, ci=None, n=n, passed=ok,
-                         reason=f"{name}: perplexity: candidate {ppl_c:.2f} vs base {ppl_b:.2f} is x{ratio:.2f}, "
-                                f"{'within' if ok else 'over'} the limit x{cfg.max_perplexity_ratio:.2f}"))
+    wanted = [("kl", cfg.max_kl), ("perplexity", cfg.max_perplexity_ratio)]
+    for j, (kind, limit) in enumerate(wanted):
+        if limit is None:
+            continue
+        pend = _Pending("drift", kind, limit)
+        if rows is None:
+            pend.problem = "the per-text drift records (eval/samples/drift.jsonl) are missing"
+            out.append(pend)
+            continue
+        pend.n = len(rows)
+        try:  # a record with any unusable field is corrupt: both drift checks refuse it
+            values = [[float(r[k]) for k in ("tokens", "kl", "nll_candidate", "nll_base")] for r in rows]
+        except (KeyError, TypeError, ValueError) as exc:
+            pend.problem = f"a drift record lacks {exc.args[0] if exc.args else 'a field'}"
+            out.append(pend)
+            continue
+        tokens = [v[0] for v in values]
+        num = [v[1] for v in values] if kind == "kl" else [v[2] - v[3] for v in values]
+        if not all(math.isfinite(x) for v in values for x in v) or any(t <= 0 for t in tokens):
+            bad = next(r.get("id") for r, v in zip(rows, values)
+                       if not all(math.isfinite(x) for x in v) or v[0] <= 0)
+            pend.problem = f"drift record {bad} is NaN, infinite or has no tokens"
+        elif len(rows) < cfg.min_drift_texts:
+            pend.problem = f"{len(rows)} drift texts cannot certify a limit (gate.min_drift_texts {cfg.min_drift_texts})"
+        if pend.problem:
+            out.append(pend)
+            continue
+        log_limit = limit if kind == "kl" else math.log(limit)
+        res = stats.ratio_upper_test(num, tokens, log_limit, confidence=cfg.confidence,
+                                     iters=cfg.bootstrap_iters, seed=cfg.seed + salt + j)
+        if kind == "kl":
+            pend.delta, pend.ci = res.estimate, res.ci
+        else:
+            pend.delta, pend.ci = math.exp(res.estimate), (math.exp(res.ci[0]), math.exp(res.ci[1]))
+            pend.candidate = math.exp(sum(float(r["nll_candidate"]) for r in rows) / sum(tokens))
+            pend.reference = math.exp(sum(float(r["nll_base"]) for r in rows) / sum(tokens))
+        pend.p_value = res.p_value
+        out.append(pend)
     return out
 
 
+def _fmt_ci(ci) -> str:
+    return "" if ci is None else f"[{ci[0]:+.3f}, {ci[1]:+.3f}]"
+
+
+def _reason(p: _Pending, passed: bool, adj: float | None, alpha: float, cfg: GateParams) -> str:
+    where = f"{p.benchmark}: {p.kind}"
+    if p.problem:
+        return f"{where}: not certified: {p.problem}"
+    test = f"p {p.p_value:.2g}" + (f", {cfg.multiplicity}-adjusted {adj:.2g}" if cfg.multiplicity != "none" else "")
+    test += f" vs {alpha:.3g}"
+    if p.kind in ("kl", "perplexity"):
+        unit = "nats/token" if p.kind == "kl" else "x"
+        what = "mean per-token KL(candidate || base)" if p.kind == "kl" else "perplexity ratio candidate/base"
+        lo, hi = p.ci
+        if passed:
+            return f"{where}: {what} {p.delta:.3f} {unit}, interval up to {hi:.3f}, within the limit {p.threshold:.3f} ({test})"
+        return (f"{where}: {what} {p.delta:.3f} {unit}, interval up to {hi:.3f}: cannot certify the limit "
+                f"{p.threshold:.3f} ({test})")
+    ref = "production" if p.kind == "champion" else "base"
+    scores = f"candidate {p.candidate:.3f} vs {ref} {p.reference:.3f}, n {p.n}"
+    lo = p.ci[0]
+    if p.kind == "gain":
+        if passed:
+            return f"{where}: gained {p.delta:+.3f}, lower end {lo:+.3f} >= {p.threshold:.3f} ({scores}; {test})"
+        return (f"{where}: gained {p.delta:+.3f}, lower end {lo:+.3f} < the required {p.threshold:.3f}: "
+                f"not certified ({scores}; {test})")
+    margin = f"{'budget' if p.kind == 'forgetting' else 'margin'} {p.threshold:.3f}"
+    if p.powered is False:
+        return (f"{p.benchmark}: {p.n} items can certify drops of {p.mde:.2f} or more; {margin} "
+                f"({p.kind}: underpowered at power {cfg.power:.0%}, discordance {cfg.planning_discordance:.2f} assumed; "
+                f"{scores})")
+    if passed:
+        return (f"{where}: certified non-inferior: delta {p.delta:+.3f}, lower end {lo:+.3f} >= -{p.threshold:.3f} "
+                f"({scores}; {test})")
+    return (f"{where}: not certified: delta {p.delta:+.3f}, lower end {lo:+.3f} < -{p.threshold:.3f}, so a drop "
+            f"beyond the {margin} is not ruled out ({scores}; {test})")
+
+
 def decide(evaluation: dict, samples: dict | None, cfg: GateParams) -> Verdict:
-    """The gate: one check per threshold; passed only when every check passes.
+    """The gate: one check per threshold; passed only when every check is certified.
 
     ``evaluation`` is ``metrics/evaluate.json``; ``samples`` is ``{model: {benchmark: [rows]}}``
-    (``load_samples``) or None to judge the aggregate scores alone.
+    plus ``{"drift": [rows]}`` (:func:`load_samples`).
     """
-    metric = cfg.metric
-    use_items = samples is not None and cfg.test != "none"
-    level = f"{cfg.confidence:.0%} {cfg.test}"
-    checks: list[Check] = []
+    samples = samples or {}
     notes: list[str] = []
+    not_checked: list[str] = []
     benchmarks = evaluation.get("benchmarks") or {}
-    if not any(b.get("role") == "domain" for b in benchmarks.values()):
-        notes.append("no domain benchmark was scored: nothing shows the candidate is better")
+    skipped = evaluation.get("skipped") or {}
+    configured = evaluation.get("configured") or [
+        {"name": n, "role": b.get("role"), "required": True} for n, b in benchmarks.items()]
+    has_production = "production" in (evaluation.get("models") or {}) or any("production" in b for b in benchmarks.values())
+    drift_on = sum(x is not None for x in (cfg.max_kl, cfg.max_perplexity_ratio))
+    sizes = _family_sizes(configured, cfg, has_production and cfg.production_margin is not None, drift_on)
+    pending: list[_Pending] = []
+
+    for spec in configured:
+        name, role = spec["name"], spec.get("role")
+        if name in benchmarks:
+            continue
+        why = skipped.get(name, "not in the evaluation record")
+        if spec.get("required", True) is False:
+            not_checked.append(f"{name} ({role}): not scored and not required: {why}")
+            continue
+        kind = "gain" if role == "domain" else "forgetting"
+        threshold = cfg.min_domain_gain if role == "domain" else cfg.max_forgetting.get(
+            name, cfg.max_forgetting.get("default", 0.0))
+        pending.append(_Pending(name, kind, threshold, problem=f"configured but not scored ({why})"))
+    if not any(s.get("role") == "domain" for s in configured):
+        notes.append("no domain benchmark is configured: nothing shows the candidate is better")
+    if not any(s.get("role") == "general" for s in configured):
+        notes.append("no general benchmark is configured: at least one forgetting check is required")
+
     for i, (name, b) in enumerate(sorted(benchmarks.items())):
         role = b.get("role")
-        comparisons = []
         if role == "domain":
-            comparisons.append(("gain", "base", cfg.min_domain_gain))
-            if cfg.min_gain_vs_production is not None and "production" in b:
-                comparisons.append(("champion", "production", cfg.min_gain_vs_production))
+            pending.append(_accuracy_check(name, "gain", "base", cfg.min_domain_gain, b, samples, cfg, 1000 * i,
+                                           sizes["gain"]))
         elif role == "general":
             budget = cfg.max_forgetting.get(name, cfg.max_forgetting.get("default"))
             if budget is None:
                 notes.append(f"{name}: no forgetting budget (set gate.max_forgetting.{name} or default)")
-                continue
-            comparisons.append(("forgetting", "base", budget))
+            else:
+                pending.append(_accuracy_check(name, "forgetting", "base", budget, b, samples, cfg, 1000 * i,
+                                               sizes["no-forgetting"]))
         else:
             notes.append(f"{name}: unknown role {role!r}")
             continue
-        for j, (kind, ref_name, threshold) in enumerate(comparisons):
-            try:
-                cand, ref = float(b["candidate"][metric]), float(b[ref_name][metric])
-            except (KeyError, TypeError):
-                notes.append(f"{name}: no {metric} for the candidate and the {ref_name}")
-                continue
-            ci, p_value, n = None, None, int(b.get("n") or 0)
-            delta = cand - ref
-            if use_items:
-                try:
-                    xs, ys = paired(samples["candidate"][name], samples[ref_name][name], metric)
-                except KeyError:
-                    notes.append(f"{name}: per-item results of the candidate or the {ref_name} are missing")
-                    continue
-                if not xs:
-                    notes.append(f"{name}: the candidate and the {ref_name} share no scored items")
-                    continue
-                n = len(xs)
-                delta = sum(xs) / n - sum(ys) / n
-                cand, ref = sum(xs) / n, sum(ys) / n
-                ci, p_value = _interval(xs, ys, cfg, salt=1000 * i + j)
-            checks.append(_judge(kind, name, threshold, cand, ref, delta, ci, n, level, p_value))
-        if role == "general":
-            checks += _signal_checks(name, b, cfg)
+        if has_production and cfg.production_margin is not None and role in ("domain", "general"):
+            pending.append(_accuracy_check(name, "champion", "production", cfg.production_margin, b, samples, cfg,
+                                           1000 * i + 500, sizes["champion"]))
+    pending += _drift_checks(samples.get("drift"), cfg, salt=7919)
+
+    # Multiplicity within each family, over the checks that produced a p-value.
+    alpha = stats.one_sided_alpha(cfg.confidence)
+    adjusted: dict[int, tuple[bool, float]] = {}
+    for family in sorted(set(FAMILY.values())):
+        members = [k for k, p in enumerate(pending) if FAMILY[p.kind] == family and p.p_value is not None]
+        if not members:
+            continue
+        # A family's size counts the checks that should have produced evidence too (a missing
+        # check must not make the others' correction laxer).
+        m = max(len(members), sum(1 for p in pending if FAMILY[p.kind] == family))
+        ps = [pending[k].p_value for k in members] + [1.0] * (m - len(members))
+        rejected, adj = stats.adjust(ps, alpha, cfg.multiplicity)
+        for k, r, a in zip(members, rejected, adj):
+            adjusted[k] = (r, a)
+
+    checks: list[Check] = []
+    for k, p in enumerate(pending):
+        rejected, adj = adjusted.get(k, (False, None))
+        passed = p.problem is None and rejected and p.powered is not False
+        checks.append(Check(benchmark=p.benchmark, kind=p.kind, threshold=p.threshold, candidate=p.candidate,
+                            reference=p.reference, delta=p.delta, ci=p.ci, n=p.n, passed=passed,
+                            reason=_reason(p, passed, adj, alpha, cfg), p_value=p.p_value, p_adjusted=adj,
+                            discordance=p.discordance, mde=p.mde, mde_observed=p.mde_observed, powered=p.powered,
+                            family=FAMILY[p.kind]))
     passed = not notes and bool(checks) and all(c.passed for c in checks)
-    return Verdict(passed=passed, checks=tuple(checks), test=cfg.test if use_items else "none",
-                   confidence=cfg.confidence, metric=metric, notes=tuple(notes))
+    return Verdict(passed=passed, checks=tuple(checks), test=cfg.test, confidence=cfg.confidence, metric=cfg.metric,
+                   multiplicity=cfg.multiplicity, notes=tuple(notes), not_checked=tuple(not_checked),
+                   certifies=tuple(certifies(checks, evaluation, cfg)))
+
+
+def certifies(checks: list[Check], evaluation: dict, cfg: GateParams) -> list[str]:
+    """What this evidence can and cannot certify, in plain lines for the report."""
+    out = []
+    forgetting = [c for c in checks if c.kind == "forgetting" and c.mde is not None]
+    if forgetting:
+        out.append("Forgetting is certified per benchmark, on its items only: " + "; ".join(
+            f"{c.benchmark}: {c.n} items can certify drops of {c.mde:.2f} or more (budget {c.threshold:.2f})"
+            for c in forgetting) + ".")
+    drift = [c for c in checks if c.kind in ("kl", "perplexity") and c.ci]
+    if drift:
+        out.append(f"Drift is certified on the fixed general text set ({drift[0].n} texts): a distribution shift "
+                   "that moves no benchmark's accuracy still shows there.")
+    out.append(f"Each family of checks holds its error rate at {stats.one_sided_alpha(cfg.confidence):.3g} "
+               f"({cfg.multiplicity}); planning assumes {cfg.planning_discordance:.0%} discordant items and "
+               f"{cfg.power:.0%} power.")
+    out.append("Not certified by anything here: skills no configured benchmark measures, behaviour in long "
+               "generations, safety, and languages or domains outside the bundle.")
+    return out
 
 
 # ----------------------------------------------------------------------------- io
 
 
 def load_samples(folder: str | Path) -> dict:
-    """``eval/samples/<model>/<benchmark>.jsonl`` -> {model: {benchmark: rows}}."""
+    """``eval/samples/<model>/<benchmark>.jsonl`` -> {model: {benchmark: rows}}; plus
+    ``eval/samples/drift.jsonl`` -> {"drift": rows} when present."""
     folder = Path(folder)
     if not folder.is_dir():
         raise TemperingError(f"{folder}: per-item results not found (run the evaluate stage)")
-    out: dict[str, dict] = {}
+    out: dict = {}
     for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
         out[sub.name] = {f.stem: read_jsonl(f) for f in sorted(sub.glob("*.jsonl"))}
+    if (folder / DRIFT_FILE).is_file():
+        out["drift"] = read_jsonl(folder / DRIFT_FILE)
     return out
+
+
+def _num(v, fmt: str) -> str:
+    return "-" if v is None else format(v, fmt)
 
 
 def to_markdown(verdict: Verdict) -> str:
     lines = [f"# Gate: {'PASSED' if verdict.passed else 'FAILED'}", "",
-             f"Metric `{verdict.metric}`; deltas judged by `{verdict.test}`"
-             + (f" at {verdict.confidence:.0%} confidence." if verdict.test != "none" else " (point estimates)."), ""]
+             f"Metric `{verdict.metric}`; paired `{verdict.test}` tests, one-sided at "
+             f"{(1 - verdict.confidence) / 2:.3g} (the lower or upper end of the {verdict.confidence:.0%} interval), "
+             f"`{verdict.multiplicity}` correction within each family. A check passes only when the data certify it.",
+             ""]
     if verdict.notes:
         lines += [f"- **{n}**" for n in verdict.notes] + [""]
-    lines += ["| benchmark | check | threshold | candidate | reference | delta | interval | n | verdict |",
-              "|---|---|---|---|---|---|---|---|---|"]
+    lines += ["| benchmark | check | threshold | candidate | reference | delta | interval | n | discordant | "
+              "certifies drops of | p (adjusted) | verdict |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for c in verdict.checks:
-        ci = f"[{c.ci[0]:+.3f}, {c.ci[1]:+.3f}]" if c.ci else "-"
-        lines.append(f"| {c.benchmark} | {c.kind} | {c.threshold:.3f} | {c.candidate:.3f} | {c.reference:.3f} "
-                     f"| {c.delta:+.3f} | {ci} | {c.n} | {'pass' if c.passed else '**FAIL**'} |")
+        lines.append(
+            f"| {c.benchmark} | {c.kind} | {c.threshold:.3f} | {_num(c.candidate, '.3f')} | {_num(c.reference, '.3f')} "
+            f"| {_num(c.delta, '+.3f')} | {_fmt_ci(c.ci) or '-'} | {c.n} | {_num(c.discordance, '.3f')} "
+            f"| {_num(c.mde, '.3f')} | {_num(c.p_value, '.2g')} ({_num(c.p_adjusted, '.2g')}) "
+            f"| {'pass' if c.passed else '**FAIL**'} |")
     lines += ["", "## Reasons", ""] + [f"- {'PASS' if c.passed else 'FAIL'}: {c.reason}" for c in verdict.checks]
     lines += [f"- FAIL: {n}" for n in verdict.notes]
+    if verdict.not_checked:
+        lines += ["", "## Not checked", ""] + [f"- {n}" for n in verdict.not_checked]
+    lines += ["", "## What this evidence can and cannot certify", ""] + [f"- {n}" for n in verdict.certifies]
     return "\n".join(lines) + "\n"
 
 
@@ -295,15 +439,16 @@ def run(params: Params, evaluation: str, samples: str | None, report: str, metri
     per_item = load_samples(samples) if samples else None
     verdict = decide(record, per_item, params.gate)
     result = dict(verdict.to_dict(), bundle_hash=record.get("bundle_hash"),
-                  candidate=(record.get("models") or {}).get("candidate"))
+                  candidate=(record.get("models") or {}).get("candidate"),
+                  production=(record.get("models") or {}).get("production"))
     write_text(report, to_markdown(verdict))
     write_json(metrics, result)
     return {"passed": verdict.passed, "reasons": verdict.reasons}
 
 
 def _args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--evaluation", default="metrics/evaluate.json", help="the evaluate stage's metrics")
-    parser.add_argument("--samples", default="eval/samples", help="per-item results (omit for point estimates)")
+    parser.add_argument("--evaluation", default="metrics/evaluate.json", help="the evaluate stage's record")
+    parser.add_argument("--samples", default="eval/samples", help="per-item results (paired statistics)")
     parser.add_argument("--report", default="reports/gate.md")
     parser.add_argument("--metrics", default="metrics/gate.json")
 

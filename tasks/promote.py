@@ -11,6 +11,9 @@ training stage, git SHA, base and parent model), and the ``promote.alias`` alias
 atomically (the old target becomes ``previous``). A model whose exact weights are already a
 version is not copied again: the alias moves to that version.
 
+The verdict must name the model it judged: a verdict whose candidate hash is not the hash of
+``--model`` is refused with an error (a stale or foreign verdict never registers a model).
+
 When the gate failed, the registry is not touched and ``--metrics`` records ``promoted: false``
 with the gate's reasons: a failed gate is a result, not a crash (exit status 0).
 
@@ -61,6 +64,11 @@ def run(params: Params, model: str, gate: str, evaluation: str, metrics: str, da
     if not (model_dir / "config.json").exists():
         raise TemperingError(f"{model}: exported model not found (run the export stage)")
     model_hash = hash_path(model_dir)
+    judged = (verdict.get("candidate") or {}).get("hash")
+    if judged != model_hash:
+        raise TemperingError(f"{gate}: the verdict judged candidate {judged or '(no hash recorded)'} but {model} is "
+                             f"{model_hash}: refusing to register a model the gate did not judge "
+                             "(re-run evaluate and gate: dvc repro)")
     existing = next((v for v in reg.versions() if reg.record(v).get("model_hash") == model_hash), None)
     if existing:
         reg.set_alias(cfg.alias, existing, reason="gate passed (same weights as an existing version)")

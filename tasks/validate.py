@@ -30,14 +30,22 @@
    (declared in ``dvc.yaml``); a second great-expectations suite quarantines rows whose supervised
    share is below ``min_supervised_share`` (``low_supervision``; ``chat_template_error`` when the
    template cannot render a row) and checks the truncation rate and the share of examples whose
-   end-of-turn token is outside the loss mask against their limits.
+   end-of-turn token is outside the loss mask against their limits. Preference rows
+   (``validate.preference_tokens``) are tokenized the way DPO trains on them
+   (:func:`tempering.backend.tokenize_preference`, :func:`~tempering.backend.dpo_truncate`) at
+   ``dpo.max_length`` / ``dpo.max_prompt_length`` (also declared in ``dvc.yaml``): a pair whose
+   answers are identical once truncated is quarantined (``same_after_truncation``), and pairs whose
+   prompt or an answer would be cut are either quarantined (``prompt_truncated``,
+   ``answer_truncated``; ``truncation: quarantine``) or counted against
+   ``max_prompt_truncation_rate`` / ``max_answer_truncation_rate`` (``truncation: count``).
 5. Write: kept rows to ``--out/{sft,preference,text}.jsonl`` (+ ``meta.json``), rejected rows to
    ``--quarantine`` (``{source, row, reason, reasons, message, stage, original}``), a markdown data
    report (``--html``: the same as a standalone page) and ``--metrics`` (totals, per-source counts,
    reject shares, token stats, PII counts). kept + quarantined = read for every source (asserted).
-6. Fail with a one-line error when any source's reject share exceeds ``max_reject_share`` or a token
-   threshold is broken, after the quarantine, report and metrics are written (so the evidence is
-   kept) but before ``--out`` is, so later stages never train on a broken export.
+6. Fail with a one-line error when any source's reject share (not counting the reasons in
+   ``reject_share_ignores``, e.g. ties) exceeds ``max_reject_share`` or a token threshold is broken,
+   after the quarantine, report and metrics are written (so the evidence is kept) but before
+   ``--out`` is, so later stages never train on a broken export.
 """
 
 from __future__ import annotations
@@ -413,6 +421,152 @@ def _token_summary(stats: list[dict], agg: dict, tp, max_length: int, marker: st
     }
 
 
+# ----------------------------------------------------------------------------- preference token checks
+
+# Per-pair reasons, priority order (the first is the row's reason).
+PREFERENCE_TOKEN_CHECKS = ("chat_template_error", "prompt_truncated", "answer_truncated", "same_after_truncation")
+
+
+def preference_token_stats(rows: list[dict], tokenizer, *, max_length: int, max_prompt_length: int,
+                           chat_template: str | None) -> list[dict]:
+    """Per preference row: prompt and answer tokens as DPO tokenizes them, and what truncation at
+    ``max_prompt_length`` / ``max_length`` does to them."""
+    from tempering.backend import dpo_truncate, tokenize_preference
+
+    out = []
+    for row in rows:
+        try:
+            enc = tokenize_preference(tokenizer, row["prompt"], row["chosen"], row["rejected"], chat_template)
+        except (ValueError, TypeError, KeyError) as exc:
+            out.append({"error": str(exc).splitlines()[0] if str(exc) else type(exc).__name__})
+            continue
+        cut = dpo_truncate(enc, max_length, max_prompt_length)
+        p, c, r = (len(enc[k]) for k in ("prompt_ids", "chosen_ids", "rejected_ids"))
+        kept = len(cut["prompt_ids"])
+        out.append({"error": None, "prompt_tokens": p, "chosen_tokens": c, "rejected_tokens": r,
+                    "prompt_kept": kept, "answer_room": max_length - kept,
+                    "prompt_truncated": p > max_prompt_length,
+                    "chosen_truncated": kept + c > max_length, "rejected_truncated": kept + r > max_length,
+                    "answer_truncated": kept + max(c, r) > max_length,
+                    "same_after_truncation": cut["chosen_ids"] == cut["rejected_ids"]})
+    return out
+
+
+def run_preference_token_expectations(stats: list[dict], ptp) -> tuple[dict[int, list[str]], dict]:
+    """The preference token suite (great-expectations): per-row reasons and the aggregate results.
+
+    ``same_after_truncation`` always quarantines; ``prompt_truncated`` / ``answer_truncated``
+    quarantine with ``truncation: quarantine`` and are column means against their limits otherwise."""
+    import logging
+
+    import great_expectations as gx
+    import pandas as pd
+
+    logging.getLogger("great_expectations").setLevel(logging.ERROR)
+    per_row: dict[int, list[str]] = {i: ["chat_template_error"] for i, s in enumerate(stats) if s["error"]}
+    ok = [(i, s) for i, s in enumerate(stats) if not s["error"]]
+    agg = {"prompt_truncation_rate": None, "answer_truncation_rate": None, "failed": []}
+    if not ok:
+        return per_row, agg
+    cols = ("prompt_truncated", "answer_truncated", "same_after_truncation")
+    df = pd.DataFrame([{c: float(s[c]) for c in cols} for _, s in ok])
+    E = gx.expectations
+    suite = gx.ExpectationSuite(name="tempering_preference_tokens")
+    per_row_checks = ["same_after_truncation"]
+    if ptp.truncation == "quarantine":
+        per_row_checks += ["prompt_truncated", "answer_truncated"]
+    for col in per_row_checks:
+        suite.add_expectation(E.ExpectColumnValuesToBeInSet(column=col, value_set=[0.0], meta={"reason": col}))
+    suite.add_expectation(E.ExpectColumnMeanToBeBetween(
+        column="prompt_truncated", max_value=ptp.max_prompt_truncation_rate,
+        meta={"reason": "prompt_truncation_rate"}))
+    suite.add_expectation(E.ExpectColumnMeanToBeBetween(
+        column="answer_truncated", max_value=ptp.max_answer_truncation_rate,
+        meta={"reason": "answer_truncation_rate"}))
+    context = gx_context()
+    asset = context.data_sources.add_pandas("tempering_pref_tokens").add_dataframe_asset("preference_tokens")
+    batch = asset.add_batch_definition_whole_dataframe("all").get_batch(batch_parameters={"dataframe": df})
+    result = batch.validate(suite, result_format={"result_format": "COMPLETE"})
+    failed: dict[int, set[str]] = defaultdict(set)
+    for res in result.results:
+        reason = res.expectation_config.meta["reason"]
+        if res.exception_info and res.exception_info.get("raised_exception"):
+            raise TemperingError(f"validate: preference token expectation {reason} failed to run: "
+                                 f"{res.exception_info.get('exception_message')}")
+        if reason in PREFERENCE_TOKEN_CHECKS:
+            for idx in res.result.get("unexpected_index_list") or []:
+                failed[ok[int(idx)][0]].add(reason)
+        else:
+            agg[reason] = round(float(res.result["observed_value"]), 4)
+            # With truncation: quarantine the truncated pairs are dropped, not counted.
+            if not res.success and ptp.truncation == "count":
+                agg["failed"].append(reason)
+    for i, reasons in failed.items():
+        per_row[i] = [c for c in PREFERENCE_TOKEN_CHECKS if c in reasons]
+    return per_row, agg
+
+
+def explain_preference_tokens(reason: str, s: dict, max_length: int, max_prompt_length: int) -> str:
+    """A one-line message naming the field for one failed preference token check."""
+    if reason == "chat_template_error":
+        return f"prompt: the chat template cannot render this pair ({s['error']})"
+    if reason == "prompt_truncated":
+        return (f"prompt: {s['prompt_tokens']} tokens after the chat template, over dpo.max_prompt_length="
+                f"{max_prompt_length}: its first {s['prompt_tokens'] - max_prompt_length} tokens would be cut")
+    if reason == "answer_truncated":
+        field = "chosen" if s["chosen_truncated"] else "rejected"
+        n = s[f"{field}_tokens"]
+        return (f"{field}: {n} tokens after a {s['prompt_kept']}-token prompt, over dpo.max_length={max_length}: "
+                f"its last {s['prompt_kept'] + n - max_length} tokens would be cut")
+    if reason == "same_after_truncation":
+        return (f"chosen and rejected: identical in the {s['answer_room']} tokens that fit in dpo.max_length="
+                f"{max_length} after the {s['prompt_kept']}-token prompt: the pair carries no preference")
+    return reason
+
+
+def _preference_token_summary(stats: list[dict], agg: dict, ptp, max_length: int, max_prompt_length: int) -> dict:
+    import numpy as np
+
+    ok = [s for s in stats if not s["error"]]
+
+    def pct(values: list[int], q: int) -> int:
+        return int(np.percentile(np.asarray(values), q)) if values else 0
+
+    prompts = [s["prompt_tokens"] for s in ok]
+    answers = [max(s["chosen_tokens"], s["rejected_tokens"]) for s in ok]
+    return {
+        "checked": True, "examples": len(stats), "max_length": max_length, "max_prompt_length": max_prompt_length,
+        "truncation": ptp.truncation,
+        "prompt_tokens_p50": pct(prompts, 50), "prompt_tokens_p95": pct(prompts, 95),
+        "prompt_tokens_max": max(prompts, default=0),
+        "answer_tokens_p50": pct(answers, 50), "answer_tokens_p95": pct(answers, 95),
+        "answer_tokens_max": max(answers, default=0),
+        "prompt_truncated": sum(1 for s in ok if s["prompt_truncated"]),
+        "prompt_truncation_rate": agg["prompt_truncation_rate"],
+        "answer_truncated": sum(1 for s in ok if s["answer_truncated"]),
+        "answer_truncation_rate": agg["answer_truncation_rate"],
+        "same_after_truncation": sum(1 for s in ok if s["same_after_truncation"]),
+        "template_errors": len(stats) - len(ok),
+        "max_prompt_truncation_rate": ptp.max_prompt_truncation_rate,
+        "max_answer_truncation_rate": ptp.max_answer_truncation_rate, "failed": agg["failed"],
+    }
+
+
+def _preference_token_failure(tok: dict, report: str) -> str:
+    parts = []
+    if "prompt_truncation_rate" in tok["failed"]:
+        parts.append(f"{tok['prompt_truncated']} of {tok['examples']} preference pairs "
+                     f"({_pct(tok['prompt_truncation_rate'])}) have prompts longer than dpo.max_prompt_length="
+                     f"{tok['max_prompt_length']} tokens (validate.preference_tokens.max_prompt_truncation_rate "
+                     f"{_pct(tok['max_prompt_truncation_rate'])}); raise dpo.max_prompt_length or shorten the data")
+    if "answer_truncation_rate" in tok["failed"]:
+        parts.append(f"{tok['answer_truncated']} of {tok['examples']} preference pairs "
+                     f"({_pct(tok['answer_truncation_rate'])}) have an answer cut at dpo.max_length="
+                     f"{tok['max_length']} tokens (validate.preference_tokens.max_answer_truncation_rate "
+                     f"{_pct(tok['max_answer_truncation_rate'])}); raise dpo.max_length or shorten the data")
+    return "preference token checks: " + "; ".join(parts) + f"; see {report}"
+
+
 # ----------------------------------------------------------------------------- report
 
 
@@ -430,13 +584,22 @@ def render_report(metrics: dict, examples: dict[str, list[str]]) -> str:
     tok = metrics.get("tokens") or {}
     if tok.get("failed"):
         lines += [f"**FAILED**: token checks broken: {', '.join(tok['failed'])} (see Token checks).", ""]
+    ptok = metrics.get("preference_tokens") or {}
+    if ptok.get("failed"):
+        lines += [f"**FAILED**: preference token checks broken: {', '.join(ptok['failed'])} "
+                  "(see Token checks (preference)).", ""]
+    ignored = metrics.get("reject_share_ignores") or []
+    if ignored:
+        lines += [f"Not counted towards the limit (still quarantined): {', '.join(ignored)}.", ""]
     lines += ["## Per source", "", "| source | kind | format | read | kept | dropped | reject share | reasons |",
               "|---|---|---|---:|---:|---:|---:|---|"]
     for path, s in metrics["sources"].items():
         reasons = ", ".join(f"{r} {n}" for r, n in sorted(s["by_reason"].items(), key=lambda kv: -kv[1])) or "-"
         flag = " **(over limit)**" if path in metrics["failed_sources"] else ""
+        counted = s.get("counted_reject_share", s["reject_share"])
+        share = _pct(s["reject_share"]) + (f" ({_pct(counted)} counted)" if counted != s["reject_share"] else "")
         lines.append(f"| `{path}` | {s['kind']} | {s['format']} | {s['read']} | {s['kept']} | {s['quarantined']} | "
-                     f"{_pct(s['reject_share'])}{flag} | {reasons} |")
+                     f"{share}{flag} | {reasons} |")
     lines += ["", "## Kept rows per kind", "", "| kind | rows | median chars | p95 chars | max chars | "
               f"over {metrics['long_row_chars']} chars |", "|---|---:|---:|---:|---:|---:|"]
     for kind, k in metrics["kinds"].items():
@@ -465,6 +628,25 @@ def render_report(metrics: dict, examples: dict[str, list[str]]) -> str:
                   f"End-of-turn marker trained after each reply: `{tok['end_of_turn'].strip() or '(none)'}`"
                   + ("" if tok["end_of_turn_is_eos"] else " (not the tokenizer's EOS: generation must stop on it)")
                   + ".", ""]
+    lines += ["## Token checks (preference pairs, as DPO sees them)", ""]
+    if not ptok.get("checked"):
+        lines += [f"Not run: {ptok.get('skipped', 'no tokenizer given')}.", ""]
+    else:
+        def pmark(name: str) -> str:
+            return " **(over limit)**" if name in ptok["failed"] else ""
+        mode = ("quarantined" if ptok["truncation"] == "quarantine" else "counted against the limit")
+        lines += ["| check | value | limit |", "|---|---:|---:|",
+                  f"| pairs checked | {ptok['examples']} | |",
+                  f"| prompt tokens p50 / p95 / max | {ptok['prompt_tokens_p50']} / {ptok['prompt_tokens_p95']} / "
+                  f"{ptok['prompt_tokens_max']} | max_prompt_length {ptok['max_prompt_length']} |",
+                  f"| longer answer tokens p50 / p95 / max | {ptok['answer_tokens_p50']} / {ptok['answer_tokens_p95']}"
+                  f" / {ptok['answer_tokens_max']} | max_length {ptok['max_length']} (with the prompt) |",
+                  f"| prompt truncated | {ptok['prompt_truncated']} ({_pct(ptok['prompt_truncation_rate'])})"
+                  f"{pmark('prompt_truncation_rate')} | {_pct(ptok['max_prompt_truncation_rate'])} |",
+                  f"| an answer truncated | {ptok['answer_truncated']} ({_pct(ptok['answer_truncation_rate'])})"
+                  f"{pmark('answer_truncation_rate')} | {_pct(ptok['max_answer_truncation_rate'])} |",
+                  f"| answers identical after truncation (quarantined) | {ptok['same_after_truncation']} | 0 |", "",
+                  f"Truncated pairs are {mode} (`validate.preference_tokens.truncation: {ptok['truncation']}`).", ""]
     pii = metrics.get("pii") or {}
     lines += ["## PII redaction", ""]
     if not pii.get("enabled"):
@@ -575,11 +757,13 @@ def _check_sources(vp: ValidateParams) -> None:
 
 
 def validate_sources(vp: ValidateParams, *, tokenizer=None, max_length: int | None = None,
-                     chat_template: str | None = None) -> tuple[dict[str, list[dict]], list[dict], dict, dict]:
+                     chat_template: str | None = None, dpo_max_length: int | None = None,
+                     dpo_max_prompt_length: int | None = None) -> tuple[dict[str, list[dict]], list[dict], dict, dict]:
     """Ingest and check every source: (kept rows per kind, quarantine rows, metrics, examples).
 
     With a ``tokenizer`` (and ``max_length``) the SFT token checks run too; their aggregate verdict is
-    ``metrics["tokens"]["failed"]`` (the caller decides to stop).
+    ``metrics["tokens"]["failed"]`` (the caller decides to stop). With ``dpo_max_length`` and
+    ``dpo_max_prompt_length`` the preference token checks run as well (``metrics["preference_tokens"]``).
     """
     _check_sources(vp)
     accepted: dict[str, list[tuple[str, Accepted]]] = {k: [] for k in KINDS}
@@ -589,7 +773,8 @@ def validate_sources(vp: ValidateParams, *, tokenizer=None, max_length: int | No
         stats = {"kind": spec.kind, "format": spec.format, "read": 0, "kept": 0, "quarantined": 0,
                  "by_reason": Counter(), "redacted": Counter()}
         per_source[spec.path] = stats
-        for res in iter_source(spec, chunk_chars=vp.text_chunk_chars):
+        for res in iter_source(spec, chunk_chars=vp.text_chunk_chars, pairing=vp.rated_pairs.pairing,
+                               pairing_seed=vp.rated_pairs.seed):
             stats["read"] += 1
             if isinstance(res, Rejected):
                 q = res.quarantine("validate")
@@ -661,6 +846,31 @@ def validate_sources(vp: ValidateParams, *, tokenizer=None, max_length: int | No
     else:
         token_summary["skipped"] = "no SFT rows"
 
+    # token checks on preference rows, as DPO will see them
+    pref_summary: dict = {"checked": False}
+    ptp = vp.preference_tokens
+    if not ptp.enabled:
+        pref_summary["skipped"] = "disabled (validate.preference_tokens.enabled: false)"
+    elif tokenizer is None or dpo_max_length is None or dpo_max_prompt_length is None:
+        pref_summary["skipped"] = "no tokenizer given (--tokenizer)"
+    elif survivors["preference"]:
+        pstats = preference_token_stats([row for _, _, row in survivors["preference"]], tokenizer,
+                                        max_length=dpo_max_length, max_prompt_length=dpo_max_prompt_length,
+                                        chat_template=chat_template)
+        pbad, pagg = run_preference_token_expectations(pstats, ptp)
+        pref_summary = _preference_token_summary(pstats, pagg, ptp, dpo_max_length, dpo_max_prompt_length)
+        keep = []
+        for i, (path, res, row) in enumerate(survivors["preference"]):
+            reasons = pbad.get(i)
+            if not reasons:
+                keep.append((path, res, row))
+                continue
+            detail = explain_preference_tokens(reasons[0], pstats[i], dpo_max_length, dpo_max_prompt_length)
+            drop(path, res, reasons, f"{res.file}:{res.index}: {detail}")
+        survivors["preference"] = keep
+    else:
+        pref_summary["skipped"] = "no preference rows"
+
     kept: dict[str, list[dict]] = {k: [] for k in KINDS}
     for kind in KINDS:
         for path, _, row in survivors[kind]:
@@ -673,9 +883,12 @@ def validate_sources(vp: ValidateParams, *, tokenizer=None, max_length: int | No
         if s["kept"] + s["quarantined"] != s["read"]:  # the bookkeeping invariant
             raise AssertionError(f"{path}: kept {s['kept']} + quarantined {s['quarantined']} != read {s['read']}")
         s["reject_share"] = round(s["quarantined"] / s["read"], 4) if s["read"] else 0.0
+        counted = sum(n for r, n in s["by_reason"].items() if r not in vp.reject_share_ignores)
+        # The share judged against max_reject_share: ties and other ignored reasons left out.
+        s["counted_reject_share"] = round(counted / s["read"], 4) if s["read"] else 0.0
         s["by_reason"] = dict(sorted(s["by_reason"].items()))
         s["redacted"] = dict(sorted(s["redacted"].items()))
-        if s["reject_share"] > vp.max_reject_share:
+        if s["counted_reject_share"] > vp.max_reject_share:
             failed.append(path)
     read = sum(s["read"] for s in per_source.values())
     n_kept = sum(len(v) for v in kept.values())
@@ -686,10 +899,12 @@ def validate_sources(vp: ValidateParams, *, tokenizer=None, max_length: int | No
         "read": read, "kept": n_kept, "quarantined": len(quarantine),
         "reject_share": round(len(quarantine) / read, 4) if read else 0.0,
         "max_reject_share": vp.max_reject_share,
+        "reject_share_ignores": list(vp.reject_share_ignores),
         "by_reason": dict(sorted(by_reason.items())),
         "kinds": {k: _length_stats(kept[k], k, vp.long_row_chars) for k in KINDS},
         "long_row_chars": vp.long_row_chars,
         "tokens": token_summary,
+        "preference_tokens": pref_summary,
         "pii": {"enabled": vp.pii.enabled, "total": {k: pii_total.get(k, 0) for k in vp.pii.kinds},
                 "rows_redacted": rows_redacted},
         "sources": per_source,
@@ -720,13 +935,14 @@ def run(params: Params, out: str, quarantine: str, report: str, metrics: str, to
     vp = params.validate_
     _check_sources(vp)
     tok = None
-    if tokenizer and vp.tokens.enabled:
+    if tokenizer and (vp.tokens.enabled or vp.preference_tokens.enabled):
         from tempering.backend import load_tokenizer, quiet_transformers
 
         quiet_transformers()
         tok = load_tokenizer(tokenizer, params.sft.chat_template)
-    kept, rejected, summary, examples = validate_sources(vp, tokenizer=tok, max_length=params.sft.max_length,
-                                                         chat_template=params.sft.chat_template)
+    kept, rejected, summary, examples = validate_sources(
+        vp, tokenizer=tok, max_length=params.sft.max_length, chat_template=params.sft.chat_template,
+        dpo_max_length=params.dpo.max_length, dpo_max_prompt_length=params.dpo.max_prompt_length)
     summary["wall_time_s"] = round(time.time() - started, 2)
     summary["rows_per_s"] = round(summary["read"] / summary["wall_time_s"], 1) if summary["wall_time_s"] else None
 
@@ -740,11 +956,16 @@ def run(params: Params, out: str, quarantine: str, report: str, metrics: str, to
         worst = max(summary["failed_sources"], key=lambda p: summary["sources"][p]["reject_share"])
         s = summary["sources"][worst]
         top = max(s["by_reason"].items(), key=lambda kv: kv[1])[0]
+        worst_share = s["counted_reject_share"]
+        not_counted = (f", not counting {', '.join(vp.reject_share_ignores)}"
+                       if worst_share != s["reject_share"] else "")
         raise TemperingError(
-            f"{worst}: {s['quarantined']} of {s['read']} rows rejected ({_pct(s['reject_share'])} > "
+            f"{worst}: {s['quarantined']} of {s['read']} rows rejected ({_pct(worst_share)}{not_counted} > "
             f"validate.max_reject_share {_pct(vp.max_reject_share)}; mostly {top}); see {report} and {quarantine}")
     if summary["tokens"].get("failed"):
         raise TemperingError(_token_failure(summary["tokens"], report))
+    if summary["preference_tokens"].get("failed"):
+        raise TemperingError(_preference_token_failure(summary["preference_tokens"], report))
 
     with atomic_path(out) as tmp:
         tmp.mkdir()
@@ -754,10 +975,14 @@ def run(params: Params, out: str, quarantine: str, report: str, metrics: str, to
                    inputs={spec.path: spec.path for spec in vp.sources},
                    extra={"counts": {k: len(v) for k, v in kept.items()},
                           "sft_tokens": {"max_length": params.sft.max_length,
-                                         "chat_template": params.sft.chat_template, "tokenizer": tokenizer}})
+                                         "chat_template": params.sft.chat_template, "tokenizer": tokenizer},
+                          "preference_tokens": {"max_length": params.dpo.max_length,
+                                                "max_prompt_length": params.dpo.max_prompt_length,
+                                                "tokenizer": tokenizer}})
     return {"out": out, "read": summary["read"], "kept": summary["kept"], "quarantined": summary["quarantined"],
             "by_reason": summary["by_reason"], "kept_by_kind": {k: len(v) for k, v in kept.items()},
             "pii_redacted": summary["pii"]["total"], "token_checks": summary["tokens"].get("checked", False),
+            "preference_token_checks": summary["preference_tokens"].get("checked", False),
             "wall_time_s": round(time.time() - started, 2)}
 
 
@@ -768,8 +993,9 @@ def _args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--html", default=None, help="the same report as a standalone HTML page")
     parser.add_argument("--metrics", default="metrics/validate.json", help="metrics JSON")
     parser.add_argument("--tokenizer", default=None,
-                        help="model folder whose tokenizer + chat template the SFT token checks use "
-                             "(sft.max_length, sft.chat_template); without it they are skipped")
+                        help="model folder whose tokenizer + chat template the token checks use "
+                             "(sft.max_length, sft.chat_template; dpo.max_length, dpo.max_prompt_length); "
+                             "without it they are skipped")
 
 
 def main(argv=None) -> int:

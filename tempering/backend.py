@@ -405,6 +405,46 @@ def tokenize_conversation(tokenizer, messages: list[dict], max_length: int | Non
     return {"input_ids": ids, "labels": labels}
 
 
+def tokenize_preference(tokenizer, prompt: list[dict], chosen: str, rejected: str,
+                        chat_template: str | None = None) -> dict:
+    """``{"prompt_ids", "chosen_ids", "rejected_ids"}`` of one pair, tokenized the way TRL's DPO
+    trainer does (conversational rows): the prompt rendered with the generation prompt, each answer
+    as the tokens of prompt + answer after their common prefix with the prompt. No truncation:
+    :func:`dpo_truncate` applies ``dpo.max_prompt_length`` / ``dpo.max_length`` as training does."""
+    def ids(messages: list[dict], generation: bool) -> list[int]:
+        try:
+            out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
+                                                add_generation_prompt=generation, chat_template=chat_template)
+        except Exception as exc:  # jinja errors: template raise_exception etc.
+            detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise ValueError(f"chat template failed: {detail}") from None
+        return list(out["input_ids"])
+
+    prompt_ids = ids(prompt, True)
+    full = {k: ids(prompt + [{"role": "assistant", "content": text}], False)
+            for k, text in (("chosen", chosen), ("rejected", rejected))}
+
+    def common(a: list[int], b: list[int]) -> int:
+        n = 0
+        for x, y in zip(a, b):
+            if x != y:
+                break
+            n += 1
+        return n
+
+    cut = min(common(prompt_ids, full["chosen"]), common(prompt_ids, full["rejected"]))
+    return {"prompt_ids": prompt_ids[:cut], "chosen_ids": full["chosen"][cut:], "rejected_ids": full["rejected"][cut:]}
+
+
+def dpo_truncate(enc: dict, max_length: int, max_prompt_length: int) -> dict:
+    """Apply DPO's truncation to :func:`tokenize_preference` output: the prompt keeps its last
+    ``max_prompt_length`` tokens (see ``_guarded``), then prompt + answer keeps its first
+    ``max_length`` (TRL's collator, ``keep_start``)."""
+    prompt = enc["prompt_ids"][-max_prompt_length:]
+    room = max(0, max_length - len(prompt))
+    return {"prompt_ids": prompt, "chosen_ids": enc["chosen_ids"][:room], "rejected_ids": enc["rejected_ids"][:room]}
+
+
 def cache_root() -> Path:
     return Path(os.environ.get(CACHE_ENV, DEFAULT_CACHE))
 
@@ -973,7 +1013,10 @@ def _guarded(trainer_cls, stage: str, checkpoints: str, plain_loss: bool = False
             def _precompute_ref_logps(self, dataset, name, batch_size):
                 if compact_head:
                     install_compact_lm_head(self.model)
-                return attach_reference_logps(self, dataset, dpo_cache.get("key"), batch_size)
+                key = dpo_cache.get("key")
+                if key and name != "train":  # the held-out split has its own reference set
+                    key = content_id({"key": key, "split": name}, 32)
+                return attach_reference_logps(self, dataset, key, batch_size)
 
         def training_step(self, *args, **kwargs):
             loss = super().training_step(*args, **kwargs)
@@ -1009,6 +1052,20 @@ def _guarded(trainer_cls, stage: str, checkpoints: str, plain_loss: bool = False
                 return LengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
                                             lengths=list(full["length"]))
             return super()._get_train_sampler(train_dataset)
+
+        def _get_eval_sampler(self, eval_dataset):
+            # The same for held-out DPO pairs (eval_share), whose rows have no input_ids either.
+            full = self.eval_dataset
+            if (self.args.train_sampling_strategy == "group_by_length" and eval_dataset is not None
+                    and "input_ids" not in getattr(eval_dataset, "column_names", ("input_ids",))
+                    and full is not None and "length" in getattr(full, "column_names", ())
+                    and len(full) == len(eval_dataset)):
+                import torch
+                from transformers.trainer_pt_utils import LengthGroupedSampler
+
+                return LengthGroupedSampler(self.args.eval_batch_size, lengths=list(full["length"]),
+                                            generator=torch.Generator().manual_seed(self.args.seed))
+            return super()._get_eval_sampler(eval_dataset)
 
     Guarded.__name__ = f"Guarded{trainer_cls.__name__}"
     return Guarded
@@ -1103,10 +1160,11 @@ def build_sft_trainer(model, tokenizer, dataset, args, *, stage: str, checkpoint
 
 def build_dpo_trainer(model, tokenizer, dataset, args, *, adapter, max_prompt_length: int, stage: str,
                       checkpoints: str, live_dir: str | None, tracking, resume_step: int | None = None,
-                      ref_cache_key: str | None = None):
+                      ref_cache_key: str | None = None, eval_dataset=None, cfg=None):
     """DPOTrainer. The reference is the model as passed (the SFT result): with LoRA the ``model``
     gets a fresh adapter and the reference is the same network with the adapter disabled (no
-    second copy); with ``full`` it is the untouched model.
+    second copy); with ``full`` it is the untouched model. ``eval_dataset`` (held-out pairs) gets an
+    eval loss at every checkpoint, and ``cfg.early_stopping_patience`` stops on it.
 
     With ``args.precompute_ref_log_probs`` the reference log-probs are computed once before
     training and cached under ``ref_cache_key`` (see :func:`attach_reference_logps`): no
@@ -1116,7 +1174,7 @@ def build_dpo_trainer(model, tokenizer, dataset, args, *, adapter, max_prompt_le
 
     from trl import DPOTrainer
 
-    guard, callbacks = _callbacks(stage, checkpoints, live_dir, tracking, resume_step)
+    guard, callbacks = _callbacks(stage, checkpoints, live_dir, tracking, resume_step, cfg)
     config = peft_config(adapter)
     import torch
 
@@ -1128,8 +1186,8 @@ def build_dpo_trainer(model, tokenizer, dataset, args, *, adapter, max_prompt_le
     trainer = _guarded(DPOTrainer, stage, checkpoints,
                        dpo_cache={"max_prompt_length": max_prompt_length, "key": ref_cache_key},
                        compact_head=compact)(
-        model=model, ref_model=ref_model, args=args, train_dataset=dataset, processing_class=tokenizer,
-        peft_config=config, callbacks=callbacks)
+        model=model, ref_model=ref_model, args=args, train_dataset=dataset, eval_dataset=eval_dataset,
+        processing_class=tokenizer, peft_config=config, callbacks=callbacks)
     if compact:
         install_compact_lm_head(trainer.model)
         if trainer.ref_model is not None:

@@ -61,16 +61,20 @@ class MakeDataParams(_Section):
     dirty_rows: bool = True
 
 
+PREFERENCE_FORMATS = ("pairs", "hh", "alpaca_eval", "arena", "ultrafeedback")
+
+
 class SourceSpec(_Section):
     path: str
     kind: Literal["sft", "preference", "text"]
-    format: Literal["alpaca", "sharegpt", "messages", "pairs", "hh", "text"]
+    format: Literal["alpaca", "sharegpt", "messages", "pairs", "hh", "alpaca_eval", "arena", "ultrafeedback",
+                    "text"]
     # Field-name mapping for formats whose datasets rename fields, e.g. {output: response}.
     fields: dict[str, str] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _format_fits_kind(self) -> "SourceSpec":
-        allowed = {"sft": ("alpaca", "sharegpt", "messages"), "preference": ("pairs", "hh"), "text": ("text",)}
+        allowed = {"sft": ("alpaca", "sharegpt", "messages"), "preference": PREFERENCE_FORMATS, "text": ("text",)}
         if self.format not in allowed[self.kind]:
             raise ValueError(f"format {self.format!r} cannot produce {self.kind!r} rows "
                              f"(use {' or '.join(allowed[self.kind])})")
@@ -89,6 +93,31 @@ class TokenCheckParams(_Section):
     # Fail the stage when the assistant's end-of-turn token is outside the loss mask in more than
     # this share of examples (the model would never learn to stop).
     max_eot_missing_rate: float = Field(0.0, ge=0.0, le=1.0)
+
+
+class PreferenceTokenParams(_Section):
+    # Token-level checks on preference rows as DPO will see them (needs the stage's --tokenizer;
+    # the lengths are dpo.max_length / dpo.max_prompt_length, declared in dvc.yaml).
+    enabled: bool = True
+    # What a truncated pair gets. count: kept, and the stage fails when more than
+    # max_prompt_truncation_rate / max_answer_truncation_rate of the pairs are cut. quarantine:
+    # every pair whose prompt (prompt_truncated) or an answer (answer_truncated) would be cut is
+    # quarantined. A pair whose two answers are identical after truncation is always quarantined.
+    truncation: Literal["count", "quarantine"] = "count"
+    # Share of pairs whose prompt is longer than dpo.max_prompt_length (its start is dropped).
+    max_prompt_truncation_rate: float = Field(0.2, ge=0.0, le=1.0)
+    # Share of pairs where prompt + chosen or prompt + rejected exceeds dpo.max_length (the
+    # answer's end is dropped: the preference is judged on a prefix).
+    max_answer_truncation_rate: float = Field(0.2, ge=0.0, le=1.0)
+
+
+class RatedPairsParams(_Section):
+    # How a prompt with several rated completions (format ultrafeedback) becomes one pair.
+    # best_vs_worst: the highest- against the lowest-rated completion (the widest margin, the
+    # clearest signal). best_vs_random: against a random lower-rated one (harder negatives, closer
+    # to the data's spread), drawn with `seed` and the row's content (stable under reordering).
+    pairing: Literal["best_vs_worst", "best_vs_random"] = "best_vs_worst"
+    seed: int = 0
 
 
 class PiiParams(_Section):
@@ -117,6 +146,13 @@ class ValidateParams(_Section):
     # (~4 characters per token, so 1024 ~ a 256-token max_length).
     long_row_chars: int = Field(1024, ge=1)
     tokens: TokenCheckParams = TokenCheckParams()
+    preference_tokens: PreferenceTokenParams = PreferenceTokenParams()
+    rated_pairs: RatedPairsParams = RatedPairsParams()
+    # Quarantine reasons that do not count towards max_reject_share (the rows are still
+    # quarantined and reported). Ties are a normal share of judged data (about a third of Arena
+    # battles): counting them would stop the pipeline on healthy files.
+    reject_share_ignores: tuple[Literal["tie", "unlabelled", "prompt_mismatch", "too_few_completions",
+                                        "bad_label"], ...] = ("tie",)
     pii: PiiParams = PiiParams()
 
 
@@ -217,7 +253,10 @@ class SftParams(_HeldOutParams):
     packing: bool = False
 
 
-class DpoParams(TrainParams):
+class DpoParams(_HeldOutParams):
+    # false: the stage passes the SFT model through (a pointer, no training), as cpt does. With
+    # no preference rows the stage passes it through as well, with a note in its metrics.
+    enabled: bool = True
     learning_rate: float = Field(5e-5, gt=0.0, lt=1.0)
     # KL strength: higher keeps the policy closer to the SFT reference.
     beta: float = Field(0.1, gt=0.0)
@@ -250,6 +289,9 @@ class BenchmarkSpec(_Section):
     task: str | None = None
     # Layout of `path`: tempering ({question, choices, answer}), llmfoundry ({query, choices,
     # gold}: ARC, BoolQ), hellaswag ({query, endings, label}), piqa ({goal, sol1, sol2} + `labels`).
+    # With chat: false the last three get the prompts of lm-eval's own tasks: arc_easy/arc_challenge
+    # ("Question: ...\nAnswer:"), boolq ("<passage>\nQuestion: ...?\nAnswer:", from an llm-foundry
+    # query "Passage: ...\nQuestion: ...?"), hellaswag (with its preprocess), piqa.
     format: Literal["tempering", "llmfoundry", "hellaswag", "piqa"] = "tempering"
     labels: str | None = None
     # domain: the target the run must improve; general: a forgetting check.
@@ -257,11 +299,15 @@ class BenchmarkSpec(_Section):
     # Score through the chat template (matches how the model was tuned). Standard benchmarks
     # (ARC, HellaSwag ...) are scored the lm-eval way, without it.
     chat: bool = True
-    # Items scored (first N); overrides evaluate.limit for this benchmark. null = evaluate.limit.
-    limit: int | None = Field(None, ge=1)
-    # Skip (with a note) instead of failing when `path` does not exist: for files that only some
-    # machines have, e.g. ../shared/data/eval.
+    # Items scored (the first N). "power": as many as the gate needs to certify this benchmark's
+    # forgetting budget (gate.power, gate.planning_discordance, Holm over the no-forgetting family;
+    # general benchmarks only). null = all. evaluate.limit, when set, caps every benchmark.
+    limit: int | Literal["power"] | None = None
+    # Skip (with a note) instead of failing when `path` does not exist on this machine.
     optional: bool = False
+    # A benchmark the gate must see scored: when it is missing at run time (optional and absent,
+    # or not scored), its check FAILS. false = the gate lists it as "not checked" instead.
+    required: bool = True
 
     @model_validator(mode="after")
     def _one_source(self) -> "BenchmarkSpec":
@@ -269,6 +315,10 @@ class BenchmarkSpec(_Section):
             raise ValueError("give exactly one of path (a local file) or task (an lm-eval task name)")
         if self.format == "piqa" and self.path and not self.labels:
             raise ValueError("format piqa needs labels (the valid-labels.lst file)")
+        if isinstance(self.limit, int) and self.limit < 1:
+            raise ValueError(f"limit must be >= 1, 'power' or null (got {self.limit})")
+        if self.limit == "power" and self.role != "general":
+            raise ValueError("limit: power sizes forgetting checks: only for role general")
         return self
 
 
@@ -282,57 +332,89 @@ class GenerationParams(_Section):
     examples: int = Field(4, ge=0, le=100)
 
 
-class SignalParams(_Section):
-    # Label-free forgetting signals: perplexity of question + right answer per benchmark, and the
-    # mean per-token KL(candidate || base) on the general benchmarks' chat-formatted items.
-    # More texts = a steadier number, longer evaluation. 0 = off.
-    n_texts: int = Field(64, ge=0, le=100_000)
+class DriftParams(_Section):
+    # The fixed general text set of the gate's label-free drift checks (KL from the base and the
+    # perplexity ratio, per text, bootstrapped over texts by the gate). Ships with the project
+    # (benchmarks/drift_general.jsonl); null = no drift texts (the gate then refuses its drift
+    # checks unless gate.max_kl and gate.max_perplexity_ratio are null).
+    path: str | None = "benchmarks/drift_general.jsonl"
+    # First N texts (null = all). More = a narrower interval, a slightly longer evaluation.
+    n_texts: int | None = Field(None, ge=1)
+    # Last this-many tokens of each text.
+    max_tokens: int = Field(256, ge=8)
+    # Texts per forward pass (full-vocabulary log-probs of both models are held at once).
+    batch_size: int = Field(8, ge=1)
 
 
 class EvaluateParams(_Section):
     benchmarks: tuple[BenchmarkSpec, ...] = ()
-    # Items per benchmark (null = all). CI uses small numbers.
+    # A cap on items per benchmark, over each benchmark's own `limit` (null = no cap). For smoke
+    # runs and CI only: a capped general benchmark cannot certify its budget, and the gate says so.
     limit: int | None = Field(None, ge=1)
     batch_size: int = Field(16, ge=1)
+    # Who scores the choices inside lm-eval. tempering: tempering/scoring.py (a context shared by
+    # several choices runs once, the LM head runs only where an answer token is predicted,
+    # batches across items up to batch_tokens): ~3x faster, same items, metrics and per-item
+    # logs, log-likelihoods equal to hf's up to float rounding. hf: lm-eval's own HFLM.
+    backend: Literal["tempering", "hf"] = "tempering"
+    # Padded tokens per forward pass (tempering backend). Smaller wastes the CPU, larger only
+    # costs memory (batch x longest row, plus a row x row attention mask per sequence).
+    batch_tokens: int = Field(2048, ge=64)
     # Context length for scoring (null = the model's own). Longer items are cut from the left.
     max_length: int | None = Field(None, ge=8)
     # auto: bf16 autocast where the hardware has it (AVX512-BF16 CPUs, bf16 GPUs): ~3x faster
     # scoring, and every model of a run is scored the same way; fp32: exact float32 scoring.
     precision: Literal["auto", "fp32"] = "auto"
     generation: GenerationParams = GenerationParams()
-    signals: SignalParams = SignalParams()
+    drift: DriftParams = DriftParams()
     # Cache base-model results keyed by (model hash, lm-eval version, benchmark hash).
     cache_dir: str = ".cache/tempering/benchmarks"
 
 
 class GateParams(_Section):
-    # The candidate must beat the base on every domain benchmark by at least this (absolute acc).
+    # The burden of proof is on the candidate: every check passes only when its one-sided test
+    # rejects the hypothesis the candidate must disprove (tempering/stats.py).
+    # Domain gain: the LOWER end of the paired interval of (candidate - base) must be >= this.
     min_domain_gain: float = Field(0.10, ge=-1.0, le=1.0)
-    # Allowed drop per general benchmark vs base (absolute acc); "default" covers unnamed ones.
+    # Non-inferiority budget per general benchmark (absolute acc; "default" covers unnamed ones):
+    # the lower end of the interval of (candidate - base) must be >= -budget.
     max_forgetting: dict[str, float] = Field(default_factory=lambda: {"default": 0.05})
     metric: Literal["acc", "acc_norm"] = "acc"
-    # Minimum gain over the current production model on every domain benchmark (champion /
-    # challenger). null = no comparison; 0.0 = "not worse than production".
-    min_gain_vs_production: float | None = Field(None, ge=-1.0, le=1.0)
-    # Label-free forgetting thresholds (null = report only): the largest mean per-token
-    # KL(candidate || base) on general items, and the largest ratio of candidate to base
-    # perplexity on each general benchmark's text.
-    max_kl: float | None = Field(None, gt=0.0)
-    max_perplexity_ratio: float | None = Field(None, gt=0.0)
-    # How a delta is judged. bootstrap: paired bootstrap interval over per-item results;
-    # mcnemar: the paired (McNemar-style) normal interval; none: the point estimate alone.
-    test: Literal["bootstrap", "mcnemar", "none"] = "bootstrap"
-    # Two-sided confidence of the interval. Higher = fewer false alarms, more missed regressions.
+    # Champion / challenger on every benchmark: the candidate must be non-inferior to the current
+    # production model within this margin (lower end of (candidate - production) >= -margin).
+    # null = no comparison.
+    production_margin: float | None = Field(0.05, gt=0.0, le=1.0)
+    # Label-free drift limits on the fixed general text set (evaluate.drift): the UPPER end of
+    # the interval (bootstrap over texts) of the mean per-token KL(candidate || base), and of the
+    # candidate / base perplexity ratio, must be at most these. null = not checked.
+    max_kl: float | None = Field(0.3, gt=0.0)
+    max_perplexity_ratio: float | None = Field(1.2, gt=1.0)
+    # Fewest drift texts that can certify a drift limit.
+    min_drift_texts: int = Field(32, ge=2)
+    # How a paired delta is tested. bootstrap: percentile bootstrap over items; mcnemar: the
+    # paired normal interval (variance from the discordant items).
+    test: Literal["bootstrap", "mcnemar"] = "bootstrap"
+    # Correction across each family of checks (forgetting + drift; gains; champion): holm
+    # (family-wise error), bh (Benjamini-Hochberg, false discovery rate), none.
+    multiplicity: Literal["holm", "bh", "none"] = "holm"
+    # Two-sided confidence of the intervals; the one-sided level of every test is (1 - c) / 2.
     confidence: float = Field(0.95, gt=0.5, lt=1.0)
-    bootstrap_iters: int = Field(2000, ge=100, le=1_000_000)
+    # Power target: a non-inferiority check whose item count cannot certify its margin with this
+    # power (at planning_discordance, at the Bonferroni level of its family) is refused as
+    # underpowered; evaluate sizes `limit: power` benchmarks from it.
+    power: float = Field(0.8, gt=0.5, lt=1.0)
+    # Assumed share of items on which candidate and reference disagree, for planning only (the
+    # observed share is reported beside it).
+    planning_discordance: float = Field(0.10, gt=0.0, le=1.0)
+    bootstrap_iters: int = Field(10000, ge=1000, le=1_000_000)
     seed: int = 0
 
     @field_validator("max_forgetting")
     @classmethod
     def _budgets_in_range(cls, v: dict[str, float]) -> dict[str, float]:
         for k, val in v.items():
-            if not 0.0 <= val <= 1.0:
-                raise ValueError(f"budget for {k!r} must be between 0 and 1 (got {val})")
+            if not 0.0 < val <= 1.0:
+                raise ValueError(f"budget for {k!r} must be > 0 and <= 1 (got {val})")
         return v
 
 

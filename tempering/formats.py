@@ -37,6 +37,26 @@ Formats (``SourceSpec.format``)
     dialogues (``"\\n\\nHuman: ...\\n\\nAssistant: ..."``) in ``chosen``/``rejected`` that share all turns
     but the last: split into prompt messages and the two final answers. ``text``: see above.
 
+Labelled preference formats (a row becomes one pair, or is rejected with a label reason)
+    ``alpaca_eval``: ``instruction`` (+ optional ``input``, ``system``), ``output_1``, ``output_2`` and
+    ``preference``: 1 or 2 names the better output, 0 is a tie. AlpacaEval's soft annotators write
+    a number in [1, 2]: below 1.5 prefers ``output_1``, above it ``output_2``, 1.5 is a tie.
+    ``arena``: Chatbot-Arena rows, ``conversation_a`` / ``conversation_b`` (OpenAI message lists)
+    and ``winner`` (``model_a``, ``model_b``, ``tie``, ``tie (bothbad)``). The prompt is every turn
+    before the final assistant turn and must be the same in both conversations (else
+    ``prompt_mismatch``); chosen/rejected are the winner's and the loser's final assistant turns.
+    ``ultrafeedback``: a prompt (``prompt`` or ``instruction``; a string or messages) with
+    ``completions`` ``[{response | text, overall_score | fine-grained_score | annotations, model}]``;
+    the score is ``overall_score``, else ``fine-grained_score``, else the mean of the numeric
+    ``annotations.<aspect>.Rating`` values (``fields: {score: <key>}`` names one key instead).
+    The best completion is chosen; rejected is the worst (``pairing="best_vs_worst"``) or one
+    drawn among the lower-rated ones (``"best_vs_random"``, seeded by ``pairing_seed`` and the
+    row's content). The binarized layout (``chosen`` / ``rejected`` message lists or strings, optional
+    ``prompt``, ``score_chosen`` / ``score_rejected``) is read too.
+    Label reasons: ``unlabelled`` (no label or no score), ``tie`` (label 0 / 1.5, a tied battle,
+    all completions scored the same), ``bad_label`` (a label outside its values, or
+    ``score_chosen < score_rejected``), ``prompt_mismatch``, ``too_few_completions`` (fewer than 2).
+
 Field mapping
     ``SourceSpec.fields`` maps our field name to the file's: ``{output: response}`` reads the
     ``response`` key as ``output``. It also applies to message keys (``from``/``value``,
@@ -56,8 +76,11 @@ Errors
 
 from __future__ import annotations
 
+import functools
 import gzip
 import json
+import math
+import random
 import re
 import zlib
 from collections.abc import Iterator
@@ -71,7 +94,7 @@ from tempering.io import content_id
 # Which formats can produce which kind of row.
 KIND_FORMATS: dict[str, tuple[str, ...]] = {
     "sft": ("alpaca", "sharegpt", "messages"),
-    "preference": ("pairs", "hh"),
+    "preference": ("pairs", "hh", "alpaca_eval", "arena", "ultrafeedback"),
     "text": ("text",),
 }
 DEFAULT_CHUNK_CHARS = 2000
@@ -130,9 +153,11 @@ def check_spec(kind: str, fmt: str) -> None:
                              f"(use one of: {', '.join(KIND_FORMATS.get(kind, ()))})")
 
 
-def iter_source(spec: Any, *, chunk_chars: int = DEFAULT_CHUNK_CHARS) -> Iterator[Result]:
+def iter_source(spec: Any, *, chunk_chars: int = DEFAULT_CHUNK_CHARS, pairing: str = "best_vs_worst",
+                pairing_seed: int = 0) -> Iterator[Result]:
     """Yield one :class:`Accepted` or :class:`Rejected` per raw row of ``spec`` (a ``SourceSpec``).
 
+    ``pairing`` / ``pairing_seed``: how the ``ultrafeedback`` format picks the rejected completion.
     Raises :class:`TemperingError` (one line naming the file) for file-level problems.
     """
     check_spec(spec.kind, spec.format)
@@ -146,7 +171,7 @@ def iter_source(spec: Any, *, chunk_chars: int = DEFAULT_CHUNK_CHARS) -> Iterato
     if path.is_dir():
         raise TemperingError(f"{spec.path}: is a directory; format {spec.format!r} expects a file "
                              "(only the text format reads folders)")
-    normalize = _NORMALIZERS[spec.format]
+    normalize = _normalizer(spec.format, pairing, pairing_seed)
     for index, raw in iter_records(path, spec.path):
         if isinstance(raw, Rejected):
             yield raw
@@ -155,9 +180,17 @@ def iter_source(spec: Any, *, chunk_chars: int = DEFAULT_CHUNK_CHARS) -> Iterato
 
 
 def normalize_record(fmt: str, raw: Any, *, fields: dict | None = None, file: str = "<row>",
-                     index: int = 1) -> Result:
+                     index: int = 1, pairing: str = "best_vs_worst", pairing_seed: int = 0) -> Result:
     """Normalize one already-parsed record (used by tests and callers holding rows in memory)."""
-    return _normalize_one(_NORMALIZERS[fmt], raw, dict(fields or {}), file, index)
+    return _normalize_one(_normalizer(fmt, pairing, pairing_seed), raw, dict(fields or {}), file, index)
+
+
+def _normalizer(fmt: str, pairing: str, seed: int):
+    if fmt == "ultrafeedback":
+        if pairing not in PAIRINGS:
+            raise TemperingError(f"pairing {pairing!r}: use one of {', '.join(PAIRINGS)}")
+        return functools.partial(_norm_ultrafeedback, pairing=pairing, seed=seed)
+    return _NORMALIZERS[fmt]
 
 
 def iter_records(path: Path, name: str | None = None) -> Iterator[tuple[int, Any]]:
@@ -635,11 +668,221 @@ def _norm_text(rec: dict, fields: dict) -> dict:
     return {"text": _req_str(rec, fields, "text")}
 
 
+# ----------------------------------------------------------------------------- labelled preference data
+
+PAIRINGS = ("best_vs_worst", "best_vs_random")
+
+
+def _shown(value: Any) -> str:
+    text = json.dumps(value, ensure_ascii=False, default=str)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _label(rec: dict, fields: dict, name: str) -> tuple[str, Any]:
+    """(file key, value) of a label field; a missing, null or blank label is ``unlabelled``."""
+    key = _key(fields, name)
+    label = name if key == name else f"{key} (as {name})"
+    if key not in rec:
+        raise RowError("unlabelled", f"field '{label}' is missing: the row carries no label")
+    value = rec[key]
+    if value is None or (isinstance(value, float) and math.isnan(value)) or (isinstance(value, str)
+                                                                                 and not value.strip()):
+        raise RowError("unlabelled", f"field '{label}' is {'empty' if isinstance(value, str) else 'null'}: "
+                                     "the row carries no label")
+    return key, value
+
+
+def _number(value: Any, label: str) -> float:
+    """A numeric label or score: a number or a numeric string (CSV/parquet exports), never a boolean."""
+    if isinstance(value, bool):
+        raise RowError("wrong_type", f"field '{label}' must be a number, got boolean ({_shown(value)})")
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value.strip())
+        except ValueError:
+            pass
+    raise RowError("wrong_type", f"field '{label}' must be a number, got {_type_name(value)} ({_shown(value)})")
+
+
+def _user_prompt(rec: dict, fields: dict, names: tuple[str, ...]) -> list[dict]:
+    """The prompt messages from the first present field of ``names`` (a string or messages),
+    plus the instruction's ``input`` and the row's ``system`` when present."""
+    name = next((n for n in names if _key(fields, n) in rec), names[0])
+    key = _key(fields, name)
+    if key not in rec and len(names) > 1:
+        present = ", ".join(sorted(map(str, rec))[:8]) or "none"
+        raise RowError("missing_field", f"field '{' or '.join(_key(fields, n) for n in names)}' is missing "
+                                        f"(fields present: {present})")
+    raw = _get(rec, fields, name)
+    if isinstance(raw, list):
+        prompt = _messages(raw, key, fields, "role", "content")
+    else:
+        text = _string(raw, key)
+        extra = _opt_str(rec, fields, "input")
+        prompt = [{"role": "user", "content": "\n\n".join(p for p in (text, extra) if p)}]
+    system = _opt_str(rec, fields, "system")
+    if system and prompt[0]["role"] != "system":
+        prompt.insert(0, {"role": "system", "content": system})
+    return prompt
+
+
+def _norm_alpaca_eval(rec: dict, fields: dict) -> dict:
+    key, raw = _label(rec, fields, "preference")
+    value = _number(raw, key)
+    if value == 0 or value == 1.5:
+        raise RowError("tie", f"field '{key}' is {_shown(raw)}: a tie, neither output is preferred")
+    if not 1 <= value <= 2:
+        raise RowError("bad_label", f"field '{key}' must be 1 or 2 (the better output) or 0 (a tie), "
+                                    f"got {_shown(raw)}")
+    prompt = _user_prompt(rec, fields, ("instruction",))
+    first, second = _req_str(rec, fields, "output_1"), _req_str(rec, fields, "output_2")
+    chosen, rejected = (first, second) if value < 1.5 else (second, first)
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+
+
+ARENA_WINNERS = {"model_a": "a", "model_b": "b", "tie": None, "tie (bothbad)": None}
+
+
+def _norm_arena(rec: dict, fields: dict) -> dict:
+    key, raw = _label(rec, fields, "winner")
+    if not isinstance(raw, str):
+        raise RowError("wrong_type", f"field '{key}' must be a string, got {_type_name(raw)} ({_shown(raw)})")
+    winner = raw.strip().lower()
+    if winner not in ARENA_WINNERS:
+        raise RowError("bad_label", f"field '{key}' must be one of {', '.join(ARENA_WINNERS)}, got {_shown(raw)}")
+    if ARENA_WINNERS[winner] is None:
+        raise RowError("tie", f"field '{key}' is {_shown(raw)}: a tie, neither conversation is preferred")
+    convs = {}
+    for side in ("a", "b"):
+        ck = _key(fields, f"conversation_{side}")
+        msgs = _messages(_get(rec, fields, f"conversation_{side}"), ck, fields, "role", "content")
+        if msgs[-1]["role"] != "assistant":
+            raise RowError("bad_structure", f"field '{ck}[{len(msgs) - 1}]': the last message must be the "
+                                            f"assistant's answer (got {msgs[-1]['role']})")
+        convs[side] = (ck, msgs)
+    (ak, a), (bk, b) = convs["a"], convs["b"]
+    if a[:-1] != b[:-1]:
+        i = next((i for i, (x, y) in enumerate(zip(a[:-1], b[:-1])) if x != y), min(len(a), len(b)) - 1)
+        if i >= min(len(a), len(b)) - 1:
+            detail = f"{ak} has {len(a) - 1} turns before its answer, {bk} {len(b) - 1}"
+        else:
+            detail = f"'{ak}[{i}]' ({a[i]['role']}) differs from '{bk}[{i}]' ({b[i]['role']})"
+        raise RowError("prompt_mismatch", f"fields '{ak}' and '{bk}' do not share the prompt: {detail}")
+    win, lose = (a, b) if ARENA_WINNERS[winner] == "a" else (b, a)
+    return {"prompt": a[:-1], "chosen": win[-1]["content"], "rejected": lose[-1]["content"]}
+
+
+UF_SCORES = ("overall_score", "fine-grained_score")
+
+
+def _uf_score(comp: dict, label: str, fields: dict) -> float:
+    """A completion's score: ``fields['score']`` when mapped, else overall_score, fine-grained_score,
+    else the mean numeric ``annotations.<aspect>.Rating`` (``"N/A"`` ratings are skipped)."""
+    if "score" in fields:
+        key = fields["score"]
+        if comp.get(key) is None:
+            raise RowError("unlabelled", f"field '{label}.{key}' is {'null' if key in comp else 'missing'}: "
+                                         "the completion has no score")
+        score = _number(comp[key], f"{label}.{key}")
+        if math.isnan(score):
+            raise RowError("unlabelled", f"field '{label}.{key}' is NaN: the completion has no score")
+        return score
+    for key in UF_SCORES:
+        value = comp.get(key)
+        if value is None or (isinstance(value, str) and value.strip().upper() in ("", "N/A")):
+            continue
+        score = _number(value, f"{label}.{key}")
+        if not math.isnan(score):
+            return score
+    ratings = []
+    annotations = comp.get("annotations")
+    if isinstance(annotations, dict):
+        for aspect, ann in annotations.items():
+            for item in (ann if isinstance(ann, list) else [ann]):
+                rating = item.get("Rating") if isinstance(item, dict) else None
+                if rating is None or (isinstance(rating, str) and rating.strip().upper() in ("", "N/A")):
+                    continue
+                ratings.append(_number(rating, f"{label}.annotations.{aspect}.Rating"))
+    if ratings:
+        return sum(ratings) / len(ratings)
+    raise RowError("unlabelled", f"field '{label}' has no score (overall_score, fine-grained_score or "
+                                 "annotations.*.Rating)")
+
+
+def _norm_ultrafeedback(rec: dict, fields: dict, *, pairing: str, seed: int) -> dict:
+    if _key(fields, "completions") not in rec and _key(fields, "chosen") in rec:
+        return _uf_binarized(rec, fields)
+    ck = _key(fields, "completions")
+    if ck not in rec:
+        present = ", ".join(sorted(map(str, rec))[:8]) or "none"
+        raise RowError("missing_field", f"field '{ck}' is missing (or 'chosen'/'rejected' for the binarized "
+                                        f"layout; fields present: {present})")
+    comps = _get(rec, fields, "completions")
+    if not isinstance(comps, list):
+        raise RowError("wrong_type", f"field '{ck}' must be a list of completions, got {_type_name(comps)}")
+    if len(comps) < 2:
+        raise RowError("too_few_completions", f"field '{ck}' has {len(comps)} completion(s): a pair needs 2")
+    prompt = _user_prompt(rec, fields, ("prompt", "instruction"))
+    rk = _key(fields, "response")
+    answers, scores = [], []
+    for i, comp in enumerate(comps):
+        label = f"{ck}[{i}]"
+        if not isinstance(comp, dict):
+            raise RowError("wrong_type", f"field '{label}' must be an object, got {_type_name(comp)}")
+        key = rk if rk in comp or "response" in fields else ("text" if "text" in comp else rk)
+        if comp.get(key) is None:
+            raise RowError("missing_field" if key not in comp else "null_field",
+                           f"field '{label}.{key}' is {'missing' if key not in comp else 'null'}")
+        answers.append(_string(comp[key], f"{label}.{key}"))
+        scores.append(_uf_score(comp, label, fields))
+    best = max(range(len(scores)), key=lambda i: (scores[i], -i))  # the first of the best
+    lower = [i for i in range(len(scores)) if scores[i] < scores[best]]
+    if not lower:
+        raise RowError("tie", f"all {len(scores)} completions in '{ck}' have the same score "
+                              f"{scores[0]:g}: no preferred answer")
+    if pairing == "best_vs_worst":
+        other = min(lower, key=lambda i: (scores[i], i))
+    else:
+        draw = content_id({"seed": seed, "prompt": prompt, "answers": answers}, 16)
+        other = random.Random(int(draw, 16)).choice(lower)
+    return {"prompt": prompt, "chosen": answers[best], "rejected": answers[other]}
+
+
+def _uf_binarized(rec: dict, fields: dict) -> dict:
+    ck, rk = _key(fields, "chosen"), _key(fields, "rejected")
+    chosen, chosen_ctx = _answer(_get(rec, fields, "chosen"), ck, fields)
+    rejected, rejected_ctx = _answer(_get(rec, fields, "rejected"), rk, fields)
+    if chosen_ctx and rejected_ctx is not None and rejected_ctx != chosen_ctx:
+        raise RowError("prompt_mismatch", f"fields '{ck}' and '{rk}' do not share the prompt "
+                                          "(the turns before their answers differ)")
+    if chosen_ctx:
+        prompt = chosen_ctx
+        system = _opt_str(rec, fields, "system")
+        if system and prompt[0]["role"] != "system":
+            prompt.insert(0, {"role": "system", "content": system})
+    else:
+        prompt = _user_prompt(rec, fields, ("prompt", "instruction"))
+    sck, srk = _key(fields, "score_chosen"), _key(fields, "score_rejected")
+    if sck in rec or srk in rec:
+        sc = _number(_label(rec, fields, "score_chosen")[1], sck)
+        sr = _number(_label(rec, fields, "score_rejected")[1], srk)
+        if sc == sr:
+            raise RowError("tie", f"fields '{sck}' and '{srk}' are both {sc:g}: no preferred answer")
+        if sc < sr:
+            raise RowError("bad_label", f"field '{sck}' ({sc:g}) is below '{srk}' ({sr:g}): the label "
+                                        "contradicts the scores")
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+
+
 _NORMALIZERS = {
     "alpaca": _norm_alpaca,
     "sharegpt": _norm_sharegpt,
     "messages": _norm_messages,
     "pairs": _norm_pairs,
     "hh": _norm_hh,
+    "alpaca_eval": _norm_alpaca_eval,
+    "arena": _norm_arena,
     "text": _norm_text,
 }

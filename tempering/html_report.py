@@ -271,7 +271,7 @@ def svg_benchmark_bars(rows: list[dict], metric: str, *, width: int = 720, heigh
 
 def _threshold_line(kind: str, threshold: float) -> float:
     """Where a check's threshold sits on the delta axis (forgetting budgets are drops)."""
-    return -threshold if kind == "forgetting" else threshold
+    return -threshold if kind in ("forgetting", "champion") else threshold
 
 
 def svg_delta_plot(checks: list[dict], *, width: int = 720) -> str:
@@ -457,10 +457,12 @@ def _training(root: Path, metrics: dict[str, Loaded]) -> Section:
             body.append(not_run(f"{stage} training", m) + "</div>")
             continue
         d = m.data
-        if d.get("enabled") is False:
+        if d.get("enabled") is False or d.get("trained") is False:
             have += 1
-            body.append(f'<p class="meta">disabled: the stage passed its input model through'
-                        f'{" (" + esc(d.get("pointer")) + ")" if d.get("pointer") else ""}.</p></div>')
+            word = "disabled" if d.get("enabled") is False else "not trained"
+            note = f' <span class="note">Note: {esc(d["note"])}.</span>' if d.get("note") else ""
+            body.append(f'<p class="meta">{word}: the stage passed its input model through'
+                        f'{" (" + esc(d.get("pointer")) + ")" if d.get("pointer") else ""}.{note}</p></div>')
             continue
         have += 1
         shown = [(label, d.get(k)) for k, label in TRAIN_FIELDS if k in d]
@@ -509,10 +511,12 @@ def _benchmarks(evaluate: Loaded, gate: Loaded) -> Section:
                      esc(fmt((b.get("delta") or {}).get(metric), signed=True)),
                      esc(fmt((b.get("delta_vs_production") or {}).get(metric), signed=True)),
                      "<br>".join(f"{esc(c.get('kind'))}: {esc(_ci(c))}" for c in cs) or "–"])
-        ppl = {m: b[m].get("perplexity") for m in MODELS if isinstance(b.get(m), dict)}
-        if any(_num(v) for v in ppl.values()) or _num(b.get("kl_vs_base")):
-            signals.append([esc(name), esc(b.get("role")), *[esc(fmt(ppl.get(m))) for m in MODELS],
-                            esc(fmt(b.get("kl_vs_base"), digits=4))])
+    drift = evaluate.data.get("drift") or {}
+    for kind, label in (("", "all"), ("_text", "plain text"), ("_chat", "chat")):
+        if _num(drift.get(f"kl{kind}")):
+            signals.append([esc(label), esc(fmt(drift.get(f"tokens{kind}"))), esc(fmt(drift.get(f"kl{kind}"), digits=4)),
+                            esc(fmt(drift.get(f"perplexity_base{kind}"))), esc(fmt(drift.get(f"perplexity_candidate{kind}"))),
+                            esc(fmt(drift.get(f"perplexity_ratio{kind}")))])
     body = [f'<p class="meta">Metric <code>{esc(metric)}</code>. Bars: each model\'s score with its 95% '
             "Wilson interval over the n items; the table's last column is the gate's paired interval of "
             "the delta.</p>",
@@ -520,9 +524,9 @@ def _benchmarks(evaluate: Loaded, gate: Loaded) -> Section:
             table(["benchmark", "role", "n", "base", "candidate", "production", "Δ vs base", "Δ vs production",
                    "paired interval (gate)"], rows, "bench-table")]
     if signals:
-        body.append("<h3>Label-free forgetting signals</h3>" + table(
-            ["benchmark", "role", "perplexity base", "perplexity candidate", "perplexity production",
-             "mean KL(candidate ‖ base)"], signals, "signals"))
+        body.append(f"<h3>Label-free drift on the fixed general text set ({esc(fmt(drift.get('texts')))} texts)</h3>"
+                    + table(["texts", "tokens", "mean KL(candidate ‖ base), nats/token", "perplexity base",
+                             "perplexity candidate", "ratio"], signals, "signals"))
     skipped = evaluate.data.get("skipped") or {}
     if skipped:
         body.append('<p class="meta">Skipped: ' + esc("; ".join(f"{k}: {v}" for k, v in skipped.items())) + "</p>")
@@ -535,27 +539,36 @@ def _gate(gate: Loaded) -> Section:
     g = gate.data
     checks = [c for c in g.get("checks") or [] if isinstance(c, dict)]
     test = g.get("test") or "none"
-    how = (f"deltas judged by <code>{esc(test)}</code> at {pct(g.get('confidence'))} confidence"
-           if test != "none" else "point estimates (no interval test)")
+    how = (f"paired <code>{esc(test)}</code> tests, one-sided at the end of the interval at {pct(g.get('confidence'))} "
+           f"confidence, <code>{esc(g.get('multiplicity') or 'none')}</code> correction within each family; "
+           "a check passes only when the data certify it") if test != "none" else \
+        "point estimates (no interval test; a record from an older gate)"
     body = [f'<p class="meta">Metric <code>{esc(g.get("metric"))}</code>; {how}.</p>']
     notes = [r for r in g.get("reasons") or [] if r not in {c.get("reason") for c in checks}]
     if notes:
         body.append('<ul class="notes">' + "".join(f'<li class="fail">{esc(n)}</li>' for n in notes) + "</ul>")
-    if checks:
-        body.append(svg_delta_plot(checks))
+    accuracy = [c for c in checks if c.get("kind") in ("gain", "forgetting", "champion")]
+    if accuracy:
+        body.append(svg_delta_plot(accuracy))
         body.append('<p class="meta">Each row: the paired delta (dot) and its interval (bar); dashed: the '
                     "threshold (the required gain, or minus the forgetting budget); solid: zero. Hover a dot for "
                     "its reason.</p>")
         rows = [[esc(c.get("benchmark")), esc(c.get("kind")), esc(fmt(c.get("threshold"))),
                  esc(fmt(c.get("candidate"))), esc(fmt(c.get("reference"))), esc(fmt(c.get("delta"), signed=True)),
-                 esc(_ci(c)), esc(fmt(c.get("n"))), esc(fmt(c.get("p_value"))),
+                 esc(_ci(c)), esc(fmt(c.get("n"))), esc(fmt(c.get("discordance"))), esc(fmt(c.get("mde"))),
+                 esc(fmt(c.get("p_value"))), esc(fmt(c.get("p_adjusted"))),
                  '<span class="badge pass">pass</span>' if c.get("passed") else '<span class="badge fail">FAIL</span>',
                  esc(c.get("reason"))] for c in checks]
         body.append(table(["benchmark", "check", "threshold", "candidate", "reference", "delta", "interval", "n",
-                           "p", "verdict", "reason"], rows, "checks",
+                           "discordant", "certifies drops of", "p", "p adjusted", "verdict", "reason"], rows, "checks",
                           ["pass" if c.get("passed") else "fail" for c in checks]))
     else:
         body.append('<p class="not-run">The gate recorded no checks.</p>')
+    if g.get("not_checked"):
+        body.append("<h3>Not checked</h3><ul>" + "".join(f"<li>{esc(n)}</li>" for n in g["not_checked"]) + "</ul>")
+    if g.get("certifies"):
+        body.append("<h3>What this evidence can and cannot certify</h3><ul>"
+                    + "".join(f"<li>{esc(n)}</li>" for n in g["certifies"]) + "</ul>")
     return Section("gate", "Gate", "ok", "\n".join(body))
 
 

@@ -82,7 +82,9 @@ def to_markdown(summary: dict) -> str:
             lines.append(f"- {stage}: {json.dumps(d['totals'])}")
     for stage in ("cpt", "sft", "dpo"):
         d = m.get(stage)
-        if d and d.get("enabled", True) and "steps" in d:
+        if d and d.get("note"):
+            lines.append(f"- {stage}: {d['note']}")
+        elif d and d.get("enabled", True) and "steps" in d:
             lines.append(f"- {stage}: {d.get('steps')} steps, last loss {_fmt(d.get('train_loss_last'))}, "
                          f"{_fmt(d.get('tokens_per_s'))} tok/s")
     if summary["reports"]:

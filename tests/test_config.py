@@ -32,7 +32,8 @@ def test_sections_are_frozen():
         ("dedup.threshold=1.5", "dedup.threshold", "less than or equal to 1"),
         ("nonsense.x=1", "nonsense", "unknown key"),
         ("validate.max_reject_share=abc", "validate.max_reject_share", "valid number"),
-        ("gate.max_forgetting={default: 2}", "gate.max_forgetting", "between 0 and 1"),
+        ("gate.max_forgetting={default: 2}", "gate.max_forgetting", "> 0 and <= 1"),
+        ("gate.test=none", "gate.test", "'bootstrap' or 'mcnemar'"),
         ("dpo.max_prompt_length=999", "<root>", "max_prompt_length must be smaller"),
     ],
 )

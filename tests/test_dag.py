@@ -10,7 +10,7 @@ from tempering.dag import stage_order
 ROOT = Path(__file__).resolve().parents[1]
 
 EXPECTED = ["base_model", "make_data", "validate", "dedup", "cpt", "sft", "dpo", "export",
-            "evaluate", "gate", "promote", "report"]
+            "champion", "evaluate", "gate", "promote", "report"]
 
 
 def test_stage_order_matches_issue_dag():

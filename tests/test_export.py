@@ -181,3 +181,43 @@ def test_lineage_through_an_enabled_cpt(trained, tmp_path, monkeypatch):
     assert lineage["base_model"]["source"] == "tiny-test-model"
     assert lineage["cpt"]["enabled"] is True and lineage["cpt"]["train"]["steps"] == 2
     assert set(json.loads((m / "export" / "meta.json").read_text())["data_hashes"]) == {"cpt", "sft", "dpo"}
+
+
+def test_export_when_dpo_passed_the_sft_model_through(trained, tmp_path):
+    """dpo.enabled: false (or no preference rows): export merges base + SFT alone, checks it
+    against the live SFT adapter, and the card says why DPO did not train."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tasks.dpo import run as dpo
+    from tasks.export import check_prompts
+    from tasks.export import run as export
+
+    p = _params()
+    off = p.model_copy(update={"dpo": p.dpo.model_copy(update={"enabled": False})})
+    dpo(off, base=str(trained / "base"), sft=str(trained / "sft"), data=str(trained / "clean"),
+        out=str(tmp_path / "dpo"), checkpoints=str(tmp_path / "ck"), metrics=str(tmp_path / "dpo.json"))
+    out = tmp_path / "export"
+    summary = export(p, base=str(trained / "base"), sft=str(trained / "sft"), dpo=str(tmp_path / "dpo"),
+                     data=str(trained / "clean"), out=str(out), metrics=str(tmp_path / "export.json"))
+    assert summary["match_rate"] == 1.0 and summary["max_logit_diff"] < 1e-4
+    tok = backend.load_tokenizer(out)
+    enc = tok.apply_chat_template(check_prompts(str(trained / "clean"), 1)[0], add_generation_prompt=True,
+                                  return_tensors="pt", return_dict=True)
+    exported = AutoModelForCausalLM.from_pretrained(out)
+    with torch.no_grad():
+        got = exported.eval()(**enc).logits
+        sft_only = backend.load_merged(trained / "base", [trained / "sft"]).eval()(**enc).logits
+        base = AutoModelForCausalLM.from_pretrained(trained / "base").eval()(**enc).logits
+    assert torch.allclose(got, sft_only, atol=1e-4) and not torch.allclose(got, base, atol=1e-4)
+    lineage = json.loads((out / "meta.json").read_text())["lineage"]
+    assert lineage["dpo"]["trained"] is False and lineage["dpo"]["note"].startswith("dpo.enabled is false")
+    assert "Not trained: dpo.enabled is false" in (out / "model_card.md").read_text()
+
+    # A pass-through that points at another SFT folder is refused, in one line.
+    (tmp_path / "other_sft").mkdir()
+    (tmp_path / "dpo" / "pointer.json").write_text(json.dumps({"model": "../other_sft"}))
+    with pytest.raises(TemperingError, match="passes through '../other_sft', which is not the SFT model") as err:
+        export(p, base=str(trained / "base"), sft=str(trained / "sft"), dpo=str(tmp_path / "dpo"),
+               data=str(trained / "clean"), out=str(tmp_path / "export2"), metrics=str(tmp_path / "e2.json"))
+    assert "\n" not in str(err.value) and not (tmp_path / "export2").exists()

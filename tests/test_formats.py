@@ -122,6 +122,209 @@ def test_hh_split_into_prompt_and_answers(tmp_path):
                                                       {"role": "assistant", "content": ""}]
 
 
+# ----------------------------------------------------------------------------- labelled preference formats
+
+
+def _outcome(res) -> list:
+    """Per row: (chosen, rejected) when accepted, the reason when rejected."""
+    return [(r.row["chosen"], r.row["rejected"]) if isinstance(r, Accepted) else r.reason for r in res]
+
+
+def _names_row_and_field(res, path, field: str) -> None:
+    assert isinstance(res, Rejected), res
+    assert res.message.startswith(f"{path}:{res.index}: ") and field in res.message and "\n" not in res.message
+
+
+def test_alpaca_eval_labels_ties_and_unlabelled(tmp_path):
+    """AlpacaEval annotations as alpaca_eval writes them (a JSON array, float preferences, extra keys)."""
+    base = {"dataset": "helpful_base", "generator_1": "text_davinci_003", "generator_2": "gpt4",
+            "annotator": "alpaca_eval_gpt4", "price_per_example": 0.0138, "time_per_example": 1.9}
+    rows = [
+        {**base, "instruction": "Name a primary colour.", "output_1": "Red.", "output_2": "Teal.", "preference": 1},
+        {**base, "instruction": "What is 2+2?", "output_1": "5", "output_2": "4", "preference": 2.0},
+        {**base, "instruction": "Say hi.", "output_1": "hi", "output_2": "Hello there!", "preference": 1.81},  # soft
+        {**base, "instruction": "Say bye.", "output_1": "bye", "output_2": "Goodbye.", "preference": 0},
+        {**base, "instruction": "Say yes.", "output_1": "yes", "output_2": "Yes.", "preference": 1.5},
+        {**base, "instruction": "Say no.", "output_1": "no", "output_2": "No."},
+        {**base, "instruction": "Say so.", "output_1": "so", "output_2": "So.", "preference": None},
+        {**base, "instruction": "Say it.", "output_1": "it", "output_2": "It.", "preference": 3},
+        {**base, "instruction": "Say what.", "output_1": "what", "output_2": "What?", "preference": "first"},
+        {**base, "instruction": "Say who.", "output_1": "who", "preference": 1},
+    ]
+    path = tmp_path / "alpaca_eval_annotations.json"
+    path.write_text(json.dumps(rows, indent=2), encoding="utf-8")
+    res = results(path, kind="preference", fmt="alpaca_eval")
+    assert _outcome(res) == [("Red.", "Teal."), ("4", "5"), ("Hello there!", "hi"), "tie", "tie", "unlabelled",
+                             "unlabelled", "bad_label", "wrong_type", "missing_field"]
+    assert res[0].row["prompt"] == [{"role": "user", "content": "Name a primary colour."}]
+    for i in range(3, 10):
+        _names_row_and_field(res[i], path, "'output_2'" if i == 9 else "'preference'")
+    assert "a tie" in res[3].message and "no label" in res[5].message and "got 3" in res[7].message
+    # a file whose columns are named differently: fields maps our names to its own
+    mapped = [{"prompt": "Name a colour.", "answer_a": "Blue.", "answer_b": "Table.", "label": 1}]
+    res = results(write_jsonl(tmp_path / "mapped.jsonl", mapped), kind="preference", fmt="alpaca_eval",
+                  fields={"instruction": "prompt", "output_1": "answer_a", "output_2": "answer_b",
+                          "preference": "label"})
+    assert _outcome(res) == [("Blue.", "Table.")]
+    res = results(write_jsonl(tmp_path / "nolabel.jsonl", [{k: v for k, v in mapped[0].items() if k != "label"}]),
+                  kind="preference", fmt="alpaca_eval", fields={"instruction": "prompt", "output_1": "answer_a",
+                                                                "output_2": "answer_b", "preference": "label"})
+    assert res[0].reason == "unlabelled" and "label (as preference)" in res[0].message
+
+
+def _arena_row(winner, a, b, qid="q1", **extra):
+    """A Chatbot Arena row in the lmsys/chatbot_arena_conversations layout."""
+    return {"question_id": qid, "model_a": "vicuna-13b", "model_b": "koala-13b", "winner": winner,
+            "judge": "arena_user_973", "conversation_a": a, "conversation_b": b, "turn": len(a) // 2,
+            "anony": True, "language": "English", "tstamp": 1682351591.13,
+            "openai_moderation": {"categories": {"harassment": False}, "flagged": False},
+            "toxic_chat_tag": {"roberta-large": {"flagged": False, "probability": 0.01}}, **extra}
+
+
+def _turns(*pairs):
+    return [{"content": text, "role": role} for role, text in pairs]
+
+
+def test_arena_winner_ties_and_shared_prompt(tmp_path):
+    import pandas as pd
+
+    q = ("user", "What is the difference between OpenCL and CUDA?")
+    rows = [
+        _arena_row("model_a", _turns(q, ("assistant", "OpenCL is an open standard.")),
+                   _turns(q, ("assistant", "They are the same."))),
+        _arena_row("model_b", _turns(q, ("assistant", "No idea.")),
+                   _turns(q, ("assistant", "CUDA is NVIDIA-only; OpenCL is portable."))),
+        _arena_row("tie", _turns(q, ("assistant", "A.")), _turns(q, ("assistant", "B."))),
+        _arena_row("tie (bothbad)", _turns(q, ("assistant", "A.")), _turns(q, ("assistant", "B."))),
+        # two turns sharing the first answer: the prompt is everything before the final answers
+        _arena_row("model_b", _turns(q, ("assistant", "Both are GPU APIs."), ("user", "Which is faster?")) +
+                   _turns(("assistant", "OpenCL.")),
+                   _turns(q, ("assistant", "Both are GPU APIs."), ("user", "Which is faster?"),
+                          ("assistant", "It depends on the vendor."))),
+        # the real multi-turn case: earlier answers differ, so the conversations share no prompt
+        _arena_row("model_a", _turns(q, ("assistant", "X."), ("user", "More?"), ("assistant", "X2.")),
+                   _turns(q, ("assistant", "Y."), ("user", "More?"), ("assistant", "Y2."))),
+        _arena_row(None, _turns(q, ("assistant", "A.")), _turns(q, ("assistant", "B."))),
+        _arena_row("model_c", _turns(q, ("assistant", "A.")), _turns(q, ("assistant", "B."))),
+        _arena_row("model_a", _turns(q, ("assistant", "A.")), _turns(q)),
+    ]
+    path = tmp_path / "arena-train.parquet"  # the hub ships it as parquet
+    pd.DataFrame(rows).to_parquet(path)
+    res = results(path, kind="preference", fmt="arena")
+    assert _outcome(res) == [("OpenCL is an open standard.", "They are the same."),
+                             ("CUDA is NVIDIA-only; OpenCL is portable.", "No idea."), "tie", "tie",
+                             ("It depends on the vendor.", "OpenCL."), "prompt_mismatch", "unlabelled", "bad_label",
+                             "bad_structure"]
+    assert res[0].row["prompt"] == [{"role": "user", "content": q[1]}]
+    assert [m["role"] for m in res[4].row["prompt"]] == ["user", "assistant", "user"]
+    for i, field in ((2, "'winner'"), (3, "'winner'"), (5, "conversation_a[1]"), (6, "'winner'"), (7, "'winner'"),
+                     (8, "conversation_b[0]")):
+        _names_row_and_field(res[i], path, field)
+    assert "tie (bothbad)" in res[3].message and "do not share the prompt" in res[5].message
+
+
+UF_ANNOTATIONS = {"helpfulness": {"Rating": "4", "Rationale": "clear", "Rationale For Rating": "ok", "Type": ["1"]},
+                  "honesty": {"Rating": "5", "Rationale": "confident"},
+                  "instruction_following": {"Rating": "3", "Rationale": "partly"},
+                  "truthfulness": {"Rating": "N/A", "Rationale": "n/a", "Type": ["0"]}}
+
+
+def _uf_completion(model, response, overall=None, fine=None, annotations=UF_ANNOTATIONS):
+    """One completion in the openbmb/UltraFeedback layout (scores absent when None)."""
+    comp = {"annotations": annotations, "critique": "Could be more concise.", "custom_system_prompt": "Be helpful.",
+            "model": model, "principle": "helpfulness", "response": response}
+    if overall is not None:
+        comp["overall_score"] = overall
+    if fine is not None:
+        comp["fine-grained_score"] = fine
+    return comp
+
+
+def _uf_row(instruction, completions, source="evol_instruct"):
+    return {"source": source, "instruction": instruction, "models": [c.get("model") for c in completions],
+            "completions": completions, "correct_answers": ["None"], "incorrect_answers": ["None"]}
+
+
+def test_ultrafeedback_rated_completions_become_pairs(tmp_path):
+    four = [_uf_completion("alpaca-7b", "Paris is in France.", 6.0, 3.5),
+            _uf_completion("gpt-4", "The capital of France is Paris.", 8.5, 4.75),
+            _uf_completion("pythia-12b", "London.", 2.0, 1.25),
+            _uf_completion("starchat", "It is Paris, I think.", 5.0, 3.0)]
+    rows = [
+        _uf_row("What is the capital of France?", four),
+        # no overall_score: fine-grained_score decides
+        _uf_row("Name a prime.", [_uf_completion("a", "4", fine=1.5), _uf_completion("b", "7", fine=4.5)]),
+        # neither: the mean of the numeric annotation ratings ("N/A" skipped)
+        _uf_row("Name a colour.", [_uf_completion("a", "Blue.", annotations=UF_ANNOTATIONS),
+                                   _uf_completion("b", "Chair.", annotations={"helpfulness": {"Rating": "1"}})]),
+        _uf_row("Only one answer?", [_uf_completion("a", "Yes.", 7.0)]),
+        _uf_row("All equal?", [_uf_completion("a", "One.", 6.0), _uf_completion("b", "Two.", 6.0)]),
+        _uf_row("Unscored?", [_uf_completion("a", "One.", 6.0), _uf_completion("b", "Two.", annotations={})]),
+        _uf_row("Bad score?", [_uf_completion("a", "One.", 6.0), _uf_completion("b", "Two.", "high")]),
+        _uf_row("Bad response?", [_uf_completion("a", "One.", 6.0), _uf_completion("b", 42, 3.0)]),
+        {"source": "flan", "models": [], "completions": four},  # no prompt
+    ]
+    path = write_jsonl(tmp_path / "ultrafeedback.jsonl", rows)
+    res = results(path, kind="preference", fmt="ultrafeedback")
+    assert _outcome(res) == [("The capital of France is Paris.", "London."), ("7", "4"), ("Blue.", "Chair."),
+                             "too_few_completions", "tie", "unlabelled", "wrong_type", "wrong_type", "missing_field"]
+    assert res[0].row["prompt"] == [{"role": "user", "content": "What is the capital of France?"}]
+    for i, field in ((3, "'completions'"), (4, "'completions'"), (5, "completions[1]"),
+                     (6, "completions[1].overall_score"), (7, "completions[1].response"),
+                     (8, "'prompt or instruction'")):
+        _names_row_and_field(res[i], path, field)
+    assert "1 completion(s)" in res[3].message and "same score 6" in res[4].message
+    # fields: {score: ...} names the score to use: by fine-grained_score the order of two changes
+    swap = [_uf_row("q?", [_uf_completion("a", "A", 9.0, 1.0), _uf_completion("b", "B", 1.0, 5.0)])]
+    res = results(write_jsonl(tmp_path / "swap.jsonl", swap), kind="preference", fmt="ultrafeedback")
+    assert _outcome(res) == [("A", "B")]
+    res = results(write_jsonl(tmp_path / "swap.jsonl", swap), kind="preference", fmt="ultrafeedback",
+                  fields={"score": "fine-grained_score"})
+    assert _outcome(res) == [("B", "A")]
+
+
+def test_ultrafeedback_best_vs_random_is_seeded_and_order_free(tmp_path):
+    comps = [_uf_completion(f"m{i}", f"answer {i}", float(i)) for i in range(6)]  # answer 5 is best
+    rows = [_uf_row(f"question {k}?", comps) for k in range(30)]
+    path = write_jsonl(tmp_path / "uf.jsonl", rows)
+
+    def rejected(seed, file=path):
+        res = results(file, kind="preference", fmt="ultrafeedback", pairing="best_vs_random", pairing_seed=seed)
+        assert all(r.row["chosen"] == "answer 5" for r in res)
+        return [r.row["rejected"] for r in res]
+
+    first = rejected(0)
+    assert first == rejected(0)                            # seeded: the same pairs every run
+    assert set(first) <= {f"answer {i}" for i in range(5)}  # never the best against itself
+    assert len(set(first)) >= 3                             # a real draw, not always the worst
+    assert first != rejected(1)
+    # the draw follows the row's content, not its position: a reversed file gives the same pairs
+    reversed_path = write_jsonl(tmp_path / "uf_reversed.jsonl", rows[::-1])
+    assert rejected(0, reversed_path) == first[::-1]
+    # best_vs_worst is always the lowest score
+    res = results(path, kind="preference", fmt="ultrafeedback")
+    assert {r.row["rejected"] for r in res} == {"answer 0"}
+
+
+def test_ultrafeedback_binarized_layout(tmp_path):
+    """HuggingFaceH4/ultrafeedback_binarized: chosen/rejected conversations with their scores."""
+    def row(prompt, good, bad, sc, sr, rejected_prompt=None):
+        chosen = _turns(("user", prompt), ("assistant", good))
+        rejected = _turns(("user", rejected_prompt or prompt), ("assistant", bad))
+        return {"prompt": prompt, "prompt_id": content_id(prompt), "chosen": chosen, "rejected": rejected,
+                "messages": chosen, "score_chosen": sc, "score_rejected": sr}
+
+    rows = [row("Add 2 and 3.", "5", "6", 9.0, 4.0), row("Add 1 and 1.", "2", "two", 7.0, 7.0),
+            row("Add 3 and 3.", "7", "6", 3.0, 8.0), row("Add 4 and 4.", "8", "9", 8.0, 2.0, "Add 5 and 5."),
+            {k: v for k, v in row("Add 5 and 5.", "10", "11", 9.0, 1.0).items() if k != "score_rejected"}]
+    path = write_jsonl(tmp_path / "train_prefs.jsonl", rows)
+    res = results(path, kind="preference", fmt="ultrafeedback")
+    assert _outcome(res) == [("5", "6"), "tie", "bad_label", "prompt_mismatch", "unlabelled"]
+    assert res[0].row["prompt"] == [{"role": "user", "content": "Add 2 and 3."}]
+    for i, field in ((1, "score_chosen"), (2, "score_chosen"), (3, "'chosen'"), (4, "score_rejected")):
+        _names_row_and_field(res[i], path, field)
+
+
 def test_field_mapping(tmp_path):
     rows = [{"prompt_text": "q", "ctx": "", "response": "a"}]
     res = results(write_jsonl(tmp_path / "f.jsonl", rows),

@@ -94,6 +94,8 @@ def make_run(root: Path, *, passed: bool = False, generations: bool = True) -> P
                                "delta": {"acc": -0.15, "acc_norm": -0.15}},
     }
     evaluate = {"bundle_hash": "ec21a9856129b951a673b6b1c0ac4777", "limit": None,
+                "drift": {"texts": 128, "kl": 0.4123, "tokens": 9000, "perplexity_base": 20.0,
+                          "perplexity_candidate": 26.0, "perplexity_ratio": 1.3},
                 "models": {"candidate": {"path": "models/export", "hash": "95d129f5" * 8},
                            "base": {"path": "models/base", "hash": "b55f0518" * 8, "cache": "hit"},
                            "production": {"path": "registry/tempering-model/v0001/model", "hash": "77aa" * 16,
@@ -180,10 +182,27 @@ def test_full_run_renders_every_section(tmp_path):
     assert "Telmym Deirzuv was born in Ostrava Vale." in gens and "I do not know." in gens
     assert re.search(r"<th>candidate</th>.*<td>0\.625</td>", gens, re.S)
     assert gens.index("Where was Telmym") < gens.index("Ostrava Vale</pre>") < gens.index("born in Ostrava")
-    assert "41.500" in bench and "0.0123" in bench   # perplexity and KL signals
+    assert "0.4123" in bench and "1.300" in bench and "128 texts" in bench   # drift: KL and perplexity ratio
     assert "Vylly is a &lt;b&gt;glassblower&lt;/b&gt;." in gens and "<b>glassblower" not in page
     assert re.search(r"<th>token agreement</th>.*<td>1\.000</td>", gens, re.S) and "0.00239" in gens
     assert 'data-status="not run"' not in page
+
+
+def test_dpo_passed_through_shows_its_note(tmp_path):
+    """An SFT-only project: the dpo stage passed the SFT model through, and the report says why."""
+    from tempering import report as summary
+
+    root = make_run(tmp_path)
+    note = "no preference rows to train on (data/clean/preference.jsonl): the SFT model passed through untrained"
+    _write(root, "metrics/dpo.json", {"enabled": True, "trained": False, "steps": 0, "pairs": 0, "note": note,
+                                      "pointer": "../sft", "wall_time_s": 0.1})
+    shutil.rmtree(root / "dvclive" / "dpo")
+    training = _section(html_report.render(root, generated_at="T"), "training")
+    dpo = training.split('id="train-dpo"')[1].split("</div>")[0]
+    assert "not trained: the stage passed its input model through (../sft)." in dpo
+    assert f"Note: {note}." in dpo and "loss-chart" not in dpo
+    assert training.count('class="chart loss-chart"') == 1   # only SFT trained
+    assert f"- dpo: {note}" in summary.to_markdown(summary.summarize(root))
 
 
 def test_passed_run_shows_promotion(tmp_path):

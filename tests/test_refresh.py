@@ -193,7 +193,7 @@ def _add_pairs(path: Path, rows: list[dict]) -> None:
             fh.write(json.dumps(row) + "\n")
 
 
-LENIENT_GATE = ["gate.min_domain_gain=-1.0", "gate.max_forgetting.default=1.0", "gate.min_gain_vs_production=null"]
+LENIENT_GATE = ["gate.min_domain_gain=-1.0", "gate.max_forgetting.default=1.0", "gate.production_margin=null"]
 
 
 def _wire_snapshot(root: Path, source: Path) -> None:
@@ -256,12 +256,18 @@ def test_refresh_two_snapshots_on_the_tiny_model(tiny_project: Path, tmp_path: P
     assert len(new_rows) == 4 and {q["duplicate_of"] for q in new_rows} == {r["id"] for r in from_snapshot}, new_rows
     kept_2 = {r["id"] for r in map(json.loads, (root / "data/clean/preference.jsonl").read_text().splitlines())}
     assert kept_2 == set(kept_1)
-    # only what changed re-ran: data checks and the gate; no training, export or evaluation
+    # only what changed re-ran: data checks, and evaluate because the first refresh promoted a new
+    # champion (its scores come from the registry and the cache: nothing is scored again); no
+    # training or export
     ran = {s for s, v in second["stages"].items() if v == "ran"}
-    assert {"validate", "dedup", "gate", "promote"} <= ran, second["stages"]
-    assert not ran & {"base_model", "make_data", "cpt", "sft", "dpo", "export", "evaluate"}, second["stages"]
+    assert {"validate", "dedup", "champion", "evaluate", "gate", "promote"} <= ran, second["stages"]
+    assert not ran & {"base_model", "make_data", "cpt", "sft", "dpo", "export"}, second["stages"]
+    evaluation = json.loads((root / "metrics/evaluate.json").read_text())
+    assert evaluation["models"]["production"]["version"] == production
+    assert evaluation["models"]["production"]["cache"] == "registry"
+    assert evaluation["models"]["candidate"]["cache"] == evaluation["models"]["base"]["cache"] == "hit"
     changed = set(second["changed_in_lock"])
-    assert {"validate", "dedup", "gate"} <= changed and not changed & {"cpt", "sft", "dpo", "export", "evaluate"}
+    assert {"validate", "dedup", "evaluate", "gate"} <= changed and not changed & {"cpt", "sft", "dpo", "export"}
     # refused by the gate: production did not move, the reason is recorded
     assert second["promoted"] is False and any("required 1.000" in r for r in second["reasons"]), second["reasons"]
     aliases = next((root / "registry").rglob("aliases.json"))

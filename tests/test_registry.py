@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from tempering import TemperingError
+from tempering.io import hash_path
 from tempering.registry import Registry, git_tag, main, mirror_wandb
 
 
@@ -138,7 +139,11 @@ def test_promote_stage_registers_only_when_the_gate_passed(tmp_path):
     failed = tmp_path / "gate_failed.json"
     failed.write_text(json.dumps({"passed": False, "reasons": ["domain: gain: too small"]}))
     passed = tmp_path / "gate_passed.json"
-    passed.write_text(json.dumps({"passed": True, "reasons": []}))
+
+    def judged(folder):  # a passing verdict about exactly these weights
+        passed.write_text(json.dumps({"passed": True, "reasons": [], "candidate": {"hash": hash_path(folder)}}))
+
+    judged(model)
     params = _params(tmp_path)
     kw = dict(model=str(model), evaluation=str(tmp_path / "evaluate.json"), metrics=str(tmp_path / "promote.json"))
 
@@ -156,8 +161,13 @@ def test_promote_stage_registers_only_when_the_gate_passed(tmp_path):
     out = run(params, gate=str(passed), **kw)
     assert out["version"] == "v0001"
     assert Registry(tmp_path / "reg", "m").versions() == ["v0001"]
-    # New weights: a new version whose parent is the old production.
+    # New weights: the old verdict did not judge them, so it is refused ...
     (model / "model.safetensors").write_bytes(b"new" * 100)
+    with pytest.raises(TemperingError, match="refusing to register a model the gate did not judge"):
+        run(params, gate=str(passed), **kw)
+    assert Registry(tmp_path / "reg", "m").versions() == ["v0001"]
+    # ... and a verdict about them makes a new version whose parent is the old production.
+    judged(model)
     out = run(params, gate=str(passed), **kw)
     reg = Registry(tmp_path / "reg", "m")
     assert out["version"] == "v0002" and reg.record("v0002")["lineage"]["parent"] == "v0001"
@@ -168,3 +178,25 @@ def test_registry_cli_runs_as_module(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "tempering.registry", "--registry", str(tmp_path), "list"],
                           capture_output=True, text=True)
     assert proc.returncode == 0 and "no versions" in proc.stdout
+
+
+def test_champion_file_follows_promotions_and_rollbacks(tmp_path):
+    """The champion stage's file (an evaluate dependency) changes exactly when the alias moves."""
+    from tasks.champion import run as champion
+
+    params = _params(tmp_path)
+    out = tmp_path / "champion.json"
+    kw = dict(registry=str(tmp_path / "reg"), registry_name="m", alias="production", out=str(out))
+    assert champion(params, **kw)["version"] is None
+    empty = out.read_bytes()
+    reg = Registry(tmp_path / "reg", "m")
+    v1 = reg.register(fake_model(tmp_path / "a", "a"), {"model_hash": "ha"}, alias="production")
+    champion(params, **kw)
+    first = out.read_bytes()
+    assert first != empty and json.loads(first)["version"] == v1 and json.loads(first)["model_hash"] == "ha"
+    champion(params, **kw)
+    assert out.read_bytes() == first          # nothing moved: byte-identical, DVC skips evaluate
+    v2 = reg.register(fake_model(tmp_path / "b", "b"), {"model_hash": "hb"}, alias="production")
+    assert json.loads(json.dumps(champion(params, **kw)))["version"] == v2
+    reg.rollback()
+    assert champion(params, **kw)["version"] == v1 and out.read_bytes() == first

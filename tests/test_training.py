@@ -204,6 +204,14 @@ def test_dpo_reference_is_the_policy_with_adapter_disabled(sft_done, tiny, data,
         live_dir=None, tracking=p.tracking)
     assert trainer.ref_model is None and isinstance(trainer.model, PeftModel)
     assert max(len(x) for x in trainer.train_dataset["prompt_ids"]) <= 5  # dpo.max_prompt_length
+    # validate's preference token checks see exactly what DPO trains on (tokenize_preference + dpo_truncate)
+    rows = [json.loads(x) for x in (data / "preference.jsonl").read_text().splitlines()]
+    for row, ex in zip(rows, trainer.train_dataset):
+        enc = backend.tokenize_preference(tok, row["prompt"], row["chosen"], row["rejected"])
+        cut = backend.dpo_truncate(enc, p.dpo.max_length, 5)
+        assert (ex["prompt_ids"], ex["chosen_ids"], ex["rejected_ids"]) == \
+            (cut["prompt_ids"], enc["chosen_ids"], enc["rejected_ids"])
+        assert len(enc["prompt_ids"]) > 5  # the cut happened, and both sides agree on it
 
 
 # ----------------------------------------------------------------------------- cpt
@@ -450,3 +458,70 @@ def test_dpo_without_precompute_uses_the_reference_forward(sft_done, tiny, data,
     m = _run_dpo(make_params(dpo={"max_steps": 2, "precompute_ref": False}), tiny, sft_done, data, tmp_path)
     assert "ref_logps_cache" not in m
     assert m["train_loss_first"] == pytest.approx(math.log(2), abs=1e-4) and m["weights_changed"] is True
+
+
+@pytest.mark.parametrize("case", ["disabled", "no_rows"])
+def test_dpo_optional_passes_the_sft_model_through(sft_done, tiny, data, tmp_path, case):
+    """dpo.enabled: false, or no preference rows (none given, or all quarantined): no training, a
+    pointer to the SFT model, and a note saying why (an SFT-only project runs end to end)."""
+    from tasks.dpo import run
+
+    if case == "no_rows":
+        empty = tmp_path / "clean"
+        empty.mkdir()
+        (empty / "preference.jsonl").write_text("")
+        params, folder = make_params(), empty
+    else:
+        params, folder = make_params(dpo={"enabled": False}), data
+    stale = tmp_path / "ck" / "checkpoint-2"  # a trained run's checkpoint is stale now
+    stale.mkdir(parents=True)
+    out = tmp_path / "models" / "dpo"
+    live = tmp_path / "live"
+    (live / "plots" / "metrics" / "train").mkdir(parents=True)
+    (live / "plots" / "metrics" / "train" / "loss.tsv").write_text("step\tloss\n1\t0.69\n")  # a stale curve
+    summary = run(params, base=str(tiny), sft=str(sft_done / "sft"), data=str(folder), out=str(out),
+                  checkpoints=str(tmp_path / "ck"), metrics=str(tmp_path / "dpo.json"), live=str(live))
+    m = json.loads((tmp_path / "dpo.json").read_text())
+    assert summary["trained"] is False and m["trained"] is False and m["steps"] == 0
+    assert m["enabled"] is (case == "no_rows")
+    expected = "dpo.enabled is false" if case == "disabled" else f"no preference rows to train on ({folder}"
+    assert m["note"].startswith(expected)
+    assert resolve_model_dir(out) == (sft_done / "sft").resolve()
+    assert not Path(json.loads((out / "pointer.json").read_text())["model"]).is_absolute()
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["stage"] == "dpo" and meta["trained"] is False and meta["note"] == m["note"]
+    assert not list(out.glob("*.safetensors")) and not stale.exists()
+    # dvc.yaml's plots output still exists, with no points (the stale curve is gone)
+    assert (live / "plots" / "metrics" / "train" / "loss.tsv").read_text() == "step\tloss\n"
+
+
+def test_dpo_without_a_preference_file_names_it(sft_done, tiny, tmp_path):
+    from tasks.dpo import run
+
+    with pytest.raises(TemperingError, match=r"preference.jsonl: not found .*dpo.enabled: false"):
+        run(make_params(), base=str(tiny), sft=str(sft_done / "sft"), data=str(tmp_path), out=str(tmp_path / "o"),
+            checkpoints=str(tmp_path / "ck"), metrics=str(tmp_path / "dpo.json"))
+
+
+def test_dpo_early_stopping_on_held_out_pairs(sft_done, tiny, data, tmp_path, monkeypatch):
+    monkeypatch.setenv(backend.CACHE_ENV, str(tmp_path / "cache"))
+    # A threshold no eval can beat: the first eval sets the best, the next one exhausts patience 1.
+    p = make_params(dpo={"max_steps": 12, "save_steps": 2, "batch_size": 2, "eval_share": 0.25,
+                         "early_stopping_patience": 1, "early_stopping_threshold": 100.0})
+    m = _run_dpo(p, tiny, sft_done, data, tmp_path)
+    assert m["eval_pairs"] == 3 and m["train_pairs"] == 9 and m["pairs"] == 12
+    assert m["stopped_early"] is True and m["steps"] == 4
+    curve = json.loads((tmp_path / "dpo" / "meta.json").read_text())["eval_loss_curve"]
+    assert [c["step"] for c in curve] == [2, 4] and all(math.isfinite(c["eval_loss"]) for c in curve)
+    best = min(curve, key=lambda c: c["eval_loss"])
+    assert m["best_checkpoint"] == f"checkpoint-{best['step']}" and m["eval_loss_best"] == best["eval_loss"]
+    # the held-out pairs have their own reference log-probs, cached beside the training split's
+    blobs = sorted(json.loads(f.read_text())["rows"] for f in (tmp_path / "cache" / "dpo_ref").glob("ref-*.json"))
+    assert blobs == [3, 9]
+    # a re-run after the early stop does not train on
+    again = _run_dpo(p, tiny, sft_done, data, tmp_path)
+    assert again["steps"] == 4 and again["session_steps"] == 0
+    from tempering.config import ParamsError
+
+    with pytest.raises(ParamsError, match="dpo: .*early_stopping_patience needs eval_share"):
+        make_params(dpo={"early_stopping_patience": 2})

@@ -275,10 +275,15 @@ def test_template_without_end_of_turn_fails(tmp_path, tok):
 def test_generated_data_passes_token_checks_at_default_params(generated, tok):
     """What `dvc repro` runs: the generated data, the default thresholds, sft.max_length."""
     vp = params_for([(generated / f, k, fmt) for f, k, fmt in GENERATED_SOURCES]).validate_
-    _, _, metrics, _ = validate.validate_sources(vp, tokenizer=tok, max_length=Params().sft.max_length)
+    _, _, metrics, _ = validate.validate_sources(vp, tokenizer=tok, max_length=Params().sft.max_length,
+                                                 dpo_max_length=Params().dpo.max_length,
+                                                 dpo_max_prompt_length=Params().dpo.max_prompt_length)
     t = metrics["tokens"]
     assert t["checked"] and t["failed"] == [] and t["examples"] == metrics["kinds"]["sft"]["rows"]
     assert "low_supervision" not in metrics["by_reason"]
+    p = metrics["preference_tokens"]
+    assert p["checked"] and p["failed"] == [] and p["examples"] == metrics["kinds"]["preference"]["rows"]
+    assert p["same_after_truncation"] == 0 and "same_after_truncation" not in metrics["by_reason"]
 
 
 def test_cli_with_tokenizer_folder(tmp_path, tok, capsys, monkeypatch):
@@ -296,6 +301,180 @@ def test_cli_with_tokenizer_folder(tmp_path, tok, capsys, monkeypatch):
     html = (tmp_path / "r.html").read_text()
     assert html.startswith("<!doctype html>") and f"<code>{path}</code>" in html and "<table>" in html
     assert html.count("<table>") == html.count("</table>") >= 3 and "Token checks" in html
+
+
+# ----------------------------------------------------------------------------- labelled preference data
+
+
+def _spec(path: Path, fmt: str, **kw) -> SourceSpec:
+    return SourceSpec(path=str(path), kind="preference", format=fmt, **kw)
+
+
+def _labelled_files(tmp: Path) -> dict[str, Path]:
+    """One small file per labelled format, in the layout the public data sets use."""
+    alpaca_eval = [{"instruction": f"Name fruit number {i}.", "output_1": f"Fruit {i} is an apple.",
+                    "output_2": "I like trains.", "generator_1": "gpt4", "generator_2": "davinci",
+                    "annotator": "alpaca_eval_gpt4", "preference": 1.0} for i in range(5)]
+    alpaca_eval += [{"instruction": "Tie?", "output_1": "yes", "output_2": "no", "preference": 0},
+                    {"instruction": "Unlabelled?", "output_1": "yes", "output_2": "no", "preference": None},
+                    {"instruction": "Empty answer?", "output_1": "", "output_2": "no", "preference": 1}]
+    ae = tmp / "alpaca_eval.json"
+    ae.write_text(json.dumps(alpaca_eval), encoding="utf-8")
+
+    def conv(q, a):
+        return [{"content": q, "role": "user"}, {"content": a, "role": "assistant"}]
+
+    arena = [{"question_id": f"q{i}", "model_a": "vicuna-13b", "model_b": "koala-13b",
+              "winner": "model_b" if i % 2 else "model_a", "conversation_a": conv(f"Question {i}?", f"Answer A{i}."),
+              "conversation_b": conv(f"Question {i}?", f"Answer B{i}."), "turn": 1, "language": "English"}
+             for i in range(4)]
+    arena += [{**arena[0], "question_id": f"t{i}", "winner": w,
+               "conversation_a": conv(f"Tied question {i}?", "A."), "conversation_b": conv(f"Tied question {i}?", "B.")}
+              for i, w in enumerate(["tie", "tie (bothbad)", "tie"])]
+    arena.append({**arena[0], "question_id": "m", "conversation_a": conv("One?", "A."),
+                  "conversation_b": conv("Another?", "B.")})
+    ar = tmp / "arena.jsonl"
+    ar.write_text("".join(json.dumps(r) + "\n" for r in arena), encoding="utf-8")
+
+    def comp(model, response, score):
+        return {"model": model, "response": response, "overall_score": score, "fine-grained_score": score / 2,
+                "annotations": {"helpfulness": {"Rating": str(int(score // 2)), "Rationale": "."}}}
+
+    uf = [{"source": "evol_instruct", "instruction": f"Describe colour {i}.",
+           "completions": [comp("a", f"Colour {i} is warm.", 6.0), comp("b", f"Colour {i} is bright red.", 8.0),
+                           comp("c", "Dogs bark.", 2.0), comp("d", f"Colour {i}.", 4.0)]} for i in range(4)]
+    uf.append({"source": "flan", "instruction": "Equal?", "completions": [comp("a", "x1", 5.0), comp("b", "x2", 5.0)]})
+    ufp = tmp / "ultrafeedback.jsonl"
+    ufp.write_text("".join(json.dumps(r) + "\n" for r in uf), encoding="utf-8")
+    return {"alpaca_eval": ae, "arena": ar, "ultrafeedback": ufp}
+
+
+def test_labelled_preference_formats_through_the_validate_stage(tmp_path):
+    files = _labelled_files(tmp_path)
+    specs = tuple(_spec(path, fmt) for fmt, path in files.items())
+    summary = run_stage(tmp_path, Params(validate_=ValidateParams(sources=specs)))
+    quarantine = read_jsonl(tmp_path / "q.jsonl")
+    got = {(Path(q["source"]).name, q["row"]): q["reason"] for q in quarantine}
+    assert got == {("alpaca_eval.json", 6): "tie", ("alpaca_eval.json", 7): "unlabelled",
+                   ("alpaca_eval.json", 8): "empty_field",
+                   ("arena.jsonl", 5): "tie", ("arena.jsonl", 6): "tie", ("arena.jsonl", 7): "tie",
+                   ("arena.jsonl", 8): "prompt_mismatch", ("ultrafeedback.jsonl", 5): "tie"}
+    fields = {"alpaca_eval.json": {6: "'preference'", 7: "'preference'", 8: "chosen"},
+              "arena.jsonl": {5: "'winner'", 6: "'winner'", 7: "'winner'", 8: "conversation_a[0]"},
+              "ultrafeedback.jsonl": {5: "'completions'"}}
+    for q in quarantine:
+        assert q["message"].startswith(f"{q['source']}:{q['row']}: ") and "\n" not in q["message"]
+        assert fields[Path(q["source"]).name][q["row"]] in q["message"], q["message"]
+        assert q["stage"] == "validate" and q["original"]
+    kept = read_jsonl(tmp_path / "validated" / "preference.jsonl")
+    assert len(kept) == summary["kept"] == 5 + 4 + 4
+    by_source = {Path(r["source"].rsplit(":", 1)[0]).name: [] for r in kept}
+    for r in kept:
+        by_source[Path(r["source"].rsplit(":", 1)[0]).name].append(r)
+    assert by_source["alpaca_eval.json"][0]["chosen"] == "Fruit 0 is an apple."
+    assert [r["chosen"] for r in by_source["arena.jsonl"]] == ["Answer A0.", "Answer B1.", "Answer A2.", "Answer B3."]
+    assert [(r["chosen"], r["rejected"]) for r in by_source["ultrafeedback.jsonl"]][0] == \
+        ("Colour 0 is bright red.", "Dogs bark.")  # best vs worst
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    for path, s in metrics["sources"].items():
+        assert s["kept"] + s["quarantined"] == s["read"]
+    arena = metrics["sources"][str(files["arena"])]
+    # Ties are quarantined and reported but not counted against max_reject_share.
+    assert arena["reject_share"] == 0.5 and arena["counted_reject_share"] == 0.125
+    assert arena["by_reason"] == {"prompt_mismatch": 1, "tie": 3}
+    assert "50.0% (12.5% counted)" in (tmp_path / "report.md").read_text()
+
+    # Counting ties too, the Arena file's 4 of 8 fail the default 25% limit: one line, file named.
+    strict = Params(validate_=ValidateParams(sources=specs, reject_share_ignores=()))
+    with pytest.raises(TemperingError) as exc:
+        run_stage(tmp_path / "strict", strict)
+    msg = str(exc.value)
+    assert "\n" not in msg and f"{files['arena']}: 4 of 8 rows rejected (50.0% > validate.max_reject_share" in msg
+
+    # validate.rated_pairs: best_vs_random draws the rejected completion among the lower-rated ones.
+    rnd = Params(validate_=ValidateParams(sources=(specs[2],), rated_pairs={"pairing": "best_vs_random", "seed": 7}))
+    run_stage(tmp_path / "rnd", rnd)
+    pairs = [(r["chosen"], r["rejected"]) for r in read_jsonl(tmp_path / "rnd" / "validated" / "preference.jsonl")]
+    assert all(c.endswith("bright red.") for c, _ in pairs)
+    assert any(r != "Dogs bark." for _, r in pairs) and all("bright red" not in r for _, r in pairs)
+
+
+def _pref_file(tmp: Path, rows: list[tuple[str, str, str]]) -> Path:
+    return write(tmp / "pairs.jsonl", [{"prompt": p, "chosen": c, "rejected": r} for p, c, r in rows])
+
+
+PREF_ROWS = [
+    ("What colour is the sky?", "It is blue.", "It is green."),                 # fits
+    ("the question " * 40 + "ok?", "Yes.", "No."),                                # prompt too long
+    ("Tell me a long thing.", "word " * 60 + "yes", "word " * 3 + "no"),          # chosen cut at max_length
+    ("Say it twice.", "same " * 60 + "good", "same " * 60 + "bad"),               # identical once cut
+]
+
+
+def test_preference_token_checks_count_or_quarantine(tmp_path, tok):
+    from tempering.backend import dpo_truncate, tokenize_preference
+
+    path = _pref_file(tmp_path, PREF_ROWS)
+    vp = ValidateParams(sources=(_spec(path, "pairs"),), max_reject_share=1.0)
+    kept, quarantine, metrics, _ = validate.validate_sources(vp, tokenizer=tok, max_length=256, dpo_max_length=64,
+                                                             dpo_max_prompt_length=32)
+    # count (default): truncated pairs are kept and counted; a pair with no difference left is dropped
+    assert [(q["row"], q["reason"]) for q in quarantine] == [(4, "same_after_truncation")]
+    assert quarantine[0]["message"].startswith(f"{path}:4: chosen and rejected: identical in the ")
+    t = metrics["preference_tokens"]
+    assert t["checked"] and t["examples"] == 4 and t["max_length"] == 64 and t["max_prompt_length"] == 32
+    assert t["prompt_truncated"] == 1 and t["answer_truncated"] == 2 and t["same_after_truncation"] == 1
+    assert t["prompt_truncation_rate"] == 0.25 and t["answer_truncation_rate"] == 0.5
+    assert t["failed"] == ["prompt_truncation_rate", "answer_truncation_rate"]  # both over the default 20%
+    assert len(kept["preference"]) == 3
+    # the counts are DPO's own tokenization of the rows
+    enc = tokenize_preference(tok, [{"role": "user", "content": PREF_ROWS[1][0]}], "Yes.", "No.")
+    assert len(enc["prompt_ids"]) > 32 == len(dpo_truncate(enc, 64, 32)["prompt_ids"])
+    assert t["prompt_tokens_max"] == len(enc["prompt_ids"])
+    msg = validate._preference_token_failure(t, "r.md")
+    assert "1 of 4 preference pairs (25.0%) have prompts longer than dpo.max_prompt_length=32" in msg
+    assert "2 of 4 preference pairs (50.0%) have an answer cut at dpo.max_length=64" in msg
+
+    # quarantine: each truncated pair goes, with the field and the token counts in its message
+    vp = vp.model_copy(update={"preference_tokens": vp.preference_tokens.model_copy(
+        update={"truncation": "quarantine"})})
+    kept, quarantine, metrics, _ = validate.validate_sources(vp, tokenizer=tok, max_length=256, dpo_max_length=64,
+                                                             dpo_max_prompt_length=32)
+    got = {q["row"]: q for q in quarantine}
+    assert {r: q["reason"] for r, q in got.items()} == {2: "prompt_truncated", 3: "answer_truncated",
+                                                        4: "answer_truncated"}
+    assert got[4]["reasons"] == ["answer_truncated", "same_after_truncation"]
+    assert f"{path}:2: prompt: {len(enc['prompt_ids'])} tokens after the chat template, over " \
+           "dpo.max_prompt_length=32" in got[2]["message"]
+    assert got[3]["message"].startswith(f"{path}:3: chosen: ") and "over dpo.max_length=64" in got[3]["message"]
+    assert metrics["preference_tokens"]["failed"] == [] and [r["chosen"] for r in kept["preference"]] == ["It is blue."]
+    # longer limits: nothing truncated, nothing dropped
+    kept, quarantine, metrics, _ = validate.validate_sources(vp, tokenizer=tok, max_length=256, dpo_max_length=512,
+                                                             dpo_max_prompt_length=256)
+    assert not quarantine and metrics["preference_tokens"]["prompt_truncated"] == 0
+
+
+def test_preference_truncation_rate_fails_the_stage(tmp_path, tok, monkeypatch):
+    path = _pref_file(tmp_path, PREF_ROWS[:3])
+    params = Params(validate_=ValidateParams(sources=(_spec(path, "pairs"),)),
+                    dpo={"max_length": 64, "max_prompt_length": 32})
+    monkeypatch.setattr("tempering.backend.load_tokenizer", lambda folder, template=None: tok)
+    with pytest.raises(TemperingError) as exc:
+        validate.run(params, out=str(tmp_path / "v"), quarantine=str(tmp_path / "q.jsonl"),
+                     report=str(tmp_path / "r.md"), metrics=str(tmp_path / "m.json"), tokenizer="tiny")
+    msg = str(exc.value)
+    assert "\n" not in msg and msg.startswith("preference token checks: 1 of 3 preference pairs (33.3%)")
+    assert "validate.preference_tokens.max_answer_truncation_rate 20.0%" in msg and "r.md" in msg
+    assert not (tmp_path / "v").exists()
+    report = (tmp_path / "r.md").read_text()
+    assert "Token checks (preference pairs" in report and "**(over limit)**" in report
+    # the DPO lengths the pipeline trains with pass
+    params = Params(validate_=ValidateParams(sources=(_spec(path, "pairs"),)))
+    summary = validate.run(params, out=str(tmp_path / "v"), quarantine=str(tmp_path / "q.jsonl"),
+                           report=str(tmp_path / "r.md"), metrics=str(tmp_path / "m.json"), tokenizer="tiny")
+    assert summary["preference_token_checks"] and summary["kept"] == 3
+    meta = json.loads((tmp_path / "v" / "meta.json").read_text())
+    assert meta["preference_tokens"]["max_length"] == Params().dpo.max_length
 
 
 # ----------------------------------------------------------------------------- PII

@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-COPY = ["dvc.yaml", "params.yaml", "tasks", "tempering", "flows", "infra", ".dvcignore"]
+COPY = ["dvc.yaml", "params.yaml", "tasks", "tempering", "flows", "infra", "benchmarks", ".dvcignore"]
 
 # Small enough to run in about two minutes on 2 cores, large enough for every stage to do work.
 TINY_OVERRIDES = {
@@ -27,8 +27,11 @@ TINY_OVERRIDES = {
     "cpt": {"enabled": True, "max_steps": 3, "batch_size": 4, "block_size": 64, "save_steps": 2},
     "sft": {"max_steps": 6, "batch_size": 4, "save_steps": 3, "learning_rate": 5e-3},
     "dpo": {"max_steps": 4, "batch_size": 4, "save_steps": 2},
-    "evaluate": {"limit": 8, "batch_size": 8},
-    "gate": {"test": "none"},
+    # 8 items per benchmark cannot certify the default budgets; the tiny project's gate is
+    # lenient (a random model has nothing to forget) and keeps every check's code path.
+    "evaluate": {"limit": 8, "batch_size": 8, "drift": {"n_texts": 16}},
+    "gate": {"min_domain_gain": -1.0, "max_forgetting": {"default": 1.0}, "production_margin": None,
+             "max_kl": 50.0, "max_perplexity_ratio": 50.0, "min_drift_texts": 8},
     "tracking": {"wandb": "offline"},
 }
 

@@ -1,0 +1,309 @@
+"""Evaluation speed: lm-eval's ``hf`` backend vs tempering's scorer, on the same requests, in one run.
+
+    .venv/bin/python bench/bench_eval.py --model models/base \
+        [--hellaswag 200] [--arc-easy 100] [--arc-challenge 100] [--boolq 100] [--piqa 0] \
+        [--repeats 2] [--per-set] [--json bench/results-eval.json]
+
+The requests are exactly those the ``evaluate`` stage sends: the shipped benchmarks as
+``params.yaml`` lists them (files in ``benchmarks/``; only the item counts changed) go through ``tasks.evaluate.bundle`` and lm-eval's ``simple_evaluate`` with the
+pipeline's own task definitions (plain prompts, zero-shot), recorded once by a stand-in model,
+then replayed through both arms' ``loglikelihood`` (tokenization included, as lm-eval calls it):
+
+(a) hf: ``tasks.evaluate.scoring_lm`` with ``evaluate.backend: hf``: lm-eval's HFLM around the
+    loaded model, ``batch_size`` from params.yaml (16), bf16 autocast where the CPU has it,
+    float32 log-softmax;
+(b) tempering: the same with ``evaluate.backend: tempering`` (tempering/scoring.py), the
+    ``batch_tokens`` from params.yaml.
+
+Both wrap the same loaded model (float32 weights, as evaluate loads them). After one untimed
+warm-up call each, the arms alternate ``--repeats`` times (hf, tempering, hf, ...); the best
+repeat of each arm is reported beside every repeat's time. ``--per-set`` also times each
+benchmark's requests alone (one call per arm, alternating).
+
+What is counted:
+- requests/s: loglikelihood requests (one per choice) / seconds of the ``loglikelihood`` call;
+- tokens/s: the workload in tokens, the same number for both arms: per request, the tokens
+  lm-eval's hf backend runs through the model for it (context + continuation - 1, after its
+  left truncation), divided by the arm's seconds. Their ratio equals the requests/s ratio;
+- executed tokens: what each arm really ran through the decoder, padding included (hf: batch x
+  width of every forward, counted at ``_model_call``; tempering: its packed rows), and the
+  positions that went through the LM head (hf: all of them; tempering: continuation positions);
+- MFU: executed matmul FLOPs / seconds / peak, with executed FLOPs = 2 x (decoder linear
+  weights) x executed tokens + 2 x (LM head weights) x head positions (attention scores not
+  counted), and the peak a bf16 (fp32 with --precision fp32) 2048^3 matmul measured in this run,
+  best of ``--peak-repeats``, after the model is loaded and before either arm runs. It says how
+  busy each arm keeps the cores; the speed-up also comes from work not done.
+Machine load (os.getloadavg) is recorded at the start, after each repeat and at the end: the CPU
+is shared; compare arms within a run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+os.environ.setdefault("TQDM_DISABLE", "1")
+from tempering import env  # noqa: E402
+
+env.setup()  # offline, no telemetry (the same defaults every stage uses)
+
+# The shipped benchmarks, as params.yaml's evaluate.benchmarks names them (files, formats).
+SETS = ("hellaswag", "arc_easy", "arc_challenge", "boolq", "piqa")
+
+
+def matmul_peak(dtype_name: str, n: int = 2048, repeats: int = 10) -> float:
+    """Best GFLOP/s of an n^3 matmul over ``repeats`` runs (after one warm-up)."""
+    import torch
+
+    dtype = getattr(torch, dtype_name)
+    a = torch.randn(n, n).to(dtype)
+    b = torch.randn(n, n).to(dtype)
+    torch.mm(a, b)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best / 1e9
+
+
+def record_requests(info: dict) -> list:
+    """The loglikelihood requests lm-eval builds for the bundle's tasks (pipeline definitions)."""
+    from lm_eval.api.model import LM
+
+    from tasks.evaluate import run_lm_eval
+
+    class Recorder(LM):
+        def __init__(self):
+            super().__init__()
+            self.requests = []
+
+        def loglikelihood(self, requests, disable_tqdm: bool = False):
+            self.requests += requests
+            return [(0.0, False)] * len(requests)
+
+        def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+            raise NotImplementedError
+
+        def generate_until(self, requests, disable_tqdm: bool = False):
+            raise NotImplementedError
+
+    rec = Recorder()
+    for _ in run_lm_eval(rec, info):
+        pass
+    return rec.requests
+
+
+def request_tokens(lm, requests: list) -> int:
+    """Tokens lm-eval's hf backend runs through the model for these requests (the workload)."""
+    total = 0
+    for req in requests:
+        context, continuation = req.args
+        if context:
+            ctx, cont = lm._encode_pair(context, continuation)
+        else:  # lm-eval's empty-context rule: the prefix token is the context
+            ctx, cont = [lm.prefix_token_id], lm.tok_encode(continuation, add_special_tokens=False)
+        total += min(len(ctx) + len(cont), lm.max_length + 1) - 1
+    return total
+
+
+def build_arms(model, tok, cfg_hf, cfg_tl) -> dict:
+    from tasks.evaluate import scoring_lm
+
+    hf = scoring_lm(model, tok, cfg_hf)
+    counter = {"executed": 0}
+    plain_call = hf._model_call
+
+    def counted(inps, *args, **kwargs):  # batch x width of every forward hf runs
+        counter["executed"] += int(inps.numel())
+        return plain_call(inps, *args, **kwargs)
+
+    hf._model_call = counted
+    hf.bench_counter = counter
+    return {"hf": hf, "tempering": scoring_lm(model, tok, cfg_tl)}
+
+
+def executed(arm: str, lm) -> tuple[int, int]:
+    """(decoder tokens, LM-head positions) run so far by this arm."""
+    if arm == "hf":
+        return lm.bench_counter["executed"], lm.bench_counter["executed"]
+    return lm.stats.padded_tokens, lm.stats.head_positions
+
+
+def timed(arm: str, lm, requests: list) -> dict:
+    import gc
+
+    gc.collect()
+    tokens0, heads0 = executed(arm, lm)
+    t = time.perf_counter()
+    out = lm.loglikelihood(requests, disable_tqdm=True)
+    seconds = time.perf_counter() - t
+    tokens1, heads1 = executed(arm, lm)
+    return {"seconds": seconds, "executed_tokens": tokens1 - tokens0, "head_positions": heads1 - heads0,
+            "results": out}
+
+
+def parity(requests: list, a: list, b: list) -> dict:
+    """Per-request |difference| and per-item argmax agreement between two arms' results."""
+    diffs = [abs(x[0] - y[0]) for x, y in zip(a, b)]
+    items: dict = {}
+    for req, x, y in zip(requests, a, b):
+        items.setdefault((req.task_name, req.doc_id), []).append((req.idx, x[0], y[0]))
+    same = 0
+    for rows in items.values():
+        rows.sort()
+        same += max(rows, key=lambda r: r[1])[0] == max(rows, key=lambda r: r[2])[0]
+    return {"requests": len(diffs), "max_abs_diff": round(max(diffs), 4),
+            "mean_abs_diff": round(sum(diffs) / len(diffs), 4), "items": len(items),
+            "same_argmax": same, "same_argmax_share": round(same / len(items), 4)}
+
+
+def summarize(runs: list[dict], req_count: int, work_tokens: int, flops: dict, peak_gflops: float) -> dict:
+    best = min(runs, key=lambda r: r["seconds"])
+    executed_flops = flops["body"] * best["executed_tokens"] + flops["head"] * best["head_positions"]
+    return {"seconds": [round(r["seconds"], 2) for r in runs], "best_seconds": round(best["seconds"], 2),
+            "requests_per_s": round(req_count / best["seconds"], 2),
+            "tokens_per_s": round(work_tokens / best["seconds"], 1),
+            "executed_tokens": best["executed_tokens"], "head_positions": best["head_positions"],
+            "executed_gflops": round(executed_flops / 1e9, 1),
+            "mfu": round(executed_flops / best["seconds"] / (peak_gflops * 1e9), 4)}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="models/base", help="HF model folder (python -m tasks.base_model --out DIR)")
+    for name, default in (("hellaswag", 200), ("arc_easy", 100), ("arc_challenge", 100), ("boolq", 100),
+                          ("piqa", 0)):
+        ap.add_argument(f"--{name.replace('_', '-')}", type=int, default=default, dest=name,
+                        help=f"first N items of {name} (0 = none; default {default})")
+    ap.add_argument("--repeats", type=int, default=2, help="timed calls per arm, alternating")
+    ap.add_argument("--per-set", action="store_true", help="also time each benchmark alone (one call per arm)")
+    ap.add_argument("--precision", choices=["auto", "fp32"], default="auto", help="evaluate.precision")
+    ap.add_argument("--batch-size", type=int, default=None, help="hf requests per forward (default: params.yaml)")
+    ap.add_argument("--batch-tokens", type=int, default=None, help="tempering tokens per forward (default: params.yaml)")
+    ap.add_argument("--peak-repeats", type=int, default=10, help="matmul repeats for the peak (best of)")
+    ap.add_argument("--json", default=None, help="write the results here")
+    a = ap.parse_args(argv)
+
+    import torch
+
+    from tasks.evaluate import bundle, load_model
+    from tempering import backend
+    from tempering.backend import _causal_lm_parts
+    from tempering.config import load_params
+
+    load_start = os.getloadavg()
+    started = time.time()
+    backend.quiet_transformers()
+    threads = backend.setup_torch()
+    folder = Path(a.model)
+    if not (folder / "config.json").exists():
+        ap.error(f"{a.model}: no model folder (python -m tasks.base_model --out {a.model})")
+    params = load_params(ROOT / "params.yaml")
+    specs = {b.name: b for b in params.evaluate.benchmarks}
+    benches = []
+    for name in SETS:
+        if getattr(a, name):
+            if name not in specs:
+                ap.error(f"params.yaml: evaluate.benchmarks has no {name}")
+            spec = specs[name].model_dump(mode="json")
+            for key in ("path", "labels"):
+                if spec.get(key):
+                    spec[key] = str(ROOT / spec[key])
+            benches.append(dict(spec, chat=False, limit=getattr(a, name)))
+    common = params.evaluate.model_dump(mode="json", by_alias=True)
+    common.update(benchmarks=benches, limit=None, precision=a.precision,
+                  cache_dir=str(Path(os.environ.get("TMPDIR", "/tmp")) / "tempering-bench-eval"))
+    if a.batch_size:
+        common["batch_size"] = a.batch_size
+    if a.batch_tokens:
+        common["batch_tokens"] = a.batch_tokens
+    from tempering.config import EvaluateParams
+
+    cfg_hf = EvaluateParams.model_validate(dict(common, backend="hf"))
+    cfg_tl = EvaluateParams.model_validate(dict(common, backend="tempering"))
+    info = bundle(cfg_hf)
+    requests = record_requests(info)
+    model, tok = load_model(folder)
+    arms = build_arms(model, tok, cfg_hf, cfg_tl)
+    work_tokens = request_tokens(arms["hf"], requests)
+    decoder, head = _causal_lm_parts(model)
+    body = sum(m.weight.numel() for m in decoder.modules() if isinstance(m, torch.nn.Linear))
+    flops = {"body": 2 * body, "head": 2 * head.weight.numel()}
+    by_set: dict[str, list] = {}
+    for req in requests:
+        by_set.setdefault(req.task_name, []).append(req)
+
+    amp = "bfloat16" if arms["hf"].mixed_precision_dtype == torch.bfloat16 else "float32"
+    peak_dtype = "bfloat16" if amp == "bfloat16" else "float32"
+    peak = {"dtype": peak_dtype, "gflops": round(matmul_peak(peak_dtype, repeats=a.peak_repeats), 1),
+            "loadavg": [round(x, 2) for x in os.getloadavg()]}
+    print(f"threads {threads}, load {load_start[0]:.2f}, {peak_dtype} matmul peak {peak['gflops']} GFLOP/s; "
+          f"{len(requests)} requests ({', '.join(f'{k}: {len(v)}' for k, v in by_set.items())}), "
+          f"{work_tokens} workload tokens, autocast {amp}", flush=True)
+
+    for arm, lm in arms.items():  # warm-up (untimed): first-call costs, the tempering probe
+        lm.loglikelihood(requests[:64], disable_tqdm=True)
+
+    runs: dict[str, list] = {"hf": [], "tempering": []}
+    loads = []
+    for rep in range(a.repeats):
+        for arm, lm in arms.items():
+            run = timed(arm, lm, requests)
+            runs[arm].append(run)
+            loads.append({"repeat": rep, "arm": arm, "loadavg": [round(x, 2) for x in os.getloadavg()]})
+            print(f"repeat {rep + 1} {arm:>9}: {run['seconds']:.1f} s, {len(requests) / run['seconds']:.1f} req/s "
+                  f"(load {loads[-1]['loadavg'][0]})", flush=True)
+    result = {"date": dt.datetime.now().isoformat(timespec="seconds"), "command": " ".join(sys.argv),
+              "machine": {"cpu": platform.processor() or platform.machine(), "threads": threads,
+                          "cuda": torch.cuda.is_available(), "loadavg_start": [round(x, 2) for x in load_start]},
+              "versions": {p: __import__(p.replace("-", "_")).__version__ for p in ("torch", "transformers", "lm_eval")},
+              "model": str(folder), "autocast": amp, "peak": peak,
+              "settings": {"hf": {"batch_size": cfg_hf.batch_size, "softmax": "float32"},
+                           "tempering": {"batch_tokens": cfg_tl.batch_tokens, "softmax": "float32"}},
+              "requests": len(requests), "requests_by_set": {k: len(v) for k, v in by_set.items()},
+              "items": {b["name"]: b["limit"] for b in benches}, "workload_tokens": work_tokens,
+              "flops_per_token": {"decoder_linear": flops["body"], "lm_head": flops["head"]},
+              "loads": loads}
+    for arm in arms:
+        result[arm] = summarize(runs[arm], len(requests), work_tokens, flops, peak["gflops"])
+    result["speedup"] = round(result["hf"]["best_seconds"] / result["tempering"]["best_seconds"], 2)
+    result["parity"] = parity(requests, runs["hf"][0]["results"], runs["tempering"][0]["results"])
+    print(f"hf {result['hf']['requests_per_s']} req/s, tempering {result['tempering']['requests_per_s']} req/s: "
+          f"{result['speedup']}x; MFU {result['hf']['mfu']:.1%} vs {result['tempering']['mfu']:.1%}; "
+          f"parity {result['parity']}", flush=True)
+
+    if a.per_set:
+        result["per_set"] = {}
+        for name, reqs in by_set.items():
+            tokens = request_tokens(arms["hf"], reqs)
+            per = {arm: summarize([timed(arm, lm, reqs)], len(reqs), tokens, flops, peak["gflops"])
+                   for arm, lm in arms.items()}
+            per["speedup"] = round(per["hf"]["best_seconds"] / per["tempering"]["best_seconds"], 2)
+            per["requests"], per["workload_tokens"] = len(reqs), tokens
+            result["per_set"][name] = per
+            print(f"  {name}: {len(reqs)} requests, hf {per['hf']['requests_per_s']} req/s, tempering "
+                  f"{per['tempering']['requests_per_s']} req/s: {per['speedup']}x", flush=True)
+
+    result["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+    result["wall_s"] = round(time.time() - started, 1)
+    print(f"wall {result['wall_s']} s, load at end {result['loadavg_end'][0]}", flush=True)
+    text = json.dumps(result, indent=2)
+    if a.json:
+        Path(a.json).write_text(text + "\n")
+    else:
+        print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

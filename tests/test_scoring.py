@@ -1,0 +1,386 @@
+"""The ``tempering`` lm-eval model (tempering/scoring.py) against lm-eval's own ``hf`` backend.
+
+Fast tests use the tiny random model in float32, where both backends compute the same sums in a
+different order: per-request log-likelihoods must agree within FP32_TOL and every is_greedy flag
+and per-item decision must be identical. The slow test does the same on the real SmolLM2 over a
+sample of every shipped benchmark, in bf16 (the pipeline's setting) and in float32.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+from tempering import scoring
+from tempering.config import from_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+# float32 vs float32 (summation order only): observed <= 6e-6 nats per request on the tiny model,
+# <= 7e-5 on SmolLM2 (HellaSwag). Not restarting the continuations' positions already moves the
+# tiny model's answers by ~4e-3.
+FP32_TOL = 1e-4
+REAL_FP32_TOL = 1e-3
+# bf16 autocast vs bf16 autocast. Both backends round differently (other matmul shapes, masked vs
+# causal attention kernel); lm-eval's hf backend differs from ITSELF by up to ~0.6 nats per
+# HellaSwag request between batch sizes 16 and 4, and from float32 by ~0.11 nats on average.
+BF16_MAX = 0.75  # largest |difference| of one request's log-likelihood
+BF16_MEAN = 0.15  # mean |difference| over the requests of a benchmark
+MIN_AGREEMENT = 0.995  # share of items with the same decision (argmax, acc, acc_norm)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread(one_thread):
+    """Tiny models on one thread (see conftest.one_thread)."""
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tempering.testing import make_tiny_model
+
+    folder = make_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    return folder, model, tok
+
+
+def hf_lm(model, tok, **kw):
+    from lm_eval.models.huggingface import HFLM
+
+    return HFLM(pretrained=model, tokenizer=tok, device="cpu", batch_size=kw.pop("batch_size", 4), **kw)
+
+
+def tempering_lm(model, tok, **kw):
+    return scoring.TemperingLM(pretrained=model, tokenizer=tok, device="cpu", batch_size=4,
+                               mixed_precision_dtype=kw.pop("mixed_precision_dtype", None), **kw)
+
+
+def instances(pairs):
+    from lm_eval.api.instance import Instance
+
+    return [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)]
+
+
+def assert_same(got, want, tol=FP32_TOL):
+    assert len(got) == len(want)
+    for k, ((lg, gg), (lw, gw)) in enumerate(zip(got, want)):
+        assert abs(lg - lw) <= tol, (k, lg, lw)
+        assert gg == gw, (k, gg, gw)
+
+
+# ----------------------------------------------------------------------------- packing
+
+
+def test_scored_context_is_what_lm_eval_feeds_after_left_truncation():
+    ctx, cont = list(range(1, 11)), [11, 12, 13]
+    assert scoring.scored_context(ctx, cont, 64) == tuple(ctx)
+    # hf feeds (ctx + cont)[-(L + 1):][:-1] = 5..12; the continuation's own tokens are not context
+    assert scoring.scored_context(ctx, cont, 8) == (5, 6, 7, 8, 9, 10)
+    assert scoring.scored_context(ctx, [11], 8) == (3, 4, 5, 6, 7, 8, 9, 10)
+    with pytest.raises(ValueError):
+        scoring.scored_context(ctx, list(range(9)), 8)
+
+
+def test_a_shared_context_runs_once_and_continuations_share_prefixes():
+    pairs = [([1, 2, 3], [4, 5, 6]), ([1, 2, 3], [4, 5, 7]), ([9], [4]), ([1, 2, 3], [8]),
+             ([1, 2, 3], [4, 5, 6]), ([1, 2, 3], [7, 8, 9])]
+    rows = scoring.pack(pairs, max_length=64, row_tokens=64)
+    assert len(rows) == 2
+    row = next(r for r in rows if r.context == 3)
+    # context, then the tree: 4 -> 5 (shared by three requests), 7 -> 8 (a second branch)
+    assert row.tokens == [1, 2, 3, 4, 5, 7, 8]
+    assert row.positions == [0, 1, 2, 3, 4, 3, 4]
+    assert row.parents == [-1, 0, 1, 2, 3, 2, 5]
+    assert sorted(r for r, _, _ in row.requests) == [0, 1, 3, 4, 5]
+    assert len(row.heads) == len(set(row.heads)) == 5  # the head runs once per distinct position
+    for req, slots, targets in row.requests:
+        assert targets == pairs[req][1]
+        # each target is predicted by the previous token of ITS continuation (or the context's last)
+        assert [row.tokens[row.heads[s]] for s in slots] == [3] + pairs[req][1][:-1]
+    mask = scoring.attention_mask(sorted(rows, key=lambda r: -len(r.tokens)))[0, 0]
+    assert mask[6].tolist() == [True, True, True, False, False, True, True]  # 8 sees 1 2 3 7 8
+    assert mask[4].tolist() == [True, True, True, True, True, False, False]  # 5 sees 1 2 3 4 5
+
+
+def test_rows_split_at_the_cap_and_batches_respect_the_budget():
+    pairs = [([1, 2, 3, 4], [10 + k, 20 + k, 30 + k]) for k in range(6)] + [([5] * 30, [1, 2])]
+    rows = scoring.pack(pairs, max_length=64, row_tokens=10)
+    small = [r for r in rows if r.context == 4]
+    assert len(small) == 2 and all(len(r.tokens) == 10 for r in small)  # context repeated per row
+    assert sorted(req for r in rows for req, _, _ in r.requests) == list(range(7))
+    for batch in scoring.batches(rows, batch_tokens=24):
+        assert len(batch) * len(batch[0].tokens) <= 24 or len(batch) == 1
+        assert len(batch[0].tokens) == max(len(r.tokens) for r in batch)
+
+
+# ----------------------------------------------------------------------------- parity with hf
+
+
+def test_token_level_parity_shared_contexts_greedy_and_order(tiny):
+    """Random contexts, several continuations each (shared prefixes, duplicates, one-token and
+    greedy ones), shuffled: every (log-likelihood, is_greedy) equals hf's, in request order."""
+    import torch
+
+    _, model, tok = tiny
+    rnd = random.Random(0)
+    vocab = len(tok)
+    reqs = []
+    for _ in range(12):
+        ctx = [rnd.randrange(3, vocab) for _ in range(rnd.randrange(1, 40))]
+        with torch.no_grad():
+            greedy = model.generate(torch.tensor([ctx]), max_new_tokens=4, do_sample=False,
+                                    pad_token_id=tok.pad_token_id)[0, len(ctx):].tolist()
+        conts = [greedy, greedy[:1], [rnd.randrange(3, vocab) for _ in range(rnd.randrange(1, 9))]]
+        conts += [conts[2][:1] + [rnd.randrange(3, vocab)], conts[2]]  # a shared prefix; a duplicate
+        reqs += [((None, None), ctx, c) for c in conts]
+    rnd.shuffle(reqs)
+    want = hf_lm(model, tok)._loglikelihood_tokens(reqs, disable_tqdm=True)
+    lm = tempering_lm(model, tok, batch_tokens=96)
+    got = lm._loglikelihood_tokens(reqs, disable_tqdm=True)
+    assert_same(got, want)
+    assert sum(g for _, g in want) >= 12  # the greedy continuations really are greedy
+    assert lm.stats.fallback_requests == 0 and lm.stats.forwards > 1  # packed, several batches
+    assert lm.stats.head_positions < sum(len(c) for _, _, c in reqs)  # shared head positions
+
+
+def test_truncated_requests_match_hf(tiny):
+    _, model, tok = tiny
+    text = "the quick brown fox jumps over the lazy dog " * 3
+    pairs = [(text, " hello world"), (text, " red"), ("Question: a b c\nAnswer:", " the quick brown fox"),
+             (text + "and", " then the quick brown fox jumps over")]
+    want = hf_lm(model, tok, max_length=16).loglikelihood(instances(pairs), disable_tqdm=True)
+    lm = tempering_lm(model, tok, max_length=16)
+    assert_same(lm.loglikelihood(instances(pairs), disable_tqdm=True), want)
+    assert lm.stats.fallback_requests == 0
+
+
+def test_eager_attention_takes_the_packed_path_too(tiny):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    folder, model, tok = tiny
+    eager = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager").eval()
+    pairs = [("What is 1 plus 2?\nAnswer:", c) for c in (" 3", " 4", " the lazy dog")]
+    want = hf_lm(model, tok).loglikelihood(instances(pairs), disable_tqdm=True)
+    lm = tempering_lm(eager, tok)
+    assert_same(lm.loglikelihood(instances(pairs), disable_tqdm=True), want)
+    assert lm._fast and lm.stats.fallback_requests == 0
+
+
+def test_a_model_whose_forward_is_not_head_of_decoder_is_scored_the_hf_way(tiny):
+    """A scaled head (as Cohere's logit_scale, Gemma's soft-capping) fails the first-call probe:
+    those models are scored by HFLM's own code, with the same results as hf."""
+    import copy
+
+    _, model, tok = tiny
+    scaled = copy.deepcopy(model)
+    plain_forward = scaled.forward
+
+    def forward(*args, **kwargs):
+        out = plain_forward(*args, **kwargs)
+        out.logits = out.logits * 0.5
+        return out
+
+    scaled.forward = forward
+    pairs = [("the quick brown", c) for c in (" fox", " dog jumps")]
+    want = hf_lm(scaled, tok).loglikelihood(instances(pairs), disable_tqdm=True)
+    lm = tempering_lm(scaled, tok)
+    assert_same(lm.loglikelihood(instances(pairs), disable_tqdm=True), want)
+    assert lm._fast is False and lm.stats.fallback_requests == 2
+    plain = hf_lm(model, tok).loglikelihood(instances(pairs), disable_tqdm=True)
+    assert abs(plain[0][0] - want[0][0]) > 0.01  # the scaling did change the answer
+
+
+def test_rolling_and_generation_match_hf(tiny):
+    from lm_eval.api.instance import Instance
+
+    _, model, tok = tiny
+    texts = ["the quick brown fox jumps over the lazy dog " * 2, "hello world"]
+    rolling = [Instance("loglikelihood_rolling", {}, (t,), i) for i, t in enumerate(texts)]
+    gens = [Instance("generate_until", {}, (t, {"until": ["\n"], "max_gen_toks": 6, "do_sample": False}), i)
+            for i, t in enumerate(texts)]
+    hf, lm = hf_lm(model, tok, max_length=12), tempering_lm(model, tok, max_length=12)
+    for a, b in zip(lm.loglikelihood_rolling(rolling, disable_tqdm=True),
+                    hf.loglikelihood_rolling(rolling, disable_tqdm=True)):
+        assert abs(a - b) <= FP32_TOL
+    assert lm.stats.requests > len(texts)  # several windows each, through the packed scorer
+    assert lm.generate_until(gens, disable_tqdm=True) == hf.generate_until(gens, disable_tqdm=True)
+
+
+def test_lm_eval_builds_it_by_name_from_a_folder(tiny):
+    from lm_eval.api.registry import get_model
+
+    folder, model, tok = tiny
+    cls = get_model("tempering")
+    assert cls is scoring.TemperingLM
+    lm = cls.create_from_arg_string(f"pretrained={folder},dtype=float32,mixed_precision_dtype=none,batch_tokens=128",
+                                    {"device": "cpu", "batch_size": 4})
+    assert lm.batch_tokens == 128 and lm.mixed_precision_dtype is None
+    pairs = [("the quick brown", " fox"), ("the quick brown", " dog")]
+    assert_same(lm.loglikelihood(instances(pairs), disable_tqdm=True),
+                hf_lm(model, tok).loglikelihood(instances(pairs), disable_tqdm=True))
+
+
+def test_progress_bar_for_people_quiet_in_ci(tiny, monkeypatch, capsys):
+    _, model, tok = tiny
+    pairs = [("the quick brown", " fox")]
+    lm = tempering_lm(model, tok)
+    monkeypatch.setenv("CI", "true")
+    lm.loglikelihood(instances(pairs))
+    assert "Scoring (tempering)" not in capsys.readouterr().err
+    monkeypatch.delenv("CI")
+    lm.loglikelihood(instances(pairs))
+    assert "Scoring (tempering)" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- through evaluate
+
+
+def write_items(path: Path, n: int) -> Path:
+    rnd = random.Random(1)
+    words = "red blue green yellow black white the quick brown fox jumps over lazy dog".split()
+    with open(path, "w") as fh:
+        for i in range(n):
+            choices = list(dict.fromkeys(" ".join(rnd.sample(words, rnd.randrange(1, 4))) for _ in range(4)))
+            while len(choices) < 2:
+                choices.append(f"choice {len(choices)}")
+            question = f"What is {i} plus {i % 3}? " + " ".join(rnd.sample(words, rnd.randrange(0, 12)))
+            fh.write(json.dumps({"id": f"q{i}", "question": question, "choices": choices,
+                                 "answer": i % len(choices)}) + "\n")
+    return path
+
+
+def evaluate_cfg(tmp_path, items: Path, **evaluate):
+    return from_dict({"evaluate": {"cache_dir": str(tmp_path / "cache"), "precision": "fp32", "benchmarks": [
+        {"name": "chat", "path": str(items), "role": "general", "chat": True},
+        {"name": "plain", "path": str(items), "role": "general", "chat": False}], **evaluate}}).evaluate
+
+
+def test_evaluate_backends_agree_item_by_item_with_and_without_chat_template(tiny, tmp_path):
+    """The pipeline's own tasks through lm-eval: same per-item rows, chat template or not, with
+    truncation (max_length 24 cuts the longer prompts), per-request log-likelihoods within FP32_TOL."""
+    from tasks.evaluate import bundle, multiple_choice, run_lm_eval, scoring_lm
+
+    _, model, tok = tiny
+    items = write_items(tmp_path / "items.jsonl", 24)
+    cfgs = {b: evaluate_cfg(tmp_path, items, backend=b, max_length=24) for b in ("hf", "tempering")}
+    info = bundle(cfgs["hf"])
+    runs = {}
+    for backend, cfg in cfgs.items():
+        lm = scoring_lm(model, tok, cfg)
+        assert type(lm).__name__ == {"hf": "_HFLM", "tempering": "TemperingLM"}[backend]
+        runs[backend] = {spec.name: samples for spec, _, samples in run_lm_eval(lm, info)}
+    assert lm.stats.fallback_requests == 0 and lm.stats.requests == sum(
+        len(s["resps"]) for samples in runs["hf"].values() for s in samples)
+    chat_ctx = runs["hf"]["chat"][0]["arguments"][0][0]
+    assert chat_ctx.startswith("<|im_start|>user") and chat_ctx.endswith("<|im_start|>assistant\n")
+    assert any(len(tok(s["arguments"][0][0])["input_ids"]) > 24 for s in runs["hf"]["plain"])  # truncated
+    for name in ("chat", "plain"):
+        for a, b in zip(runs["tempering"][name], runs["hf"][name], strict=True):
+            assert a["arguments"] == b["arguments"]
+            assert (a["acc"], a["acc_norm"]) == (b["acc"], b["acc_norm"])
+            assert_same([r[0] for r in a["resps"]], [r[0] for r in b["resps"]])
+    rows = {b: multiple_choice(model, tok, info, cfg) for b, cfg in cfgs.items()}
+    assert rows["tempering"] == rows["hf"]  # the per-item sample rows evaluate writes
+
+
+def test_backend_and_token_budget_are_part_of_the_scoring_key(tmp_path):
+    from tasks.evaluate import bundle, scoring_key
+
+    items = write_items(tmp_path / "items.jsonl", 3)
+    info = bundle(evaluate_cfg(tmp_path, items))
+    keys = [scoring_key(evaluate_cfg(tmp_path, items, **change), info, "m")
+            for change in ({"backend": "tempering"}, {"backend": "hf"}, {"batch_tokens": 512})]
+    assert len({json.dumps(k, sort_keys=True) for k in keys}) == 3
+
+
+# ----------------------------------------------------------------------------- the real model
+
+
+SETS = ("arc_easy", "arc_challenge", "hellaswag", "piqa", "boolq")  # shipped in benchmarks/
+
+
+@pytest.fixture(scope="module")
+def smollm2(tmp_path_factory):
+    """SmolLM2-135M-Instruct as the pipeline has it (``base_model`` stage, loaded by evaluate).
+    TEMPERING_SMOLLM2_DIR may name an already built folder (python -m tasks.base_model --out DIR)."""
+    from tasks.evaluate import load_model
+
+    folder = os.environ.get("TEMPERING_SMOLLM2_DIR")
+    if not folder:
+        from tasks.base_model import run
+
+        folder = tmp_path_factory.mktemp("smollm2") / "base"
+        run(from_dict({}), str(folder))
+    return load_model(Path(folder))
+
+
+def real_cfg(tmp_path, n: int, **evaluate):
+    """params.yaml's entries for the shipped benchmarks (files in benchmarks/), first ``n`` items,
+    plus ARC-Easy through the chat template."""
+    from tempering.config import load_params
+
+    specs = {b.name: b.model_dump(mode="json") for b in load_params(ROOT / "params.yaml").evaluate.benchmarks}
+    benchmarks = []
+    for name in SETS:
+        spec = dict(specs[name], limit=n, optional=False)
+        for key in ("path", "labels"):
+            if spec.get(key):
+                spec[key] = str(ROOT / spec[key])
+                assert Path(spec[key]).is_file(), spec[key]  # shipped with the repo: never skipped
+        benchmarks.append(spec)
+    benchmarks.append(dict(benchmarks[0], name="arc_easy_chat", chat=True, limit=max(n // 3, 1)))
+    return from_dict({"evaluate": {"cache_dir": str(tmp_path / "cache"), "benchmarks": benchmarks,
+                                   **evaluate}}).evaluate
+
+
+def compare_backends(model, tok, cfgs: dict) -> dict:
+    from tasks.evaluate import bundle, run_lm_eval, scoring_lm
+
+    info = bundle(cfgs["hf"])
+    runs = {b: {spec.name: samples for spec, _, samples in run_lm_eval(scoring_lm(model, tok, cfg), info)}
+            for b, cfg in cfgs.items()}
+    report = {}
+    for name, hf_samples in runs["hf"].items():
+        diffs, same = [], 0
+        for a, b in zip(runs["tempering"][name], hf_samples, strict=True):
+            assert a["arguments"] == b["arguments"]
+            lla = [r[0][0] for r in a["resps"]]
+            llb = [r[0][0] for r in b["resps"]]
+            diffs += [abs(x - y) for x, y in zip(lla, llb)]
+            same += (a["acc"], a["acc_norm"], max(range(len(lla)), key=lla.__getitem__)) == \
+                    (b["acc"], b["acc_norm"], max(range(len(llb)), key=llb.__getitem__))
+        report[name] = {"items": len(hf_samples), "same_decision": same, "requests": len(diffs),
+                        "max_diff": max(diffs), "mean_diff": sum(diffs) / len(diffs)}
+    return report
+
+
+@pytest.mark.slow
+def test_real_model_parity_on_every_shipped_benchmark(smollm2, tmp_path):
+    """SmolLM2 on a sample of every shipped benchmark (files in benchmarks/, no ../shared needed),
+    plain prompts and (ARC-Easy) the chat template. bf16 vs bf16: >= 99.5% same decisions
+    (argmax, acc and acc_norm) over all items, each request within BF16_MAX, each benchmark's
+    mean within BF16_MEAN. float32 vs float32 on a smaller sample: within REAL_FP32_TOL, all
+    decisions equal."""
+    from tempering import backend
+
+    model, tok = smollm2
+    n = int(os.environ.get("TEMPERING_PARITY_ITEMS", "60"))
+    if backend.choose_precision("auto").bf16:
+        bf16 = compare_backends(model, tok, {b: real_cfg(tmp_path, n, backend=b) for b in ("hf", "tempering")})
+        print("bf16", json.dumps(bf16, indent=1))
+        items = sum(r["items"] for r in bf16.values())
+        assert sum(r["same_decision"] for r in bf16.values()) >= MIN_AGREEMENT * items, bf16
+        for name, r in bf16.items():
+            assert r["max_diff"] <= BF16_MAX and r["mean_diff"] <= BF16_MEAN, (name, r)
+    fp32 = compare_backends(model, tok, {b: real_cfg(tmp_path, max(n // 5, 4), backend=b, precision="fp32")
+                                         for b in ("hf", "tempering")})
+    print("fp32", json.dumps(fp32, indent=1))
+    for name, r in fp32.items():
+        assert r["same_decision"] == r["items"] and r["max_diff"] <= REAL_FP32_TOL, (name, r)
