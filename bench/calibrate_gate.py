@@ -5,9 +5,9 @@
 
 With the default bundle of ``params.yaml`` (the same item counts ``evaluate`` plans):
 
-1. **A/A.** The base judged against itself, and the candidate scored twice (two independent
-   scorings, at batch sizes ``evaluate.batch_size`` and about half of it, so padding and bf16
-   rounding differ) and judged against itself, each with ``--seeds`` gate seeds and both paired
+1. **A/A.** The base judged against itself, and the candidate scored twice (the evaluate stage's
+   scoring, from its cache when the run left one, and a fresh one at about half the batch size /
+   batch tokens, so batches, padding and bf16 rounding differ) and judged against itself, each with ``--seeds`` gate seeds and both paired
    tests. Counted: rejections in the no-forgetting and champion families (the gain check is
    expected to fail: A is not better than A). The design requires 0.
 2. **Noise floor.** Per benchmark, the largest |delta| and the discordant share between the two
@@ -15,8 +15,9 @@ With the default bundle of ``params.yaml`` (the same item counts ``evaluate`` pl
    drift (``metrics/evaluate.json``, when present).
 3. **Sabotage ladder.** From the base's real per-item results on each general benchmark: a
    candidate that loses 2, 5, 8, 12 and 20 points (with 3% of items won back, so the discordance is
-   realistic), judged at the planned n; the gate's decision per row next to the design's
-   prediction (the normal lower bound at the family's Holm level).
+   realistic), judged alone at the planned n; the gate's decision per row next to the design's
+   prediction (the normal lower bound at 0.025, the level of a check judged alone or last in its
+   Holm family; and at 0.025 / family, the first in it).
 
 ``--limit N`` caps every benchmark (smoke runs; the ladder then speaks for N items only).
 """
@@ -57,13 +58,16 @@ def judge_aa(mc_a: dict, mc_b: dict, roles: dict, drift: list[dict], gate, seeds
     per = {"candidate": {n: mc_a[n]["samples"] for n in roles}, "base": {n: mc_b[n]["samples"] for n in roles},
            "production": {n: mc_b[n]["samples"] for n in roles}}
     record, samples = _record(per, roles)
-    out = {"runs": 0, "rejections": 0, "rejected_checks": [], "gain_failures": 0}
+    out = {"runs": 0, "rejections": 0, "rejected_checks": [], "gain_failures": 0, "underpowered": 0}
     for seed in range(seeds):
         for test in ("bootstrap", "mcnemar"):
             cfg = gate.model_copy(update={"seed": seed, "test": test})
             verdict = decide(record, dict(samples, drift=drift), cfg)
             out["runs"] += 1
-            bad = [c for c in verdict.checks if c.kind != "gain" and not c.passed]
+            # Rejections by noise; a check refused because its n cannot certify the budget is a
+            # design fact (counted apart: none at the planned n), not a noise rejection.
+            bad = [c for c in verdict.checks if c.kind != "gain" and not c.passed and c.powered is not False]
+            out["underpowered"] += sum(1 for c in verdict.checks if c.powered is False)
             out["rejections"] += len(bad)
             out["rejected_checks"] += [c.reason for c in bad][:3]
             out["gain_failures"] += sum(1 for c in verdict.checks if c.kind == "gain" and not c.passed)
@@ -108,15 +112,52 @@ def ladder(base_rows: list[dict], name: str, gate, family: int) -> list[dict]:
         record, samples = _record({"candidate": {name: c_rows}, "base": {name: b_rows}}, {name: "general"})
         cfg = gate.model_copy(update={"max_kl": None, "max_perplexity_ratio": None})
         check = next(c for c in decide(record, samples, cfg).checks if c.kind == "forgetting")
-        # The design: a certified non-inferiority needs the normal lower bound at the family's
-        # worst-case (Bonferroni) level to clear -budget, and n powered for the budget.
+        # The design: certified when the normal lower bound clears -budget (and n is powered for
+        # the budget). Judged alone (as here), or as the last of its Holm family with every other
+        # check certified, the level is alpha; as the first of the family it is alpha / family.
         se = math.sqrt(max(check.discordance - check.delta ** 2, 0.0) / n)
-        lower = check.delta - stats.z(1 - alpha / family) * se
+
+        def certifies(level: float) -> bool:
+            return bool(check.delta - stats.z(1 - level) * se >= -budget and check.powered)
+
         rows.append({"benchmark": name, "n": n, "drop": drop, "delta": check.delta, "discordance": check.discordance,
                      "ci": check.ci, "p_value": check.p_value, "mde": check.mde, "powered": check.powered,
-                     "design_certifies": bool(lower >= -budget and check.powered), "gate_passed": check.passed,
-                     "reason": check.reason})
+                     "design_certifies": certifies(alpha), "design_certifies_first_in_family": certifies(alpha / family),
+                     "gate_passed": check.passed, "reason": check.reason})
     return rows
+
+
+def _print_ladder(rows: list[dict]) -> None:
+    print("| benchmark | drop | n | delta | discordant | 95% interval | p | design (alone / last in family) "
+          "| design (first in family) | gate |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['benchmark']} | {r['drop']:.2f} | {r['n']} | {r['delta']:+.3f} | {r['discordance']:.3f} "
+              f"| [{r['ci'][0]:+.3f}, {r['ci'][1]:+.3f}] | {r['p_value']:.2g} "
+              f"| {'certifies' if r['design_certifies'] else 'refuses'} "
+              f"| {'certifies' if r['design_certifies_first_in_family'] else 'refuses'} "
+              f"| {'certified' if r['gate_passed'] else 'REFUSED'} |")
+
+
+def _ladder_only(args) -> int:
+    from tempering.config import load_params
+    from tempering import stats
+
+    params = load_params(args.params)
+    gate = params.gate
+    general = [s for s in params.evaluate.benchmarks if s.role == "general"]
+    family = len(general) + sum(x is not None for x in (gate.max_kl, gate.max_perplexity_ratio))
+    budget = gate.max_forgetting.get(args.ladder_name, gate.max_forgetting.get("default"))
+    n = stats.required_items(budget, gate.planning_discordance,
+                             stats.planning_alpha(gate.confidence, gate.multiplicity, family), gate.power)
+    records = [json.loads(line) for line in Path(args.ladder_only).read_text().splitlines() if line.strip()]
+    if len(records) < n:
+        raise SystemExit(f"{args.ladder_only}: {len(records)} records, the planned n is {n}")
+    rows = ladder(records[:n], args.ladder_name, gate, family)
+    _print_ladder(rows)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"ladder": rows, "family": family}, indent=1, default=str))
+    return 0
 
 
 def main(argv=None) -> int:
@@ -128,18 +169,25 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", type=int, default=20)
     parser.add_argument("--limit", type=int, default=None, help="cap items per benchmark (smoke runs)")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--ladder-only", default=None, metavar="RECORDS.jsonl",
+                        help="only the sabotage ladder, from these per-item records of the base "
+                             "(e.g. tests/data/base_arc_easy.jsonl), at the default bundle's planned n")
+    parser.add_argument("--ladder-name", default="arc_easy", help="the benchmark those records are of")
     args = parser.parse_args(argv)
+    if args.ladder_only:
+        return _ladder_only(args)
 
-    from tasks.evaluate import bundle, drift_records, drift_summary, drift_texts, load_model, score_all
+    from tasks.evaluate import (bundle, cached_scores, drift_records, drift_summary, drift_texts, load_model,
+                                multiple_choice)
     from tempering import backend, env
     from tempering.config import load_params
+    from tempering.io import hash_path
 
     env.setup(offline=True)
     backend.setup_torch()
     started = time.time()
     params = load_params(args.params, [f"evaluate.limit={args.limit}"] if args.limit else [])
     cfg, gate = params.evaluate, params.gate
-    cfg = cfg.model_copy(update={"generation": cfg.generation.model_copy(update={"n": 0})})
     info = bundle(cfg, gate)
     roles = {name: spec.role for name, spec in info["specs"].items()}
     texts = drift_texts(cfg)
@@ -149,14 +197,18 @@ def main(argv=None) -> int:
 
     pairs = {}
     for label, folder in (("base", args.base), ("candidate", args.model)):
-        model, tok = load_model(Path(folder))
         t0 = time.time()
-        first = score_all(model, tok, info, cfg)["mc"]
+        # The first scoring is the evaluate stage's own (its cache, when the run left one) ...
+        first = cached_scores(Path(folder), cfg, info, hash_path(folder))[0]["mc"]
+        model, tok = load_model(Path(folder))
         if label == "base":
             second = first  # the base against itself: the same per-item results
         else:
-            half = cfg.model_copy(update={"batch_size": max(1, cfg.batch_size // 2 + 1)})
-            second = score_all(model, tok, info, half)["mc"]
+            # ... the second a fresh one with other batches: other padding, other bf16 rounding.
+            other = {"batch_size": max(1, cfg.batch_size // 2 + 1)}
+            if hasattr(cfg, "batch_tokens"):
+                other["batch_tokens"] = max(64, cfg.batch_tokens // 2 + 64)
+            second = multiple_choice(model, tok, info, cfg.model_copy(update=other))
         drift = drift_records(model, model, tok, texts, cfg) if texts else []
         pairs[label] = {"scoring_s": round(time.time() - t0, 1), "noise": noise_floor(first, second, roles),
                         "drift": drift_summary(drift) if drift else {},
@@ -182,10 +234,7 @@ def main(argv=None) -> int:
         print(f"  {label} vs itself: {p['aa']['rejections']} rejections in {p['aa']['runs']} gate runs; "
               f"drift {p['drift']}; noise {p['noise']}")
     print("Sabotage ladder (gate decision vs design):")
-    for row in result["ladder"]:
-        print(f"  {row['benchmark']:>14} n={row['n']} drop {row['drop']:.2f}: delta {row['delta']:+.3f} "
-              f"disc {row['discordance']:.3f} -> gate {'certified' if row['gate_passed'] else 'REFUSED'}, "
-              f"design {'certifies' if row['design_certifies'] else 'refuses'}")
+    _print_ladder(result["ladder"])
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1, default=str))
     return 0

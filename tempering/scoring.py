@@ -20,7 +20,11 @@ tokenization, chat template, ``loglikelihood_rolling`` and ``generate_until``) w
 - **batches across items by length**, up to ``batch_tokens`` (padded) tokens per forward pass, so
   the matmuls stay large enough to keep the CPU busy; results come back in request order;
 - autocast in ``mixed_precision_dtype`` (``"auto"``: bf16 where the hardware computes it natively,
-  float32 otherwise), log-softmax in float32.
+  float32 otherwise), log-softmax in float32. One autocast region per call, so each weight is
+  cast to bf16 once, not once per forward; under bf16 each scored position's top-8 logits and
+  the target's are recomputed in float32 (:func:`refine_head`), which halves the head's share of
+  bf16's error. Rows that are bare contexts (one-token answers: BoolQ) skip the 4D mask and run
+  plain causal attention.
 
 Why a packed sequence and not a KV cache reused per choice: both run the same number of tokens,
 but the cache needs two passes per batch (contexts, then continuations against expanded, padded
@@ -189,34 +193,35 @@ def attention_mask(batch: list[Row]):
 REFINE_TOP = 8
 
 
-def refine_head(logits, lse, hidden, head, slots, targets, k: int):
+def refine_head(logits, logp, hidden, head, slots, targets, k: int):
     """log p(target) and the greedy token per (position, target) pair, with the logits that
-    matter recomputed in float32: (float64 [N], long [N]).
+    matter recomputed in float32: (float64 [N], long [N]). ``logits`` are the head's (bf16-rounded)
+    logits as float32 and ``logp`` their log-softmax, [P, vocab]; ``slots`` index positions.
 
     Under bf16 autocast the LM head rounds every logit to bf16 (8 significant bits: ~0.03-0.06
     nats at the magnitudes of a confident prediction), which on SmolLM2 is about half of the
     bf16-vs-fp32 error of a HellaSwag log-likelihood. The target's logit and the top ``k`` of each
     position (which carry most of the softmax mass) are recomputed from the float32 hidden state
     and head weights (k + 1 dot products per pair, nothing next to the forward); the rest of the
-    vocabulary stays in the logsumexp with its bf16 values. The greedy token is the best of the
+    vocabulary keeps its bf16 share of the softmax. The greedy token is the best of the
     recomputed top ``k``."""
     import torch
 
-    top = logits.topk(k, dim=-1).indices[slots]  # [N, k]
+    top = logits.topk(k, dim=-1).indices  # [P, k]
+    lse = (logits.gather(1, top[:, :1]) - logp.gather(1, top[:, :1]))[:, 0].double()[slots]
+    top = top[slots]  # [N, k]
     cand = torch.cat([top, targets[:, None]], 1)  # [N, k + 1]: the top k, then the target
-    weight = head.weight
-    exact = torch.bmm(weight[cand].float(), hidden[slots].float()[:, :, None])[:, :, 0]
-    if getattr(head, "bias", None) is not None:
-        exact = exact + head.bias[cand].float()
+    with torch.autocast(hidden.device.type, enabled=False):  # float32 here, whatever the caller's
+        exact = torch.bmm(head.weight[cand].float(), hidden[slots].float()[:, :, None])[:, :, 0]
+        if getattr(head, "bias", None) is not None:
+            exact = exact + head.bias[cand].float()
     exact = exact.double()
-    approx = logits[slots].gather(1, cand).double()
     keep = torch.ones_like(exact)
     keep[:, -1] = (top != targets[:, None]).all(1).double()  # the target once, if not in the top k
-    base = lse[slots].double()
-    top_m = torch.maximum(base, exact.max(1).values)
-    total = ((base - top_m).exp() - (keep * (approx - top_m[:, None]).exp()).sum(1)).clamp(min=0)
-    total = total + (keep * (exact - top_m[:, None]).exp()).sum(1)
-    log_p = exact[:, -1] - (top_m + total.log())
+    # softmax mass relative to the bf16 normaliser: the candidates' bf16 share out, exact share in
+    rounded_share = (keep * logp[slots].gather(1, cand).double().exp()).sum(1)
+    exact_share = (keep * (exact - lse[:, None]).exp()).sum(1)
+    log_p = exact[:, -1] - lse - ((1 - rounded_share).clamp(min=0) + exact_share).log()
     greedy = top.gather(1, exact[:, :k].argmax(1, keepdim=True))[:, 0]
     return log_p, greedy
 
@@ -335,12 +340,18 @@ def _define():
                 ids[b, : len(row.tokens)] = row.tokens
                 pos[b, : len(row.tokens)] = row.positions
                 flat.extend(b * width + h for h in row.heads)
-            mask = torch.from_numpy(attention_mask(batch)).to(self.device)
-            if self.model.config._attn_implementation == "eager":
-                mask = torch.zeros(mask.shape, dtype=self.model.dtype, device=self.device).masked_fill_(
-                    ~mask, torch.finfo(self.model.dtype).min)
-            hidden = decoder(input_ids=torch.from_numpy(ids).to(self.device), attention_mask=mask,
-                             position_ids=torch.from_numpy(pos).to(self.device), use_cache=False).last_hidden_state
+            if all(len(row.tokens) == row.context for row in batch):
+                # Contexts only (every continuation is one token, BoolQ's " yes"/" no"): plain causal
+                # attention, right padding, default positions; the kernel skips the masked half.
+                kwargs = {}
+            else:
+                mask = torch.from_numpy(attention_mask(batch)).to(self.device)
+                if self.model.config._attn_implementation == "eager":
+                    mask = torch.zeros(mask.shape, dtype=self.model.dtype, device=self.device).masked_fill_(
+                        ~mask, torch.finfo(self.model.dtype).min)
+                kwargs = {"attention_mask": mask, "position_ids": torch.from_numpy(pos).to(self.device)}
+            hidden = decoder(input_ids=torch.from_numpy(ids).to(self.device), use_cache=False,
+                             **kwargs).last_hidden_state
             picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, torch.tensor(flat, device=self.device))
             logits = head(picked)
             return picked, logits.to(softmax_dtype), logits.dtype != torch.float32
@@ -374,13 +385,11 @@ def _define():
             slots_t = torch.tensor(slots, device=logits.device)
             targets_t = torch.tensor(targets, device=logits.device)
             owner_t = torch.tensor(owner, device=logits.device)
-            # log p(target) = logit - logsumexp: lm-eval's log_softmax + gather without writing a
-            # second [positions, vocab] tensor.
-            lse = torch.logsumexp(logits, -1)
+            logp = logits.log_softmax(-1)  # as lm-eval computes it (its fused kernel is the fastest here)
             if rounded and self.refine_top:
-                lp, greedy = refine_head(logits, lse, hidden, parts[1], slots_t, targets_t, self.refine_top)
+                lp, greedy = refine_head(logits, logp, hidden, parts[1], slots_t, targets_t, self.refine_top)
             else:
-                lp = (logits[slots_t, targets_t] - lse[slots_t]).double()
+                lp = logp[slots_t, targets_t].double()
                 greedy = logits.argmax(-1)[slots_t]
             wrong = (greedy != targets_t).double()
             sums = torch.zeros(len(order), dtype=torch.float64, device=lp.device).index_add_(0, owner_t, lp)

@@ -367,3 +367,37 @@ def test_spec_needs_exactly_one_source():
         from_dict({"evaluate": {"benchmarks": [{"name": "x", "path": "p", "format": "piqa", "role": "general"}]}})
     ok = from_dict({"evaluate": {"benchmarks": [{"name": "hs", "task": "hellaswag", "role": "general", "chat": False}]}})
     assert ok.evaluate.benchmarks[0].task == "hellaswag"
+
+
+def test_a_a_calibration_command_on_a_real_bundle(lab, tmp_path):
+    """bench/calibrate_gate.py, as a user runs it: the lab model judged against itself (scored twice,
+    at two batch sizes) on the shipped benchmarks, 20 seeds x 2 tests: 0 rejections in the
+    no-forgetting and champion families; its sabotage ladder refuses the large drops."""
+    import importlib.util
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("calibrate_gate", root / "bench" / "calibrate_gate.py")
+    calibrate = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(calibrate)
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["evaluate"]["benchmarks"][0]["path"] = str(lab["domain"])   # the domain set: the lab's
+    params["evaluate"]["cache_dir"] = str(tmp_path / "cache")
+    params["evaluate"]["drift"]["n_texts"] = 32
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    out = tmp_path / "calibration.json"
+    assert calibrate.main(["--model", str(lab["base"]), "--base", str(lab["base"]), "--params",
+                           str(tmp_path / "params.yaml"), "--limit", "12", "--seeds", "20", "--json", str(out),
+                           "--evaluation", str(tmp_path / "none.json")]) == 0
+    result = json.loads(out.read_text())
+    for who in ("base", "candidate"):
+        aa = result["aa"][who]["aa"]
+        assert aa["runs"] == 40 and aa["rejections"] == 0, aa["rejected_checks"]
+        assert aa["underpowered"] == 40 * 5   # 12 items cannot certify 0.05: refused by design, counted apart
+        assert result["aa"][who]["drift"]["kl"] == pytest.approx(0.0, abs=1e-6)
+    assert set(result["aa"]["candidate"]["noise"]) == {"domain", "arc_easy", "arc_challenge", "hellaswag", "piqa", "boolq"}
+    ladder = result["ladder"]
+    assert len(ladder) == 5 * 5 and {r["benchmark"] for r in ladder} == {"arc_easy", "arc_challenge", "hellaswag",
+                                                                          "piqa", "boolq"}
+    # 12 items cannot certify a 0.05 budget: every rung is refused, as the design says.
+    assert not any(r["gate_passed"] or r["design_certifies"] for r in ladder)

@@ -24,12 +24,18 @@ ROOT = Path(__file__).resolve().parents[1]
 # tiny model's answers by ~4e-3.
 FP32_TOL = 1e-4
 REAL_FP32_TOL = 1e-3
-# bf16 autocast vs bf16 autocast. Both backends round differently (other matmul shapes, masked vs
-# causal attention kernel); lm-eval's hf backend differs from ITSELF by up to ~0.6 nats per
-# HellaSwag request between batch sizes 16 and 4, and from float32 by ~0.11 nats on average.
-BF16_MAX = 0.75  # largest |difference| of one request's log-likelihood
-BF16_MEAN = 0.15  # mean |difference| over the requests of a benchmark
-MIN_AGREEMENT = 0.995  # share of items with the same decision (argmax, acc, acc_norm)
+# bf16 autocast vs bf16 autocast. lm-eval's hf backend is consistent with itself across batch
+# sizes (16 vs 4: every decision equal, mean |diff| 0.005), but any other computation order, exact
+# float32 included, lands elsewhere on bf16's rounding grid. Measured on SmolLM2 over 500 items
+# (arc_easy, arc_challenge, hellaswag, piqa, boolq: 100 each), against float32:
+#   hf bf16:        98.2% of decisions kept, mean |error| 0.105 nats per request
+#   tempering bf16: 98.8% kept, mean |error| 0.071 (the LM head's top logits redone in float32)
+#   tempering bf16 vs hf bf16: 98.2% of decisions alike, mean |diff| 0.091, max 0.72.
+# So 99.5% decision agreement with hf's bf16 is out of reach for any scorer, exact ones included;
+# it is required where it means something: float32 vs float32 (all decisions equal).
+BF16_MAX = 1.0  # largest |difference| of one request's log-likelihood (observed 0.72)
+BF16_MEAN = 0.25  # mean |difference| over a benchmark's requests (observed <= 0.16, HellaSwag)
+BF16_AGREEMENT = 0.97  # items decided alike (argmax, acc, acc_norm), bf16 vs bf16 (observed 0.98)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -119,6 +125,43 @@ def test_rows_split_at_the_cap_and_batches_respect_the_budget():
         assert len(batch[0].tokens) == max(len(r.tokens) for r in batch)
 
 
+def test_refined_head_recovers_float32_log_probs_from_bf16_logits():
+    """refine_head: with every logit recomputed (k = vocabulary) it is exactly float32's
+    log-softmax; with the top 8 it is far closer to it than the bf16 logits are."""
+    import torch
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(64, 300, bias=True)
+    hidden = torch.randn(12, 64) * 3
+    exact = head(hidden)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        rounded = head(hidden).float()
+    assert (rounded - exact).abs().max() > 1e-3  # bf16 did round
+    slots = torch.tensor([0, 0, 3, 5, 11, 11])
+    targets = torch.cat([exact[[0, 3]].argmax(1), torch.tensor([7, 299, 0, 150])])
+    want = exact.log_softmax(-1)[slots, targets].double()
+    logp = rounded.log_softmax(-1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # as the scorer calls it
+        full, greedy = scoring.refine_head(rounded, logp, hidden, head, slots, targets, k=300)
+        top8, _ = scoring.refine_head(rounded, logp, hidden, head, slots, targets, k=8)
+    assert torch.allclose(full, want, atol=1e-5)
+    assert greedy.tolist() == exact.argmax(-1)[slots].tolist()
+    plain = (rounded.log_softmax(-1)[slots, targets]).double()
+    assert (top8 - want).abs().mean() < 0.5 * (plain - want).abs().mean()
+
+
+def test_bf16_scoring_runs_packed_and_stays_near_float32(tiny):
+    import torch
+
+    _, model, tok = tiny
+    pairs = [("What is 1 plus 2?\nAnswer:", c) for c in (" 3", " 4", " the lazy dog")]
+    exact = tempering_lm(model, tok).loglikelihood(instances(pairs), disable_tqdm=True)
+    lm = tempering_lm(model, tok, mixed_precision_dtype=torch.bfloat16)
+    got = lm.loglikelihood(instances(pairs), disable_tqdm=True)
+    assert lm._fast and lm.stats.fallback_requests == 0 and lm.mixed_precision_dtype == torch.bfloat16
+    assert_same(got, exact, tol=0.05)
+
+
 # ----------------------------------------------------------------------------- parity with hf
 
 
@@ -147,6 +190,10 @@ def test_token_level_parity_shared_contexts_greedy_and_order(tiny):
     assert sum(g for _, g in want) >= 12  # the greedy continuations really are greedy
     assert lm.stats.fallback_requests == 0 and lm.stats.forwards > 1  # packed, several batches
     assert lm.stats.head_positions < sum(len(c) for _, _, c in reqs)  # shared head positions
+    # BoolQ-like: one-token answers only, so every row is a bare context (plain causal forward)
+    yes_no = [((None, None), ctx, [t]) for _, ctx, _ in reqs[::5] for t in (rnd.randrange(3, vocab), 7)]
+    assert_same(lm._loglikelihood_tokens(yes_no, disable_tqdm=True),
+                hf_lm(model, tok)._loglikelihood_tokens(yes_no, disable_tqdm=True))
 
 
 def test_truncated_requests_match_hf(tiny):
@@ -340,47 +387,88 @@ def real_cfg(tmp_path, n: int, **evaluate):
                                    **evaluate}}).evaluate
 
 
-def compare_backends(model, tok, cfgs: dict) -> dict:
-    from tasks.evaluate import bundle, run_lm_eval, scoring_lm
+def lm_eval_runs(model, tok, cfg, info) -> dict:
+    from tasks.evaluate import run_lm_eval, scoring_lm
 
-    info = bundle(cfgs["hf"])
-    runs = {b: {spec.name: samples for spec, _, samples in run_lm_eval(scoring_lm(model, tok, cfg), info)}
-            for b, cfg in cfgs.items()}
+    return {spec.name: samples for spec, _, samples in run_lm_eval(scoring_lm(model, tok, cfg), info)}
+
+
+def compare(run_a: dict, run_b: dict) -> dict:
+    """Per benchmark: items with the same decision (argmax, acc, acc_norm), per-request |diff|."""
     report = {}
-    for name, hf_samples in runs["hf"].items():
+    for name, samples_b in run_b.items():
         diffs, same = [], 0
-        for a, b in zip(runs["tempering"][name], hf_samples, strict=True):
+        samples_a = run_a[name][: len(samples_b)]  # a may hold more items (the same first ones)
+        for a, b in zip(samples_a, samples_b, strict=True):
             assert a["arguments"] == b["arguments"]
             lla = [r[0][0] for r in a["resps"]]
             llb = [r[0][0] for r in b["resps"]]
             diffs += [abs(x - y) for x, y in zip(lla, llb)]
             same += (a["acc"], a["acc_norm"], max(range(len(lla)), key=lla.__getitem__)) == \
                     (b["acc"], b["acc_norm"], max(range(len(llb)), key=llb.__getitem__))
-        report[name] = {"items": len(hf_samples), "same_decision": same, "requests": len(diffs),
-                        "max_diff": max(diffs), "mean_diff": sum(diffs) / len(diffs)}
+        report[name] = {"items": len(samples_b), "same_decision": same, "requests": len(diffs),
+                        "max_diff": round(max(diffs), 5), "mean_diff": round(sum(diffs) / len(diffs), 5)}
     return report
+
+
+def overall(report: dict) -> tuple[float, float]:
+    """(share of items with the same decision, mean |diff| per request) over all benchmarks."""
+    items = sum(r["items"] for r in report.values())
+    requests = sum(r["requests"] for r in report.values())
+    return (sum(r["same_decision"] for r in report.values()) / items,
+            sum(r["mean_diff"] * r["requests"] for r in report.values()) / requests)
 
 
 @pytest.mark.slow
 def test_real_model_parity_on_every_shipped_benchmark(smollm2, tmp_path):
     """SmolLM2 on a sample of every shipped benchmark (files in benchmarks/, no ../shared needed),
-    plain prompts and (ARC-Easy) the chat template. bf16 vs bf16: >= 99.5% same decisions
-    (argmax, acc and acc_norm) over all items, each request within BF16_MAX, each benchmark's
-    mean within BF16_MEAN. float32 vs float32 on a smaller sample: within REAL_FP32_TOL, all
-    decisions equal."""
+    plain prompts and (ARC-Easy) the chat template.
+
+    float32, tempering vs hf: every decision (argmax, acc, acc_norm) the same, every request within
+    REAL_FP32_TOL. bf16 autocast, tempering vs hf: every request within BF16_MAX, each benchmark's
+    mean within BF16_MEAN, >= BF16_AGREEMENT of the items decided alike; and measured against the
+    exact (float32) scores, tempering's bf16 is at least as accurate as hf's: as many decisions
+    kept (one item of slack) and no larger a mean error."""
+    import torch
+
     from tempering import backend
 
     model, tok = smollm2
     n = int(os.environ.get("TEMPERING_PARITY_ITEMS", "60"))
-    if backend.choose_precision("auto").bf16:
-        bf16 = compare_backends(model, tok, {b: real_cfg(tmp_path, n, backend=b) for b in ("hf", "tempering")})
-        print("bf16", json.dumps(bf16, indent=1))
-        items = sum(r["items"] for r in bf16.values())
-        assert sum(r["same_decision"] for r in bf16.values()) >= MIN_AGREEMENT * items, bf16
-        for name, r in bf16.items():
-            assert r["max_diff"] <= BF16_MAX and r["mean_diff"] <= BF16_MEAN, (name, r)
-    fp32 = compare_backends(model, tok, {b: real_cfg(tmp_path, max(n // 5, 4), backend=b, precision="fp32")
-                                         for b in ("hf", "tempering")})
-    print("fp32", json.dumps(fp32, indent=1))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(backend.physical_cores())  # a real model: every core (this module's default is 1)
+    try:
+        _real_parity(model, tok, tmp_path, n)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _real_parity(model, tok, tmp_path, n: int) -> None:
+    from tasks.evaluate import bundle
+    from tempering import backend
+
+    small = real_cfg(tmp_path, max(n // 4, 4), precision="fp32")
+    info_small = bundle(small)
+    fp32 = compare(lm_eval_runs(model, tok, small.model_copy(update={"backend": "tempering"}), info_small),
+                   lm_eval_runs(model, tok, small.model_copy(update={"backend": "hf"}), info_small))
+    print("fp32 tempering vs hf", json.dumps(fp32, indent=1))
     for name, r in fp32.items():
         assert r["same_decision"] == r["items"] and r["max_diff"] <= REAL_FP32_TOL, (name, r)
+    if not backend.choose_precision("auto").bf16:
+        return
+    cfg = real_cfg(tmp_path, n)
+    info = bundle(cfg)
+    exact = lm_eval_runs(model, tok, cfg.model_copy(update={"backend": "tempering", "precision": "fp32"}), info)
+    tl = lm_eval_runs(model, tok, cfg.model_copy(update={"backend": "tempering"}), info)
+    hf = lm_eval_runs(model, tok, cfg.model_copy(update={"backend": "hf"}), info)
+    reports = {"tempering vs hf (bf16)": compare(tl, hf), "tempering bf16 vs exact": compare(tl, exact),
+               "hf bf16 vs exact": compare(hf, exact)}
+    print(json.dumps({k: dict(v, overall=overall(v)) for k, v in reports.items()}, indent=1))
+    pair = reports["tempering vs hf (bf16)"]
+    for name, r in pair.items():
+        assert r["max_diff"] <= BF16_MAX and r["mean_diff"] <= BF16_MEAN, (name, r)
+    assert overall(pair)[0] >= BF16_AGREEMENT, pair
+    items = sum(r["items"] for r in pair.values())
+    tl_kept, tl_err = overall(reports["tempering bf16 vs exact"])
+    hf_kept, hf_err = overall(reports["hf bf16 vs exact"])
+    assert tl_kept >= hf_kept - 1 / items and tl_err <= hf_err, reports
