@@ -169,6 +169,8 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", type=int, default=20)
     parser.add_argument("--limit", type=int, default=None, help="cap items per benchmark (smoke runs)")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--no-rescore", action="store_true",
+                        help="judge each model against its cached scoring only (no fresh second scoring)")
     parser.add_argument("--ladder-only", default=None, metavar="RECORDS.jsonl",
                         help="only the sabotage ladder, from these per-item records of the base "
                              "(e.g. tests/data/base_arc_easy.jsonl), at the default bundle's planned n")
@@ -201,8 +203,8 @@ def main(argv=None) -> int:
         # The first scoring is the evaluate stage's own (its cache, when the run left one) ...
         first = cached_scores(Path(folder), cfg, info, hash_path(folder))[0]["mc"]
         model, tok = load_model(Path(folder))
-        if label == "base":
-            second = first  # the base against itself: the same per-item results
+        if label == "base" or args.no_rescore:
+            second = first  # against itself: the same per-item results
         else:
             # ... the second a fresh one with other batches: other padding, other bf16 rounding.
             other = {"batch_size": max(1, cfg.batch_size // 2 + 1)}
