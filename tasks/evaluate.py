@@ -53,7 +53,8 @@ TASK_PREFIX = "tempering_"
 #    preprocess, ARC's padded duplicate choices dropped).
 TASK_VERSION = 2
 # Bumped when the scoring code changes what a score means (part of every cache key).
-SCORING_VERSION = 2
+# 3: the head's normaliser by an in-place float32 logsumexp; batched greedy generations.
+SCORING_VERSION = 3
 
 
 # ----------------------------------------------------------------------------- the bundle
@@ -423,9 +424,10 @@ def _first_named(text: str, choices: list[str]) -> int | None:
 
 
 def generations(model, tok, info: dict, cfg: EvaluateParams) -> dict:
-    """Greedy chat answers to benchmark questions; ``match`` = the first choice named is right."""
-    import torch
+    """Greedy chat answers to benchmark questions; ``match`` = the first choice named is right.
 
+    All of a benchmark's questions go through one left-padded ``generate`` call (greedy decoding
+    of a left-padded batch gives each row the tokens it gets alone, up to float rounding)."""
     gcfg = cfg.generation
     out = {}
     if not gcfg.n:
@@ -435,21 +437,28 @@ def generations(model, tok, info: dict, cfg: EvaluateParams) -> dict:
         if meta is None or "data_file" not in meta:
             continue
         rows = read_jsonl(meta["data_file"])[: gcfg.n]
+        if not rows:
+            continue
+        texts = [tok.apply_chat_template([{"role": "user", "content": row["question"]}], add_generation_prompt=True,
+                                         tokenize=False) for row in rows]
+        side = tok.padding_side
+        tok.padding_side = "left"
+        try:
+            enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        finally:
+            tok.padding_side = side
+        enc = {k: v.to(model.device) for k, v in enc.items()}
+        with _autocast(cfg):
+            gen = model.generate(**enc, max_new_tokens=gcfg.max_new_tokens, do_sample=False,
+                                 pad_token_id=tok.pad_token_id)
         results = []
-        for row in rows:
-            enc = tok.apply_chat_template([{"role": "user", "content": row["question"]}], add_generation_prompt=True,
-                                          return_tensors="pt", return_dict=True)
-            enc = {k: v.to(model.device) for k, v in enc.items()}
-            with _autocast(cfg):
-                gen = model.generate(**enc, max_new_tokens=gcfg.max_new_tokens, do_sample=False,
-                                     pad_token_id=tok.pad_token_id)
-            text = tok.decode(gen[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+        for row, ids in zip(rows, gen[:, enc["input_ids"].shape[1]:]):
+            text = tok.decode(ids, skip_special_tokens=True).strip()
             named = _first_named(text, row["choices"])
             results.append({"id": row["id"], "question": row["question"], "answer": text,
                             "expected": row["choices"][row["answer"]], "match": float(named == row["answer"])})
-        if results:
-            out[name] = {"match": sum(r["match"] for r in results) / len(results), "n": len(results),
-                         "samples": results}
+        out[name] = {"match": sum(r["match"] for r in results) / len(results), "n": len(results),
+                     "samples": results}
     return out
 
 

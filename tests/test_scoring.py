@@ -126,8 +126,9 @@ def test_rows_split_at_the_cap_and_batches_respect_the_budget():
 
 
 def test_refined_head_recovers_float32_log_probs_from_bf16_logits():
-    """refine_head: with every logit recomputed (k = vocabulary) it is exactly float32's
-    log-softmax; with the top 8 it is far closer to it than the bf16 logits are."""
+    """head_logprobs: with every logit recomputed (k = vocabulary) it is exactly float32's
+    log-softmax; with the top 8 it is far closer to it than the bf16 logits are; on float32
+    logits it is the plain log-softmax and argmax (no refinement), chunked or not."""
     import torch
 
     torch.manual_seed(0)
@@ -135,19 +136,28 @@ def test_refined_head_recovers_float32_log_probs_from_bf16_logits():
     hidden = torch.randn(12, 64) * 3
     exact = head(hidden)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        rounded = head(hidden).float()
-    assert (rounded - exact).abs().max() > 1e-3  # bf16 did round
+        rounded = head(hidden)
+    assert rounded.dtype == torch.bfloat16 and (rounded.float() - exact).abs().max() > 1e-3  # bf16 did round
     slots = torch.tensor([0, 0, 3, 5, 11, 11])
     targets = torch.cat([exact[[0, 3]].argmax(1), torch.tensor([7, 299, 0, 150])])
     want = exact.log_softmax(-1)[slots, targets].double()
-    logp = rounded.log_softmax(-1)
     with torch.autocast("cpu", dtype=torch.bfloat16):  # as the scorer calls it
-        full, greedy = scoring.refine_head(rounded, logp, hidden, head, slots, targets, k=300)
-        top8, _ = scoring.refine_head(rounded, logp, hidden, head, slots, targets, k=8)
+        full, greedy = scoring.head_logprobs(rounded, hidden, head, slots, targets, k=300)
+        top8, _ = scoring.head_logprobs(rounded, hidden, head, slots, targets, k=8)
     assert torch.allclose(full, want, atol=1e-5)
     assert greedy.tolist() == exact.argmax(-1)[slots].tolist()
-    plain = (rounded.log_softmax(-1)[slots, targets]).double()
+    plain = (rounded.float().log_softmax(-1)[slots, targets]).double()
     assert (top8 - want).abs().mean() < 0.5 * (plain - want).abs().mean()
+    unrefined, argmax = scoring.head_logprobs(rounded, hidden, head, slots, targets, k=0)
+    assert torch.allclose(unrefined, plain, atol=1e-5)
+    for chunk in (scoring.HEAD_CHUNK, 5):  # chunking the float32 pass changes nothing
+        scoring.HEAD_CHUNK, saved = chunk, scoring.HEAD_CHUNK
+        try:
+            f32, f32_greedy = scoring.head_logprobs(exact.detach(), hidden, head, slots, targets, k=8)
+        finally:
+            scoring.HEAD_CHUNK = saved
+        assert torch.allclose(f32, want, atol=1e-5)
+        assert f32_greedy.tolist() == exact.argmax(-1)[slots].tolist()
 
 
 def test_bf16_scoring_runs_packed_and_stays_near_float32(tiny):
