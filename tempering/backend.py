@@ -1141,13 +1141,15 @@ def _callbacks(stage: str, checkpoints: str, live_dir: str | None, tracking, res
 
 def build_sft_trainer(model, tokenizer, dataset, args, *, stage: str, checkpoints: str,
                       live_dir: str | None, tracking, resume_step: int | None = None, eval_dataset=None,
-                      cfg=None):
+                      cfg=None, selective_head: bool | None = None):
     """SFTTrainer on a pre-tokenized dataset (input_ids + labels; TRL's preparation skipped).
-    Packed datasets (a ``seq_lengths`` column, see :func:`pack_sft`) get the packed collator."""
+    Packed datasets (a ``seq_lengths`` column, see :func:`pack_sft`) get the packed collator.
+    ``selective_head``: the loss through :func:`selective_lm_loss` (None = off CUDA only, the
+    default; False = TRL's own loss, for the speed ablation in ``bench/bench_train.py``)."""
     from trl import SFTTrainer
 
     guard, callbacks = _callbacks(stage, checkpoints, live_dir, tracking, resume_step, cfg)
-    plain = not str(args.device).startswith("cuda")
+    plain = not str(args.device).startswith("cuda") if selective_head is None else bool(selective_head)
     collator = None
     if "seq_lengths" in dataset.column_names:
         collator = _packed_collator(tokenizer.pad_token_id)
@@ -1160,7 +1162,8 @@ def build_sft_trainer(model, tokenizer, dataset, args, *, stage: str, checkpoint
 
 def build_dpo_trainer(model, tokenizer, dataset, args, *, adapter, max_prompt_length: int, stage: str,
                       checkpoints: str, live_dir: str | None, tracking, resume_step: int | None = None,
-                      ref_cache_key: str | None = None, eval_dataset=None, cfg=None):
+                      ref_cache_key: str | None = None, eval_dataset=None, cfg=None,
+                      compact_head: bool | None = None):
     """DPOTrainer. The reference is the model as passed (the SFT result): with LoRA the ``model``
     gets a fresh adapter and the reference is the same network with the adapter disabled (no
     second copy); with ``full`` it is the untouched model. ``eval_dataset`` (held-out pairs) gets an
@@ -1169,7 +1172,9 @@ def build_dpo_trainer(model, tokenizer, dataset, args, *, adapter, max_prompt_le
     With ``args.precompute_ref_log_probs`` the reference log-probs are computed once before
     training and cached under ``ref_cache_key`` (see :func:`attach_reference_logps`): no
     reference forward during training, and none at all on a later run with the same key. Without
-    it LoRA runs the reference forward every step, and ``full`` keeps a frozen copy."""
+    it LoRA runs the reference forward every step, and ``full`` keeps a frozen copy.
+    ``compact_head``: :func:`install_compact_lm_head` (None = off CUDA only, the default; False =
+    TRL's own fused head, for the speed ablation in ``bench/bench_train.py``)."""
     import copy
 
     from trl import DPOTrainer
@@ -1182,7 +1187,8 @@ def build_dpo_trainer(model, tokenizer, dataset, args, *, adapter, max_prompt_le
     if config is None and not args.precompute_ref_log_probs:
         ref_model = copy.deepcopy(model).eval().requires_grad_(False)
     torch.manual_seed(args.seed)
-    compact = not str(args.device).startswith("cuda")  # TRL's kernel is compact with Triton (GPUs)
+    compact = not str(args.device).startswith("cuda") if compact_head is None else bool(compact_head)
+    # (TRL's kernel is compact with Triton, i.e. on GPUs)
     trainer = _guarded(DPOTrainer, stage, checkpoints,
                        dpo_cache={"max_prompt_length": max_prompt_length, "key": ref_cache_key},
                        compact_head=compact)(

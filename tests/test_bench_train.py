@@ -1,0 +1,125 @@
+"""bench/bench_train.py and bench/gpu_check.{sh,py}: the measuring helpers, a smoke run of every arm
+on a tiny random model (same batches across arms, finite losses), and the GPU check's clean
+refusal on a machine without CUDA."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def bench():
+    return _load("bench_train")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _threads(one_thread):
+    yield
+
+
+def test_summarize_and_padding(bench):
+    assert bench.summarize([3, None, 1, 2]) == {"n": 3, "min": 1.0, "median": 2.0, "max": 3.0}
+    assert bench.summarize([None]) is None
+    lengths = [10, 10, 2, 2]
+    assert bench.padding_share(lengths, [0, 1, 2, 3], 2) == 0.0
+    assert bench.padding_share(lengths, [0, 2, 1, 3], 2) == pytest.approx(1 - 24 / 40, abs=1e-4)
+
+
+def test_batch_plan_is_a_seeded_length_grouped_permutation(bench):
+    lengths = [5, 50, 7, 48, 6, 49, 8, 47] * 4
+    plan = bench.batch_plan(lengths, 4)
+    assert sorted(plan) == list(range(len(lengths))) and plan == bench.batch_plan(lengths, 4)
+    assert bench.padding_share(lengths, plan, 4) < bench.padding_share(lengths, bench._random_order(len(lengths)), 4)
+
+
+def test_same_batches_flags_a_differing_step(bench):
+    res = {"a": {"step_batches": ["x", "y"]}, "b": {"step_batches": ["x", "y"]}, "c": {"step_batches": ["x", "z"]}}
+    assert bench.same_batches(res, ["a", "b"])["same"] is True
+    bad = bench.same_batches(res, ["a", "b", "c"])
+    assert bad["same"] is False and bad["differing_steps"] == {"c": [1]}
+    assert bench.same_batches({"a": {"step_batches": [None]}}, ["a"])["same"] is False
+
+
+def test_every_arm_on_a_tiny_model_sees_the_same_batches(bench, tmp_path):
+    from tempering.testing import make_tiny_model
+
+    model = make_tiny_model(tmp_path / "tiny")
+    out = tmp_path / "train.json"
+    assert bench.main(["--base", str(model), "--data", str(tmp_path / "none"), "--max-rows", "24", "--repeats", "2",
+                       "--sft-steps", "1", "--dpo-steps", "1", "--warmup", "1", "--batch", "4", "--peak-rounds", "1",
+                       "--peak-size", "128", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    for kind, arms in (("sft", bench.SFT_ARMS + bench.SFT_ABLATIONS), ("dpo", bench.DPO_ARMS + bench.DPO_ABLATIONS)):
+        r = res[kind]
+        assert set(r["arms"]) == set(arms)
+        assert r["same_batches"] is True, r["same_batches_detail"]
+        assert len(r["rounds"]) == 2 and r["rounds"][0]["order"] != r["rounds"][1]["order"]  # the first arm rotates
+        for arm, e in r["arms"].items():
+            assert e["tokens_per_s"]["n"] == 2 and e["tokens_per_s"]["min"] > 0, arm
+        for rnd in r["rounds"]:
+            for arm, a in rnd["arms"].items():
+                assert a["loss_last"] is not None and a["loss_last"] == a["loss_last"], (kind, arm)  # finite
+            assert len(rnd["loadavg_start"]) == 3 and len(rnd["loadavg_end"]) == 3
+    assert res["peak"]["bf16_gflops"] > 0 and res["sft"]["arms"]["tempering"]["mfu"]["median"] > 0
+    # The cross-run reference cache: a rebuild reads the log-probs back.
+    assert all(rnd["tempering_rebuild"]["cache_hit"] for rnd in res["dpo"]["rounds"])
+
+
+def test_qlora_refuses_without_cuda(bench, tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(SystemExit):
+        bench.main(["--base", str(tmp_path), "--adapter", "qlora"])
+
+
+def test_gpu_check_refuses_cleanly_without_a_gpu(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    gpu = _load("gpu_check")
+    assert gpu.main(["--out", str(tmp_path / "py")]) == gpu.REFUSED
+    doc = json.loads((tmp_path / "py" / "gpu_check.json").read_text())
+    assert doc["status"] == "refused" and "no CUDA GPU" in doc["reason"] and doc["steps"] == {}
+    # The shell entry point refuses before installing anything.
+    env = dict(os.environ, PATH=os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep)
+                                                if not (Path(p) / "nvidia-smi").exists()))
+    proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), str(tmp_path / "sh")], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 3, proc.stderr
+    assert "refused" in proc.stderr and not (ROOT / ".venv-gpu").exists() or shutil.which("nvidia-smi")
+    assert json.loads((tmp_path / "sh" / "gpu_check.json").read_text())["status"] == "refused"
+
+
+def test_gpu_check_plans_every_step(tmp_path):
+    gpu = _load("gpu_check")
+    args = gpu.argparse.Namespace(out=str(tmp_path), base="b", data="d", batch=8, repeats=3, sft_steps=10,
+                                  dpo_steps=6, ddp_steps=10)
+    one = {name: (cmd, reason) for name, cmd, _, reason in gpu.steps(args, 1)}
+    assert set(one) == {"train_bf16", "qlora_sft", "ddp", "evaluate"}
+    assert one["ddp"][0] is None and "DDP needs at least 2" in one["ddp"][1]
+    assert "--adapter" in one["qlora_sft"][0] and "qlora" in one["qlora_sft"][0]
+    two = {name: cmd for name, cmd, _, _ in gpu.steps(args, 2)}
+    assert "train.launcher=ddp" in two["ddp"] and "train.num_processes=2" in two["ddp"]
+    assert sum(limit for _, _, limit, _ in gpu.steps(args, 2)) <= 8 * 60 - 30   # fits the 8-minute check
+    # --allow-cpu on a folder without a model: refused with the model's reason, nothing run.
+    assert gpu.main(["--out", str(tmp_path / "o"), "--base", str(tmp_path / "nomodel"), "--allow-cpu"]) == gpu.REFUSED
+    assert "no model folder" in json.loads((tmp_path / "o" / "gpu_check.json").read_text())["reason"]
