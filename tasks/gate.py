@@ -261,6 +261,9 @@ def _reason(p: _Pending, passed: bool, adj: float | None, alpha: float, cfg: Gat
         lo, hi = p.ci
         if passed:
             return f"{where}: {what} {p.delta:.3f} {unit}, interval up to {hi:.3f}, within the limit {p.threshold:.3f} ({test})"
+        if hi <= p.threshold:
+            return (f"{where}: {what} {p.delta:.3f} {unit}, interval up to {hi:.3f} is within the limit "
+                    f"{p.threshold:.3f} on its own, but not after {cfg.multiplicity} correction: cannot certify it ({test})")
         return (f"{where}: {what} {p.delta:.3f} {unit}, interval up to {hi:.3f}: cannot certify the limit "
                 f"{p.threshold:.3f} ({test})")
     ref = "production" if p.kind == "champion" else "base"
@@ -269,6 +272,9 @@ def _reason(p: _Pending, passed: bool, adj: float | None, alpha: float, cfg: Gat
     if p.kind == "gain":
         if passed:
             return f"{where}: gained {p.delta:+.3f}, lower end {lo:+.3f} >= {p.threshold:.3f} ({scores}; {test})"
+        if lo >= p.threshold:
+            return (f"{where}: gained {p.delta:+.3f}, lower end {lo:+.3f} clears {p.threshold:.3f} on its own, but "
+                    f"not after {cfg.multiplicity} correction: not certified ({scores}; {test})")
         return (f"{where}: gained {p.delta:+.3f}, lower end {lo:+.3f} < the required {p.threshold:.3f}: "
                 f"not certified ({scores}; {test})")
     margin = f"{'budget' if p.kind == 'forgetting' else 'margin'} {p.threshold:.3f}"
@@ -279,6 +285,10 @@ def _reason(p: _Pending, passed: bool, adj: float | None, alpha: float, cfg: Gat
     if passed:
         return (f"{where}: certified non-inferior: delta {p.delta:+.3f}, lower end {lo:+.3f} >= -{p.threshold:.3f} "
                 f"({scores}; {test})")
+    if lo >= -p.threshold:  # the interval alone clears the margin; the family's correction does not
+        return (f"{where}: not certified after {cfg.multiplicity} correction: delta {p.delta:+.3f}, lower end "
+                f"{lo:+.3f} clears -{p.threshold:.3f} on its own, but not at the family's adjusted level, so a "
+                f"drop beyond the {margin} is not ruled out ({scores}; {test})")
     return (f"{where}: not certified: delta {p.delta:+.3f}, lower end {lo:+.3f} < -{p.threshold:.3f}, so a drop "
             f"beyond the {margin} is not ruled out ({scores}; {test})")
 

@@ -144,6 +144,9 @@ def test_holm_corrects_the_family_and_bh_is_laxer():
     assert max(p) <= 0.025, p                    # each would pass alone
     assert none.passed
     assert not holm.passed and "holm-adjusted" in holm.reasons[0]
+    # The reason says what failed: the interval alone clears the budget, the correction does not
+    # (never "lower end -0.046 < -0.050").
+    assert "not certified after holm correction" in holm.reasons[0] and "clears -0.050 on its own" in holm.reasons[0]
     n_bh = sum(c.passed for c in bh.checks if c.kind == "forgetting")
     n_holm = sum(c.passed for c in holm.checks if c.kind == "forgetting")
     assert n_bh >= n_holm
