@@ -10,7 +10,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
 export WANDB_MODE ?= offline
 
-.PHONY: setup run flow test test-all bench clean
+.PHONY: setup run flow test test-e2e test-all bench clean
 
 setup: $(VENV)/.installed
 
@@ -39,6 +39,10 @@ flow: setup
 # Default suite: tiny random models, < 10 min on 2 cores.
 test: setup
 	$(BIN)/python -m pytest -m "not slow"
+
+# Only the slow end-to-end tests on the real SmolLM2 (CI runs them after `make test`).
+test-e2e: setup
+	$(BIN)/python -m pytest -m slow
 
 # Everything, including the end-to-end tests on the real SmolLM2.
 test-all: setup

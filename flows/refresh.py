@@ -49,7 +49,7 @@ from flows.pipeline import StageFailed, pipeline, report_link, summary_markdown 
 from flows.workspace import check_params, use_params, workspace_lock  # noqa: E402
 from tempering import TemperingError  # noqa: E402
 from tempering.dag import load_stages, stage_order  # noqa: E402
-from tempering.io import atomic_path, write_text  # noqa: E402
+from tempering.io import atomic_path, read_json_or_none, write_text  # noqa: E402
 
 PROMOTE_STAGE = "promote"
 LATEST = "LATEST"
@@ -84,20 +84,13 @@ def _files(folder: Path) -> dict[str, str]:
     return {p.relative_to(folder).as_posix(): _md5(p) for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
 def previous_run(history: Path) -> tuple[str | None, dict | None]:
     """The latest recorded refresh: (run name, record) or (None, None)."""
     try:
         name = (history / LATEST).read_text(encoding="utf-8").strip()
     except OSError:
         return None, None
-    return name, _read_json(history / name / "record.json")
+    return name, read_json_or_none(history / name / "record.json")
 
 
 def _depends_on(root: Path, folder: str) -> list[str]:
@@ -303,9 +296,9 @@ def refresh(root: str = ".", params_file: str = "params.yaml", overrides: list[s
             write_record(history, run, record, root_p)
             raise
 
-        gate = _read_json(root_p / "metrics" / "gate.json") or {}
-        prom = _read_json(root_p / "metrics" / "promote.json") or {}
-        metrics = {p.stem: _read_json(p) for p in sorted((root_p / "metrics").glob("*.json"))}
+        gate = read_json_or_none(root_p / "metrics" / "gate.json") or {}
+        prom = read_json_or_none(root_p / "metrics" / "promote.json") or {}
+        metrics = {p.stem: read_json_or_none(p) for p in sorted((root_p / "metrics").glob("*.json"))}
         promoted = bool(prom.get("promoted"))
         reasons = list(prom.get("reasons") or ([] if promoted else gate.get("reasons") or []))
         if not promoted and not reasons:

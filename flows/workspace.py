@@ -22,6 +22,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from tempering import TemperingError
+from tempering.io import read_json_or_none
 
 LOCK_FILE = Path(".dvc") / "tmp" / "tempering.lock"
 POLL_S = 0.2
@@ -35,9 +36,8 @@ class WorkspaceLocked(TemperingError):
 
 
 def _holder(path: Path) -> str:
-    try:
-        info = json.loads(path.read_text(encoding="utf-8") or "{}")
-    except (OSError, json.JSONDecodeError):
+    info = read_json_or_none(path)  # missing, empty (just created) or torn: no holder to name
+    if not isinstance(info, dict):
         return "another run"
     since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(info.get("since", 0)))
     return f"{info.get('what', 'a run')} (pid {info.get('pid')} on {info.get('host')}, since {since})"

@@ -25,6 +25,10 @@ from tempering.cli import stage_main
 from tempering.config import Params
 from tempering.io import atomic_path, write_meta
 
+# The params.yaml sections (or single keys) this stage reads, the stage contract: dvc.yaml
+# lists exactly these under its `params:` (tests/test_stage_contract.py).
+PARAMS = ("base_model",)
+
 EMBEDDED_PREFIX = "embedded:"
 EMBEDDED = {
     # name -> (python package holding the file, file name)

@@ -19,6 +19,10 @@ from tempering.cli import stage_main
 from tempering.config import Params
 from tempering.io import write_json
 
+# The params.yaml sections (or single keys) this stage reads, the stage contract: dvc.yaml
+# lists exactly these under its `params:` (tests/test_stage_contract.py).
+PARAMS = ()
+
 
 def resolve(registry: str, name: str, alias: str) -> dict:
     """``{"alias", "version", "model_hash"}`` of the alias, with nulls when it names nothing."""

@@ -27,6 +27,10 @@ from tempering.config import Params
 from tempering.io import (POINTER_FILE, atomic_path, hash_path, read_json, read_jsonl, resolve_model_dir,
                           write_json, write_meta)
 
+# The params.yaml sections (or single keys) this stage reads, the stage contract: dvc.yaml
+# lists exactly these under its `params:` (tests/test_stage_contract.py).
+PARAMS = ("cpt", "tracking", "train")
+
 
 def _base_meta(base_dir: Path) -> dict:
     """The base model's own provenance, carried forward so export can name the original source."""

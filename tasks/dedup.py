@@ -1,10 +1,15 @@
 """Stage ``dedup``: decontaminate against the benchmarks, then drop exact and near duplicates.
 
-    python -m tasks.dedup --data data/validated --benchmarks data/generated/benchmarks \\
+    python -m tasks.dedup --data data/validated \\
         --out data/clean --quarantine data/quarantine/dedup.jsonl --metrics metrics/dedup.json \\
         --index data/dedup_index --report reports/data_dedup.md
 
 Per kind (``sft``, ``preference``, ``text``), rows in file order, the first occurrence wins:
+
+The benchmarks are exactly the ones ``evaluate`` scores (``evaluate.benchmarks``: every item of each
+local file, not only the items a run scores) plus the drift checks' text set (``evaluate.drift``),
+read by :mod:`tempering.benchmarks`. An lm-eval hub task or an absent optional benchmark cannot be
+read here: each gets a line in the metrics' ``decontamination_notes``.
 
 1. **Decontamination** (``dedup.decontam_ngram`` = n; 0 disables): a training row is dropped
    (``contaminated``, with the benchmark and item) when it shares an n-word sequence (lowercased
@@ -49,9 +54,14 @@ from pathlib import Path
 import numpy as np
 
 from tempering import TemperingError
+from tempering.benchmarks import decontamination_sets
 from tempering.cli import stage_main
 from tempering.config import DedupParams, Params
 from tempering.io import atomic_path, dump_jsonl, read_jsonl, write_json, write_meta, write_text
+
+# The params.yaml sections (or single keys) this stage reads, the stage contract: dvc.yaml
+# lists exactly these under its `params:` (tests/test_stage_contract.py).
+PARAMS = ("dedup", "evaluate.benchmarks", "evaluate.drift")
 
 KINDS = ("sft", "preference", "text")
 MIN_SHORT_ITEM_WORDS = 8
@@ -178,20 +188,6 @@ class _Sketch:
 
 
 # ----------------------------------------------------------------------------- benchmarks
-
-
-def load_benchmarks(folder: str | Path) -> dict[str, list[dict]]:
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise TemperingError(f"{folder}: benchmarks folder not found")
-    out = {}
-    for path in sorted(folder.glob("*.jsonl")):
-        items = read_jsonl(path)
-        for i, item in enumerate(items, 1):
-            if not isinstance(item.get("question"), str) or not isinstance(item.get("choices"), list):
-                raise TemperingError(f"{path}: item {i}: needs a string 'question' and a list 'choices'")
-        out[path.stem] = items
-    return out
 
 
 class ContaminationIndex:
@@ -559,14 +555,16 @@ def render_report(m: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run(params: Params, data: str, benchmarks: str, out: str, quarantine: str, metrics: str,
+def run(params: Params, data: str, out: str, quarantine: str, metrics: str,
         index: str | None = None, report: str | None = None) -> dict:
     started = time.time()
     cfg = params.dedup
     rows = {kind: read_jsonl(Path(data) / f"{kind}.jsonl") for kind in KINDS}
-    benches = load_benchmarks(benchmarks) if cfg.decontam_ngram > 0 else {}
+    # Exactly the benchmarks evaluate scores (every item of each file) and the drift texts.
+    benches, notes = decontamination_sets(params.evaluate) if cfg.decontam_ngram > 0 else ({}, [])
     dedup_index = DedupIndex(index, cfg) if index and cfg.index else None
     kept, removed, summary = dedup_rows(rows, cfg, benches, dedup_index)
+    summary["decontamination_notes"] = notes
     summary["wall_time_s"] = round(time.time() - started, 2)
 
     with atomic_path(out) as tmp:
@@ -575,7 +573,7 @@ def run(params: Params, data: str, benchmarks: str, out: str, quarantine: str, m
             with open(tmp / f"{kind}.jsonl", "w", encoding="utf-8") as fh:
                 dump_jsonl(kept[kind], fh)
         write_meta(tmp, stage="dedup", params=cfg, started=started,
-                   inputs={"data": data, "benchmarks": benchmarks},
+                   inputs={"data": data, "benchmarks": {n: len(v) for n, v in benches.items()}},
                    extra={"counts": {k: len(v) for k, v in kept.items()}})
     with atomic_path(quarantine) as tmp:
         with open(tmp, "w", encoding="utf-8") as fh:
@@ -594,8 +592,6 @@ def run(params: Params, data: str, benchmarks: str, out: str, quarantine: str, m
 
 def _args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", default="data/validated", help="folder with sft/preference/text.jsonl")
-    parser.add_argument("--benchmarks", default="data/generated/benchmarks",
-                        help="folder of benchmark JSONL files to decontaminate against")
     parser.add_argument("--out", default="data/clean", help="output folder")
     parser.add_argument("--quarantine", default="data/quarantine/dedup.jsonl", help="removed rows (JSONL)")
     parser.add_argument("--metrics", default="metrics/dedup.json", help="metrics JSON")

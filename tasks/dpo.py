@@ -39,6 +39,10 @@ from tempering.config import Params
 from tempering.io import (POINTER_FILE, atomic_path, content_id, hash_path, read_jsonl, resolve_model_dir,
                           write_json, write_meta)
 
+# The params.yaml sections (or single keys) this stage reads, the stage contract: dvc.yaml
+# lists exactly these under its `params:` (tests/test_stage_contract.py).
+PARAMS = ("dpo", "tracking", "train")
+
 NOTE_DISABLED = "dpo.enabled is false: the SFT model passed through untrained"
 NOTE_NO_DATA = "no preference rows to train on ({data}): the SFT model passed through untrained"
 

@@ -42,10 +42,24 @@ from pathlib import Path
 import yaml
 
 from tempering import TemperingError
+from tempering.benchmarks import drift_texts, hellaswag_preprocess, load_items  # noqa: F401 (re-exported)
 from tempering.cli import stage_main
 from tempering.config import BenchmarkSpec, EvaluateParams, GateParams, Params
 from tempering.io import (atomic_path, content_id, dump_jsonl, hash_path, read_json, read_jsonl,
                           resolve_model_dir, write_json, write_meta, write_text)
+
+# The params.yaml sections (or single keys) this stage reads, the stage contract: dvc.yaml
+# lists exactly these under its `params:` (tests/test_stage_contract.py).
+PARAMS = (
+    "evaluate",
+    "gate.max_forgetting",
+    "gate.confidence",
+    "gate.power",
+    "gate.planning_discordance",
+    "gate.multiplicity",
+    "gate.max_kl",
+    "gate.max_perplexity_ratio",
+)
 
 TASK_PREFIX = "tempering_"
 # Bumped when the task definitions below change meaning (invalidates cached base results).
@@ -58,138 +72,6 @@ SCORING_VERSION = 3
 
 
 # ----------------------------------------------------------------------------- the bundle
-
-
-def _open_lines(path: Path) -> list[str]:
-    import gzip
-
-    try:
-        if path.suffix == ".gz":
-            with gzip.open(path, "rt", encoding="utf-8") as fh:
-                return fh.read().splitlines()
-        return path.read_text(encoding="utf-8").splitlines()
-    except (OSError, EOFError, UnicodeDecodeError) as exc:
-        raise TemperingError(f"{path}: cannot read benchmark file ({type(exc).__name__}: {exc})") from None
-
-
-def _json_rows(path: Path) -> list[dict]:
-    rows = []
-    for n, line in enumerate(_open_lines(path), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise TemperingError(f"{path}: row {n}: invalid JSON ({exc.msg})") from None
-        if not isinstance(row, dict):
-            raise TemperingError(f"{path}: row {n}: expected a JSON object")
-        rows.append(row)
-    return rows
-
-
-def hellaswag_preprocess(text: str) -> str:
-    """lm-eval's HellaSwag ``preprocess`` (lm_eval/tasks/hellaswag/utils.py); a test compares the two."""
-    import re
-
-    text = text.strip()
-    # Brackets are artifacts of the WikiHow part of HellaSwag.
-    text = text.replace(" [title]", ". ")
-    text = re.sub("\\[.*?\\]", "", text)
-    return text.replace("  ", " ")
-
-
-def _llmfoundry_prompt(query: str) -> tuple[str, str]:
-    """(chat question, lm-eval prompt) of an llm-foundry ``query``.
-
-    ``Question: <stem>`` (ARC ...) -> lm-eval's ``Question: <stem>\nAnswer:``, question = the stem.
-    ``Passage: <p>\nQuestion: <q>?`` (BoolQ) -> lm-eval's boolq ``<p>\nQuestion: <q>?\nAnswer:``
-    (lm-eval writes no "Passage: "), question = the query as it is.
-    """
-    if query.startswith("Passage: ") and "\nQuestion: " in query:
-        return query, f"{query[len('Passage: '):]}\nAnswer:"
-    question = query[len("Question: "):] if query.startswith("Question: ") else query
-    return question, f"{query}\nAnswer:"
-
-
-def _drop_repeats(choices: list, answer):
-    """Choices without exact repeats (first kept), and the answer's index among them.
-
-    llm-foundry padded ARC's 3-choice items to 4 by repeating one choice; lm-eval scores the
-    original 3. A repeat changes nothing but ties, yet a gold on the second copy could never win.
-    """
-    if not isinstance(choices, list) or not isinstance(answer, int) or isinstance(answer, bool) \
-            or not 0 <= answer < len(choices) or not all(isinstance(c, str) for c in choices):
-        return choices, answer  # the checks below name the problem
-    unique = list(dict.fromkeys(choices))
-    return unique, unique.index(choices[answer])
-
-
-# Each layout's own name for question, choices and answer (for error messages).
-_FIELDS = {"llmfoundry": {"question": "query", "answer": "gold"},
-           "hellaswag": {"question": "query", "choices": "endings", "answer": "label"},
-           "piqa": {"question": "goal", "choices": "sol1/sol2", "answer": "label"}}
-
-
-def load_items(spec: BenchmarkSpec) -> list[dict]:
-    """A benchmark file in any supported layout -> ``{id, question, prompt, choices, answer}`` rows.
-
-    ``question`` is the chat form (a user turn); ``prompt`` the plain-completion form, exactly the
-    context lm-eval's own task of that benchmark builds (``arc_easy``/``arc_challenge``,
-    ``boolq``, ``hellaswag`` with its preprocess, ``piqa``; each choice follows after a space).
-    ``tests/test_benchmarks_shipped.py`` checks this against lm-eval's task configs.
-    """
-    path = Path(spec.path)
-    if not path.is_file():
-        raise TemperingError(f"{path}: benchmark file not found (evaluate.benchmarks: {spec.name})")
-    raw = _json_rows(path)
-    if spec.format == "piqa":
-        labels = [ln.strip() for ln in _open_lines(Path(spec.labels)) if ln.strip()]
-        if len(labels) != len(raw):
-            raise TemperingError(f"{spec.labels}: {len(labels)} labels for {len(raw)} rows of {path}")
-    items = []
-    for n, row in enumerate(raw, 1):
-        try:
-            if spec.format == "tempering":
-                question, choices, answer = row["question"], row["choices"], row["answer"]
-                prompt = f"Question: {question}\nAnswer:"
-            elif spec.format == "llmfoundry":
-                query, choices, answer = row["query"], row["choices"], row["gold"]
-                if not isinstance(query, str) or not query.strip():
-                    raise TemperingError(f"{path}: row {n}: query: expected a non-empty string")
-                question, prompt = _llmfoundry_prompt(query)
-                choices, answer = _drop_repeats(choices, answer)
-            elif spec.format == "hellaswag":
-                # lm-eval: preprocess(activity_label + ": " + ctx) and preprocess(ending); the dump's
-                # query is already activity_label + ": " + ctx (ctx_b not capitalised, see docs).
-                query, choices, answer = row["query"], row["endings"], row["label"]
-                if not isinstance(query, str) or not query.strip():
-                    raise TemperingError(f"{path}: row {n}: query: expected a non-empty string")
-                question = prompt = hellaswag_preprocess(query)
-                if isinstance(choices, list) and all(isinstance(c, str) for c in choices):
-                    choices = [hellaswag_preprocess(c) for c in choices]
-            else:  # piqa
-                question, choices = row["goal"], [row["sol1"], row["sol2"]]
-                answer = int(labels[n - 1])
-                prompt = f"Question: {question}\nAnswer:"
-        except KeyError as exc:
-            raise TemperingError(f"{path}: row {n}: {exc.args[0]}: missing field (format {spec.format})") from None
-        except ValueError:
-            raise TemperingError(f"{spec.labels}: row {n}: label: expected 0 or 1") from None
-        field = _FIELDS.get(spec.format, {})
-        if not isinstance(question, str) or not question.strip():
-            raise TemperingError(f"{path}: row {n}: {field.get('question', 'question')}: expected a non-empty string")
-        if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) and c for c in choices):
-            raise TemperingError(f"{path}: row {n}: {field.get('choices', 'choices')}: "
-                                 "expected a list of at least 2 non-empty strings")
-        if not isinstance(answer, int) or isinstance(answer, bool) or not 0 <= answer < len(choices):
-            where = spec.labels if spec.format == "piqa" else path
-            raise TemperingError(f"{where}: row {n}: {field.get('answer', 'answer')}: "
-                                 f"expected an index into choices (0-{len(choices) - 1})")
-        items.append({"id": str(row.get("id", row.get("ind", n - 1))), "question": question, "prompt": prompt,
-                      "choices": choices, "answer": answer})
-    if not items:
-        raise TemperingError(f"{path}: benchmark {spec.name} is empty")
-    return items
 
 
 def task_config(spec: BenchmarkSpec, data_file: str | Path) -> dict:
@@ -460,26 +342,6 @@ def generations(model, tok, info: dict, cfg: EvaluateParams) -> dict:
         out[name] = {"match": sum(r["match"] for r in results) / len(results), "n": len(results),
                      "samples": results}
     return out
-
-
-def drift_texts(cfg: EvaluateParams) -> list[dict]:
-    """The fixed general text set of the drift checks (``evaluate.drift.path``), validated."""
-    dcfg = cfg.drift
-    if not dcfg.path:
-        return []
-    path = Path(dcfg.path)
-    if not path.is_file():
-        raise TemperingError(f"{path}: drift text set not found (evaluate.drift.path)")
-    rows = _json_rows(path)
-    for n, row in enumerate(rows, 1):
-        kind = row.get("kind")
-        if kind == "text" and isinstance(row.get("text"), str) and row["text"].strip():
-            continue
-        if kind == "chat" and isinstance(row.get("messages"), list) and row["messages"] and all(
-                isinstance(m, dict) and isinstance(m.get("content"), str) and m.get("role") for m in row["messages"]):
-            continue
-        raise TemperingError(f"{path}: row {n}: kind: expected 'text' with a non-empty text, or 'chat' with messages")
-    return rows[: dcfg.n_texts] if dcfg.n_texts else rows
 
 
 def _drift_ids(tok, row: dict, max_tokens: int) -> list[int]:

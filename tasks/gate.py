@@ -38,6 +38,10 @@ from tempering.cli import stage_main
 from tempering.config import GateParams, Params
 from tempering.io import read_json, read_jsonl, write_json, write_text
 
+# The params.yaml sections (or single keys) this stage reads, the stage contract: dvc.yaml
+# lists exactly these under its `params:` (tests/test_stage_contract.py).
+PARAMS = ("gate",)
+
 EPS = 1e-12
 DRIFT_FILE = "drift.jsonl"
 

@@ -42,7 +42,11 @@ from pathlib import Path
 
 from tempering.cli import stage_main
 from tempering.config import MakeDataParams, Params
-from tempering.io import atomic_path, write_meta
+from tempering.io import atomic_path, write_jsonl, write_meta
+
+# The params.yaml sections (or single keys) this stage reads, the stage contract: dvc.yaml
+# lists exactly these under its `params:` (tests/test_stage_contract.py).
+PARAMS = ("make_data",)
 
 # ----------------------------------------------------------------------------- the domain
 
@@ -643,12 +647,6 @@ def _manifest_dirty(planted: list[tuple], data: dict, corpus: list[str]) -> list
 # ----------------------------------------------------------------------------- writing
 
 
-def _dump_jsonl(path: Path, rows: list[dict]) -> None:
-    with open(path, "w", encoding="utf-8", newline="\n") as fh:
-        for row in rows:
-            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-
-
 def generate(cfg: MakeDataParams) -> dict:
     """Build every file's content in memory (deterministic in ``cfg``)."""
     entities = make_entities(cfg.n_entities, cfg.seed)
@@ -672,11 +670,11 @@ def write_generated(cfg: MakeDataParams, folder: Path) -> dict:
     (folder / "benchmarks").mkdir()
     (folder / "sft_alpaca.json").write_text(json.dumps(g["alpaca"], indent=2, ensure_ascii=False) + "\n",
                                             encoding="utf-8")
-    _dump_jsonl(folder / "sft_messages.jsonl", [{"messages": r["messages"]} for r in g["messages"]])
-    _dump_jsonl(folder / "preference.jsonl", g["preference"])
+    write_jsonl(folder / "sft_messages.jsonl", [{"messages": r["messages"]} for r in g["messages"]])
+    write_jsonl(folder / "preference.jsonl", g["preference"])
     (folder / "corpus.txt").write_text("\n\n".join(g["corpus"]) + "\n", encoding="utf-8")
     for name, items in g["bench"].items():
-        _dump_jsonl(folder / "benchmarks" / f"{name}.jsonl", items)
+        write_jsonl(folder / "benchmarks" / f"{name}.jsonl", items)
     manifest = {
         "seed": cfg.seed,
         "params": cfg.model_dump(mode="json"),

@@ -33,6 +33,10 @@ from tempering.config import Params
 from tempering.io import git_sha, hash_path, read_json, resolve_model_dir, write_json
 from tempering.registry import Registry, git_tag, mirror_wandb
 
+# The params.yaml sections (or single keys) this stage reads, the stage contract: dvc.yaml
+# lists exactly these under its `params:` (tests/test_stage_contract.py).
+PARAMS = ("promote", "tracking")
+
 
 def lineage(model_dir: Path, data: str | None, parent: str | None) -> dict:
     """Where the model came from: the stages' meta.json chain, data hashes, git SHA, and the

@@ -17,6 +17,10 @@ from tempering import html_report
 from tempering.cli import stage_main
 from tempering.config import Params
 
+# The params.yaml sections (or single keys) this stage reads, the stage contract: dvc.yaml
+# lists exactly these under its `params:` (tests/test_stage_contract.py).
+PARAMS = ()
+
 
 def run(params: Params, root: str = ".", out: str = html_report.DEFAULT_OUT) -> dict:
     parts = html_report.sections(root)

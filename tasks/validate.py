@@ -59,7 +59,17 @@ from tempering import TemperingError
 from tempering.cli import stage_main
 from tempering.config import Params, ValidateParams
 from tempering.formats import Accepted, Rejected, iter_source
-from tempering.io import atomic_path, content_id, write_json, write_meta, write_text
+from tempering.io import atomic_path, content_id, write_json, write_jsonl, write_meta, write_text
+
+# The params.yaml sections (or single keys) this stage reads, the stage contract: dvc.yaml
+# lists exactly these under its `params:` (tests/test_stage_contract.py).
+PARAMS = (
+    "validate",
+    "sft.max_length",
+    "sft.chat_template",
+    "dpo.max_length",
+    "dpo.max_prompt_length",
+)
 
 KINDS = ("sft", "preference", "text")
 # Priority order: the first failing check names the row's reason.
@@ -727,22 +737,6 @@ def _length_stats(rows: list[dict], kind: str, long_chars: int) -> dict:
             "chars_max": int(arr.max()), "over_long_row_chars": int((arr > long_chars).sum())}
 
 
-def write_jsonl_safe(path, rows: list[dict]) -> None:
-    """Atomic JSONL; a row holding text that is not valid Unicode (a lone surrogate from a ``\\ud800``
-    escape) is written ASCII-escaped instead of failing the whole write."""
-    import json
-
-    with atomic_path(path) as tmp:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            for row in rows:
-                line = json.dumps(row, ensure_ascii=False, default=str)
-                try:
-                    line.encode("utf-8")
-                except UnicodeEncodeError:
-                    line = json.dumps(row, ensure_ascii=True, default=str)
-                fh.write(line + "\n")
-
-
 # ----------------------------------------------------------------------------- stage
 
 
@@ -946,7 +940,7 @@ def run(params: Params, out: str, quarantine: str, report: str, metrics: str, to
     summary["wall_time_s"] = round(time.time() - started, 2)
     summary["rows_per_s"] = round(summary["read"] / summary["wall_time_s"], 1) if summary["wall_time_s"] else None
 
-    write_jsonl_safe(quarantine, rejected)
+    write_jsonl(quarantine, rejected)
     text = render_report(summary, examples)
     write_text(report, text)
     if html:
@@ -970,7 +964,7 @@ def run(params: Params, out: str, quarantine: str, report: str, metrics: str, to
     with atomic_path(out) as tmp:
         tmp.mkdir()
         for kind in KINDS:
-            write_jsonl_safe(tmp / f"{kind}.jsonl", kept[kind])
+            write_jsonl(tmp / f"{kind}.jsonl", kept[kind])
         write_meta(tmp, stage="validate", params=vp, started=started,
                    inputs={spec.path: spec.path for spec in vp.sources},
                    extra={"counts": {k: len(v) for k, v in kept.items()},

@@ -71,6 +71,10 @@ class SourceSpec(_Section):
                     "text"]
     # Field-name mapping for formats whose datasets rename fields, e.g. {output: response}.
     fields: dict[str, str] = Field(default_factory=dict)
+    # An empty file (0 bytes) is an empty source, not an error: for a pipeline's own output that
+    # may legitimately hold nothing (the replay stage with replay.enabled: false). A user file
+    # that is empty is almost always a broken export, so the default stays false.
+    allow_empty: bool = False
 
     @model_validator(mode="after")
     def _format_fits_kind(self) -> "SourceSpec":
@@ -245,12 +249,37 @@ class CptParams(_HeldOutParams):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
 
 
+class ReplayParams(_Section):
+    # The base model's own greedy answers to a bank of general prompts (tasks/replay.py).
+    enabled: bool = True
+    prompts: str = "tempering/replay_prompts.jsonl"
+    n: int | None = Field(None, ge=1)  # the first N prompts; null = all
+    max_new_tokens: int = Field(96, ge=1, le=4096)
+    batch_size: int = Field(16, ge=1)
+
+
+class SftReplay(_Section):
+    # Share of the SFT rows that are replay rows (general data rehearsed while the domain is
+    # learned). 0 = no replay: the source's rows are left out of SFT entirely.
+    share: float = Field(0.0, ge=0.0, lt=1.0)
+    # Which clean SFT rows are replay: those whose `source` is this file (one of validate.sources).
+    source: str | None = None
+    seed: int = 0  # which replay rows, when there are more than the share needs
+
+    @model_validator(mode="after")
+    def _share_needs_source(self) -> "SftReplay":
+        if self.share > 0 and not self.source:
+            raise ValueError("replay.share > 0 needs replay.source (the replay file listed in validate.sources)")
+        return self
+
+
 class SftParams(_HeldOutParams):
     # Use the tokenizer's own chat template when null; otherwise a Jinja template string.
     chat_template: str | None = None
     # Pack conversations into max_length blocks (best-fit decreasing; attention stays within each
     # conversation): no padding at all, fewer steps per epoch; off = batches of similar lengths.
     packing: bool = False
+    replay: SftReplay = SftReplay()
 
 
 class DpoParams(_HeldOutParams):
@@ -474,6 +503,7 @@ class RefreshParams(_Section):
 class Params(_Section):
     base_model: BaseModelParams = BaseModelParams()
     make_data: MakeDataParams = MakeDataParams()
+    replay: ReplayParams = ReplayParams()
     validate_: ValidateParams = Field(ValidateParams(), alias="validate")
     dedup: DedupParams = DedupParams()
     cpt: CptParams = CptParams()

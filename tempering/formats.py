@@ -171,6 +171,8 @@ def iter_source(spec: Any, *, chunk_chars: int = DEFAULT_CHUNK_CHARS, pairing: s
     if path.is_dir():
         raise TemperingError(f"{spec.path}: is a directory; format {spec.format!r} expects a file "
                              "(only the text format reads folders)")
+    if getattr(spec, "allow_empty", False) and path.stat().st_size == 0:
+        return  # an empty source by design (SourceSpec.allow_empty): no rows, no error
     normalize = _normalizer(spec.format, pairing, pairing_seed)
     for index, raw in iter_records(path, spec.path):
         if isinstance(raw, Rejected):

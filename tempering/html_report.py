@@ -220,12 +220,42 @@ def svg_line_chart(points: list[dict], *, title: str, width: int = 560, height: 
     return "".join(parts)
 
 
+# Advance width per character of the chart's label fonts (11 px labels, 10 px sublabels), taken
+# from DejaVu Sans, the widest of the stack's fallbacks, so an estimate that fits, fits.
+LABEL_CHAR_PX, SUBLABEL_CHAR_PX = 6.9, 6.3
+LABEL_ANGLE = 40  # degrees: labels that do not fit side by side are drawn rotated by this much
+
+
+def _axis_labels(rows: list[dict]) -> tuple[list[str], list[str]]:
+    return ([str(r["name"]) for r in rows], [f"{r.get('role') or ''} · n={r.get('n')}" for r in rows])
+
+
 def svg_benchmark_bars(rows: list[dict], metric: str, *, width: int = 720, height: int = 280) -> str:
-    """Grouped bars per benchmark (base, candidate, production) with 95% Wilson whiskers."""
+    """Grouped bars per benchmark (base, candidate, production) with 95% Wilson whiskers.
+
+    Axis labels sit side by side when each fits its group's width; otherwise every label (name,
+    role and n in one line) is rotated by ``LABEL_ANGLE`` and the chart grows downwards to hold
+    it, so long names (``general_knowledge`` beside ``general_arithmetic``) never overlap."""
     present = [m for m in MODELS if any(_num(r.get(m)) for r in rows)]
     ml, mr, mt, mb = 48, 16, 30, 44
     w, h = width - ml - mr, height - mt - mb
     group = w / max(1, len(rows))
+    names, subs = _axis_labels(rows)
+    widest = max([len(n) * LABEL_CHAR_PX for n in names] + [len(t) * SUBLABEL_CHAR_PX for t in subs] + [0])
+    rotate = widest > group - 8
+    if rotate:
+        lengths = [len(f"{n} · {t}") * LABEL_CHAR_PX for n, t in zip(names, subs)]
+        cos, sin = math.cos(math.radians(LABEL_ANGLE)), math.sin(math.radians(LABEL_ANGLE))
+        mb = 24 + int(max(lengths) * sin) + 8
+        height = mt + h + mb
+        for _ in range(4):  # widen the left margin until the first labels' tails fit (group shrinks)
+            group = (width - ml - mr) / max(1, len(rows))
+            need = max(L * cos - (i + 0.5) * group for i, L in enumerate(lengths)) + 6
+            if need <= ml:
+                break
+            ml = int(math.ceil(need))
+        w = width - ml - mr
+        group = w / max(1, len(rows))
     bar = min(48.0, group * 0.8 / max(1, len(present)))
 
     def sy(v: float) -> float:
@@ -261,10 +291,16 @@ def svg_benchmark_bars(rows: list[dict], metric: str, *, width: int = 720, heigh
                 f'<line class="whisker" x1="{cx - 5:.1f}" x2="{cx + 5:.1f}" y1="{sy(hi):.1f}" y2="{sy(hi):.1f}"/>'
                 f'<line class="whisker" x1="{cx - 5:.1f}" x2="{cx + 5:.1f}" y1="{sy(lo):.1f}" y2="{sy(lo):.1f}"/>'
                 f'<text class="value" x="{cx:.1f}" y="{sy(hi) - 4:.1f}" text-anchor="middle">{v:.2f}</text>')
-        parts.append(f'<text class="label" x="{ml + gi * group + group / 2:.1f}" y="{mt + h + 18}" '
-                     f'text-anchor="middle">{esc(r["name"])}</text>'
-                     f'<text class="sublabel" x="{ml + gi * group + group / 2:.1f}" y="{mt + h + 32}" '
-                     f'text-anchor="middle">{esc(r.get("role") or "")} · n={esc(r.get("n"))}</text>')
+        cx = ml + gi * group + group / 2
+        if rotate:
+            parts.append(f'<text class="label" x="{cx:.1f}" y="{mt + h + 14}" text-anchor="end" '
+                         f'transform="rotate(-{LABEL_ANGLE} {cx:.1f} {mt + h + 14})">{esc(names[gi])}'
+                         f'<tspan class="sublabel"> · {esc(subs[gi])}</tspan></text>')
+        else:
+            parts.append(f'<text class="label" x="{cx:.1f}" y="{mt + h + 18}" '
+                         f'text-anchor="middle">{esc(names[gi])}</text>'
+                         f'<text class="sublabel" x="{cx:.1f}" y="{mt + h + 32}" '
+                         f'text-anchor="middle">{esc(subs[gi])}</text>')
     parts.append(f'<line class="axis" x1="{ml}" x2="{ml + w}" y1="{mt + h}" y2="{mt + h}"/></svg>')
     return "".join(parts)
 

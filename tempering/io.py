@@ -84,19 +84,42 @@ def read_json(path: str | os.PathLike) -> Any:
         raise TemperingError(f"{path}: line {exc.lineno}: invalid JSON ({exc.msg})") from None
 
 
+def read_json_or_none(path: str | os.PathLike) -> Any | None:
+    """The lenient reader, for optional records (metrics a report summarises, an earlier run's
+    record, a lock's holder): ``None`` when the file is missing, unreadable or not JSON.
+    Inputs a stage depends on use :func:`read_json`, which fails with the file and line."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+
+
+def jsonl_line(row: Any) -> str:
+    """One JSON line, UTF-8 as is. A row holding text that is not valid Unicode (a lone surrogate
+    from a ``\\ud800`` escape in user data) is written ASCII-escaped instead, so one odd row never
+    fails a whole write and nothing is lost: json.loads gives the same value back."""
+    line = json.dumps(row, ensure_ascii=False, default=str)
+    try:
+        line.encode("utf-8")
+    except UnicodeEncodeError:
+        line = json.dumps(row, ensure_ascii=True, default=str)
+    return line + "\n"
+
+
 def dump_jsonl(rows: Iterable[dict], fh) -> int:
+    """Write rows to an open text file, one :func:`jsonl_line` each; returns the number written.
+    The one JSONL writer of the project (``write_jsonl`` wraps it atomically)."""
     n = 0
     for row in rows:
-        fh.write(json.dumps(row, ensure_ascii=False, default=str))
-        fh.write("\n")
+        fh.write(jsonl_line(row))
         n += 1
     return n
 
 
 def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> int:
-    """Write rows atomically; returns the number written."""
+    """Write rows atomically (``\\n`` line ends on every platform); returns the number written."""
     with atomic_path(path) as tmp:
-        with open(tmp, "w", encoding="utf-8") as fh:
+        with open(tmp, "w", encoding="utf-8", newline="\n") as fh:
             n = dump_jsonl(rows, fh)
     return n
 

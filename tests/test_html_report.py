@@ -393,6 +393,73 @@ def test_report_in_headless_chromium(tmp_path):
         shutil.copy(shot, os.environ["TEMPERING_REPORT_SHOT"])
 
 
+# For every pair of axis labels of the benchmark chart: do their drawn boxes (getBBox mapped
+# through each text's own transform, so rotated labels are rotated rectangles) intersect?
+OVERLAP_PROBE = """<script>
+function corners(el) {
+  const b = el.getBBox(), m = el.getCTM();
+  return [[b.x, b.y], [b.x + b.width, b.y], [b.x + b.width, b.y + b.height], [b.x, b.y + b.height]]
+    .map(([x, y]) => [m.a * x + m.c * y + m.e, m.b * x + m.d * y + m.f]);
+}
+function separated(p, q) {  // separating axis theorem for two convex quadrilaterals
+  for (const poly of [p, q]) for (let i = 0; i < 4; i++) {
+    const [x1, y1] = poly[i], [x2, y2] = poly[(i + 1) % 4], ax = y1 - y2, ay = x2 - x1;
+    const proj = r => r.map(([x, y]) => x * ax + y * ay);
+    const a = proj(p), b = proj(q);
+    if (Math.max(...a) <= Math.min(...b) + 0.5 || Math.max(...b) <= Math.min(...a) + 0.5) return true;
+  }
+  return false;
+}
+const out = {};
+document.querySelectorAll('svg.bench-chart').forEach((svg, k) => {
+  const boxes = [...svg.querySelectorAll('text.label, text.sublabel')].map(corners);
+  let n = 0;
+  for (let i = 0; i < boxes.length; i++) for (let j = i + 1; j < boxes.length; j++) if (!separated(boxes[i], boxes[j])) n++;
+  const r = svg.getBoundingClientRect(), inside = [...svg.querySelectorAll('text.label')].every(t => {
+    const b = t.getBoundingClientRect(); return b.left >= r.left - 1 && b.bottom <= r.bottom + 1; });
+  out[svg.id] = {labels: boxes.length, overlapping_pairs: n, inside: inside};
+});
+const pre = document.createElement('pre'); pre.id = 'probe'; pre.textContent = JSON.stringify(out);
+document.body.appendChild(pre);
+</script>"""
+
+LONG_NAMES = ["domain", "general_knowledge", "general_arithmetic", "arc_easy", "arc_challenge", "hellaswag",
+              "piqa", "boolq"]
+
+
+@pytest.mark.skipif(_chromium() is None and os.environ.get("CI") != "true",
+                    reason="chromium is not installed (apt-get install chromium; CI installs it)")
+def test_benchmark_chart_axis_labels_never_overlap_in_a_browser(tmp_path, monkeypatch):
+    chromium = _chromium()
+    assert chromium, "CI must have chromium (.ci/run installs it with apt-get)"
+
+    def rows(names):
+        return [{"name": n, "role": "general", "n": 499, "base": 0.5, "candidate": 0.52} for n in names]
+
+    charts = {"eight": html_report.svg_benchmark_bars(rows(LONG_NAMES), "acc"),
+              "three": html_report.svg_benchmark_bars(rows(LONG_NAMES[:3]), "acc")}
+    # Control: the same eight labels forced side by side (as the chart drew them before) overlap,
+    # so the probe can see an overlap when there is one.
+    monkeypatch.setattr(html_report, "LABEL_CHAR_PX", 0.0)
+    monkeypatch.setattr(html_report, "SUBLABEL_CHAR_PX", 0.0)
+    charts["forced_flat"] = html_report.svg_benchmark_bars(rows(LONG_NAMES), "acc")
+    assert "rotate(" in charts["eight"] and "rotate(" not in charts["three"] + charts["forced_flat"]
+    body = "".join(svg.replace('<svg class="chart bench-chart"', f'<svg id="{k}" class="chart bench-chart"', 1)
+                   for k, svg in charts.items())
+    page = tmp_path / "charts.html"
+    page.write_text(f"<!doctype html><html><head><meta charset='utf-8'><style>{html_report.CSS}</style></head>"
+                    f"<body>{body}{OVERLAP_PROBE}</body></html>", encoding="utf-8")
+    flags = ["--headless", "--disable-gpu", "--no-sandbox", "--no-first-run", "--disable-extensions",
+             "--user-data-dir=" + str(tmp_path / "profile"), "--window-size=1280,1600"]
+    dom = _browser([chromium, *flags, "--dump-dom", page.resolve().as_uri()]).stdout.decode("utf-8", "replace")
+    found = re.search(r'<pre id="probe">(.*?)</pre>', dom)
+    assert found, dom[-2000:]
+    got = json.loads(found.group(1).replace("&quot;", '"'))
+    assert got["eight"]["labels"] == 8 and got["eight"]["overlapping_pairs"] == 0 and got["eight"]["inside"], got
+    assert got["three"]["labels"] == 6 and got["three"]["overlapping_pairs"] == 0, got
+    assert got["forced_flat"]["overlapping_pairs"] > 0, got
+
+
 if __name__ == "__main__":  # python tests/test_html_report.py OUT_DIR: write the fixture report there
     out = Path(sys.argv[1])
     make_run(out)

@@ -364,18 +364,11 @@ SETS = ("arc_easy", "arc_challenge", "hellaswag", "piqa", "boolq")  # shipped in
 
 
 @pytest.fixture(scope="module")
-def smollm2(tmp_path_factory):
-    """SmolLM2-135M-Instruct as the pipeline has it (``base_model`` stage, loaded by evaluate).
-    TEMPERING_SMOLLM2_DIR may name an already built folder (python -m tasks.base_model --out DIR)."""
+def smollm2(smollm2_dir):
+    """SmolLM2-135M-Instruct as the pipeline has it (conftest's ``smollm2_dir``), loaded by evaluate."""
     from tasks.evaluate import load_model
 
-    folder = os.environ.get("TEMPERING_SMOLLM2_DIR")
-    if not folder:
-        from tasks.base_model import run
-
-        folder = tmp_path_factory.mktemp("smollm2") / "base"
-        run(from_dict({}), str(folder))
-    return load_model(Path(folder))
+    return load_model(Path(smollm2_dir))
 
 
 def real_cfg(tmp_path, n: int, **evaluate):

@@ -169,12 +169,44 @@ def test_dpo_starts_from_the_sft_model_and_learns(sft_done, tiny, data, tmp_path
         checkpoints=str(tmp_path / "ck"), metrics=str(tmp_path / "dpo.json"), live=str(tmp_path / "live"))
     m = json.loads((tmp_path / "dpo.json").read_text())
     # At step 1 the policy (SFT merged + fresh LoRA) equals the reference (adapter disabled), so
-    # the sigmoid DPO loss is exactly log 2. A reference other than the SFT model would not give it.
+    # the sigmoid DPO loss is exactly log 2. That alone holds for any reference equal to the policy.
     assert m["train_loss_first"] == pytest.approx(math.log(2), abs=1e-4)
     assert m["steps"] == 4 and math.isfinite(m["train_loss_last"]) and m["weights_changed"] is True
     assert "rewards_accuracies_last" in m and "rewards_margins_last" in m
     assert _lora_b_nonzero(tmp_path / "dpo")
     assert (tmp_path / "live" / "plots" / "metrics" / "train" / "loss.tsv").exists()
+    # ...so check what the reference is: the reference log-probs DPO trained against are the SFT
+    # model's own, computed here independently, and not the base model's.
+    cache = m["ref_logps_cache"]
+    assert cache["hit"] is False and cache["key"]
+    blob = json.loads(backend._ref_logps_path(cache["key"]).read_text())
+    rows = [json.loads(x) for x in (data / "preference.jsonl").read_text().splitlines()]
+    assert blob["rows"] == len(rows)
+    p = make_params().dpo
+    tok = backend.load_tokenizer(sft_done / "sft")
+    sft_model = backend.load_merged(tiny, [sft_done / "sft"])
+    base_model = backend.load_merged(tiny, [])
+    ours_sft, ours_base = [], []
+    for row in rows:
+        enc = backend.dpo_truncate(backend.tokenize_preference(tok, row["prompt"], row["chosen"], row["rejected"]),
+                                   p.max_length, p.max_prompt_length)
+        ours_sft.append(_completion_logp(sft_model, enc["prompt_ids"], enc["chosen_ids"]))
+        ours_base.append(_completion_logp(base_model, enc["prompt_ids"], enc["chosen_ids"]))
+    gap_sft = max(abs(a - b) for a, b in zip(blob["chosen"], ours_sft))
+    gap_base = max(abs(a - b) for a, b in zip(blob["chosen"], ours_base))
+    assert gap_sft < 0.05, (gap_sft, blob["chosen"][:3], ours_sft[:3])
+    assert gap_base > 10 * max(gap_sft, 1e-3), (gap_base, gap_sft)
+
+
+def _completion_logp(model, prompt_ids: list[int], completion_ids: list[int]) -> float:
+    """Summed log p(completion | prompt), float32, by hand (no TRL)."""
+    import torch
+
+    ids = torch.tensor([prompt_ids + completion_ids])
+    with torch.no_grad():
+        logits = model(ids).logits.float()[0, :-1]
+    logp = torch.log_softmax(logits, -1).gather(-1, ids[0, 1:, None])[:, 0]
+    return float(logp[len(prompt_ids) - 1:].sum())
 
 
 def test_full_dpo_uses_precomputed_reference_from_the_sft_model(sft_done, tiny, data, tmp_path):
