@@ -64,6 +64,107 @@ def _policy_base(base_dir: Path, sft: Path, method: str, precision):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _prompt_key(row: dict) -> str:
+    prompt = row.get("prompt")
+    text = " ".join(m.get("content", "") for m in prompt) if isinstance(prompt, list) else str(prompt)
+    return " ".join(text.lower().split())
+
+
+def heldout_split(rows: list[dict], share: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """(training pairs, held-out pairs). Whole prompts go one way, chosen in a seeded order until
+    ``share`` of the pairs is held out, so no held-out prompt is trained on (the rows are already
+    deduplicated by the dedup stage; this keeps a prompt's other pairs out of training too)."""
+    import random
+
+    if share <= 0 or not rows:
+        return rows, []
+    groups: dict[str, list[int]] = {}
+    for i, row in enumerate(rows):
+        groups.setdefault(_prompt_key(row), []).append(i)
+    keys = sorted(groups)
+    random.Random(seed).shuffle(keys)
+    target, held = max(1, round(share * len(rows))), set()
+    for key in keys[:-1]:  # at least one prompt stays for training
+        if len(held) >= target:
+            break
+        held.update(groups[key])
+    return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
+
+
+def _completion_logps(model, tokenizer, rows: list[dict], cfg, precision) -> list[tuple[float, float]]:
+    """Summed log p(chosen | prompt) and log p(rejected | prompt) per pair, tokenized and truncated
+    exactly as DPO trains (``tokenize_preference`` + ``dpo_truncate``), under the run's autocast."""
+    import contextlib
+
+    import torch
+
+    from tempering import backend
+
+    device = next(model.parameters()).device
+    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision.name)
+    out = []
+    model.eval()
+    for row in rows:
+        enc = backend.dpo_truncate(backend.tokenize_preference(tokenizer, row["prompt"], row["chosen"], row["rejected"]),
+                                   cfg.max_length, cfg.max_prompt_length)
+        pair = []
+        for side in ("chosen_ids", "rejected_ids"):
+            completion = enc[side][: max(1, cfg.max_length - len(enc["prompt_ids"]))]
+            ids = torch.tensor([enc["prompt_ids"] + completion], device=device)
+            ctx = torch.autocast(device_type=device.type, dtype=amp) if amp else contextlib.nullcontext()
+            with torch.no_grad(), ctx:
+                logits = model(input_ids=ids).logits[0, :-1].float()
+            logp = torch.log_softmax(logits, -1).gather(-1, ids[0, 1:, None])[:, 0]
+            pair.append(float(logp[len(enc["prompt_ids"]) - 1:].sum()))
+        out.append((pair[0], pair[1]))
+    return out
+
+
+def heldout_report(scores: dict[str, list[tuple[float, float]]], beta: float, *, seed: int) -> dict:
+    """Preference accuracy (the model puts more probability on chosen than on rejected; a tie
+    counts half) and mean margin per model, DPO's implicit reward against the SFT reference, and
+    the paired differences with 95% bootstrap intervals over pairs."""
+    from tempering import stats
+
+    def acc(m: float) -> float:
+        return 1.0 if m > 0 else 0.5 if m == 0 else 0.0
+
+    margins = {k: [c - r for c, r in v] for k, v in scores.items()}
+    n = len(next(iter(margins.values())))
+    report = {"pairs": n,
+              "accuracy": {k: round(sum(map(acc, m)) / n, 4) for k, m in margins.items()},
+              "margin": {k: round(sum(m) / n, 4) for k, m in margins.items()}}
+    implicit = [beta * (d - s) for d, s in zip(margins["dpo"], margins["sft"])]
+    report["implicit_reward"] = {"accuracy": round(sum(map(acc, implicit)) / n, 4),
+                                 "margin": round(sum(implicit) / n, 4)}
+    for a, b in (("dpo", "sft"), ("sft", "base"), ("dpo", "base")):
+        diffs = [acc(x) - acc(y) for x, y in zip(margins[a], margins[b])]
+        try:
+            t = stats.mean_lower_test(diffs, 0.0, method="bootstrap", confidence=0.95, iters=10_000, seed=seed)
+            report[f"{a}_vs_{b}"] = {"accuracy_delta": round(t.estimate, 4),
+                                     "ci": [round(t.ci[0], 4), round(t.ci[1], 4)],
+                                     "p_no_gain": round(t.p_value, 4), "gain_certified": t.ci[0] > 0}
+        except ValueError:
+            report[f"{a}_vs_{b}"] = None
+    return report
+
+
+def _score_heldout(policy, tokenizer, heldout: list[dict], cfg, precision, base_dir: Path, sft_dir: Path) -> dict:
+    """The held-out pairs through the DPO model, the SFT model (its reference) and the base."""
+    from tempering import backend
+
+    scores = {"dpo": _completion_logps(policy, tokenizer, heldout, cfg, precision)}
+    if hasattr(policy, "disable_adapter") and cfg.adapter.method != "full":
+        with policy.disable_adapter():  # LoRA: the reference is the policy without its adapter
+            scores["sft"] = _completion_logps(policy, tokenizer, heldout, cfg, precision)
+    else:
+        scores["sft"] = _completion_logps(backend.load_merged(base_dir, [sft_dir]), tokenizer, heldout, cfg, precision)
+    scores["base"] = _completion_logps(backend.load_merged(base_dir, []), tokenizer, heldout, cfg, precision)
+    report = heldout_report(scores, cfg.beta, seed=cfg.seed)
+    report["prompts"] = len({_prompt_key(r) for r in heldout})
+    return report
+
+
 def _pass_through(params: Params, sft: str, out: str, checkpoints: str, metrics: str, started: float,
                   note: str, inputs: dict, live: str | None) -> dict:
     """No training: ``out`` points at the SFT model, the metrics and meta say why."""
@@ -115,6 +216,7 @@ def run(params: Params, base: str, sft: str, data: str, out: str, checkpoints: s
 
     from tempering import backend
 
+    rows, heldout = heldout_split(rows, cfg.heldout_share, cfg.seed)
     dataset = backend.dpo_dataset(rows, source=str(data_file))
     train_set, eval_set = backend.split_eval(dataset, cfg.eval_share, cfg.seed)
     fp = backend.fingerprint(cfg, data=data_hash, base=base_hash, sft=sft_hash)
@@ -141,8 +243,9 @@ def run(params: Params, base: str, sft: str, data: str, out: str, checkpoints: s
         tokenizer=backend.tokenizer_hash(tok_dir), max_length=cfg.max_length,
         max_prompt_length=cfg.max_prompt_length, precision=precision.name)
     resume_step = int(resume.name.split("-")[1]) if resume else None
-    if eval_set is not None:  # the reference log-probs are cached per split
-        ref_key = content_id({"ref": ref_key, "eval_share": cfg.eval_share, "seed": cfg.seed}, 32)
+    if eval_set is not None or heldout:  # the reference log-probs are cached per split
+        ref_key = content_id({"ref": ref_key, "eval_share": cfg.eval_share, "seed": cfg.seed,
+                              **({"heldout_share": cfg.heldout_share} if heldout else {})}, 32)
     trainer = backend.build_dpo_trainer(model, tokenizer, train_set, args, adapter=cfg.adapter,
                                         max_prompt_length=cfg.max_prompt_length, stage="dpo",
                                         checkpoints=checkpoints, live_dir=live,
@@ -151,9 +254,12 @@ def run(params: Params, base: str, sft: str, data: str, out: str, checkpoints: s
     before = backend.snapshot_trainable(trainer.model)
     summary = backend.train(trainer, resume, before)
     backend.save_trained(trainer, tokenizer, out)
+    if heldout:
+        summary["heldout"] = _score_heldout(trainer.model, tokenizer, heldout, cfg, precision, base_dir, sft_dir)
 
     summary.update({"enabled": True, "trained": True, "precision": precision.name, "device": precision.device,
-                    "threads": threads, "pairs": len(dataset), "train_pairs": len(train_set),
+                    "threads": threads, "pairs": len(dataset) + len(heldout), "train_pairs": len(train_set),
+                    "heldout_pairs": len(heldout),
                     "eval_pairs": len(eval_set) if eval_set is not None else 0, "method": cfg.adapter.method,
                     "beta": cfg.beta, "loss_type": cfg.loss_type, "wall_time_s": round(time.time() - started, 2)})
     curve = summary.pop("loss_curve")

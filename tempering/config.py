@@ -294,6 +294,10 @@ class DpoParams(_HeldOutParams):
     # Reference log-probs computed once before training and cached on disk by (data, reference
     # model, max lengths): one forward per step saved, reused across epochs and runs.
     precompute_ref: bool = True
+    # Share of preference pairs held out of DPO, grouped by prompt (no held-out prompt is ever
+    # trained on), on which the base, the SFT model and the DPO model are scored after training:
+    # preference accuracy and margin, paired (metrics/dpo.json `heldout`). 0 = not measured.
+    heldout_share: float = Field(0.0, ge=0.0, lt=0.9)
 
 
 class ExportParams(_Section):

@@ -503,6 +503,8 @@ def _training(root: Path, metrics: dict[str, Loaded]) -> Section:
         have += 1
         shown = [(label, d.get(k)) for k, label in TRAIN_FIELDS if k in d]
         body.append(table([esc(label) for label, _ in shown], [[esc(fmt(v)) for _, v in shown]], "train-stats"))
+        if stage == "dpo" and isinstance(d.get("heldout"), dict):
+            body.append(_dpo_heldout(d["heldout"]))
         curve, source = loss_curve(root, stage)
         if curve:
             body.append(svg_line_chart(curve, title=f"{stage} training loss per step"))
@@ -513,6 +515,20 @@ def _training(root: Path, metrics: dict[str, Loaded]) -> Section:
         body.append("</div>")
     return Section("training", "Training", "ok" if have == len(TRAIN_STAGES) else ("partial" if have else "not run"),
                    "\n".join(body))
+
+
+def _dpo_heldout(h: dict) -> str:
+    """Did DPO help? The held-out pairs' preference accuracy per model and DPO vs SFT, paired."""
+    acc, margin = h.get("accuracy") or {}, h.get("margin") or {}
+    rows = [[esc(k), esc(fmt(acc.get(k))), esc(fmt(margin.get(k)))] for k in ("base", "sft", "dpo") if k in acc]
+    vs = h.get("dpo_vs_sft") or {}
+    ci = vs.get("ci") or [None, None]
+    verdict = ("DPO's gain over SFT is certified (the interval excludes 0)" if vs.get("gain_certified")
+               else "DPO's gain over SFT is not certified (the interval includes 0)")
+    return (f'<h4>Held-out preference pairs ({esc(h.get("pairs"))} pairs, {esc(h.get("prompts"))} prompts, '
+            f"never trained on)</h4>" + table(["model", "preference accuracy", "mean margin (nats)"], rows, "heldout")
+            + f'<p class="meta">DPO - SFT accuracy {esc(fmt(vs.get("accuracy_delta"), signed=True))} '
+              f"[{esc(fmt(ci[0], signed=True))}, {esc(fmt(ci[1], signed=True))}] (95%, paired): {esc(verdict)}.</p>")
 
 
 def _checks_by_bench(gate: Loaded) -> dict[str, list[dict]]:

@@ -67,7 +67,12 @@ def make_run(root: Path, *, passed: bool = False, generations: bool = True) -> P
     _write(root, "models/sft/meta.json", {"stage": "sft", "loss_curve": sft_curve})
     # DPO: no loss_curve in meta.json; the curve comes from dvclive's TSV.
     _write(root, "metrics/dpo.json", {"steps": 12, "train_loss_first": 0.6931, "train_loss_last": 0.4123,
-                                      "rewards_accuracies_last": 0.875, "method": "lora", "weights_changed": True})
+                                      "rewards_accuracies_last": 0.875, "method": "lora", "weights_changed": True,
+                                      "heldout": {"pairs": 19, "prompts": 19,
+                                                  "accuracy": {"base": 0.421, "sft": 0.579, "dpo": 0.684},
+                                                  "margin": {"base": -0.3, "sft": 0.4, "dpo": 1.1},
+                                                  "dpo_vs_sft": {"accuracy_delta": 0.105, "ci": [-0.053, 0.263],
+                                                                 "p_no_gain": 0.12, "gain_certified": False}}})
     _write(root, "models/dpo/meta.json", {"stage": "dpo"})
     _write(root, "dvclive/dpo/plots/metrics/train/loss.tsv",
            "step\tloss\n" + "".join(f"{s}\t{0.6931 - 0.0233 * s:.4f}\n" for s in range(1, 13)))
@@ -157,6 +162,10 @@ def test_full_run_renders_every_section(tmp_path):
         assert re.search(rf">{reason}</text>.*?>{n}</text>", data, re.S), reason
     assert "exact_duplicate" in data and ">6</text>" in data and "near_duplicate" in data
     assert "data/generated/sft_alpaca.json" in data
+    # DPO on its held-out pairs: per model, and the paired verdict.
+    training = _section(page, "training")
+    assert "Held-out preference pairs (19 pairs, 19 prompts" in training and ">0.684<" in training
+    assert "+0.105 [-0.053, +0.263]" in training and "is not certified (the interval includes 0)" in training
     # Loss curves: SFT from meta.json, DPO from the dvclive TSV, CPT disabled.
     training = _section(page, "training")
     assert training.count('class="chart loss-chart"') == 2

@@ -557,3 +557,52 @@ def test_dpo_early_stopping_on_held_out_pairs(sft_done, tiny, data, tmp_path, mo
 
     with pytest.raises(ParamsError, match="dpo: .*early_stopping_patience needs eval_share"):
         make_params(dpo={"early_stopping_patience": 2})
+
+
+# ----------------------------------------------------------------------------- dpo, measured
+
+
+def test_heldout_split_keeps_whole_prompts_out_of_training():
+    from tasks.dpo import _prompt_key, heldout_split
+
+    rows = [{"prompt": [{"role": "user", "content": f"Q {i // 2}"}], "chosen": "a", "rejected": f"b{i}"}
+            for i in range(20)]  # 10 prompts, two pairs each
+    train, held = heldout_split(rows, 0.2, seed=0)
+    assert len(held) == 4 and len(train) == 16
+    assert not {_prompt_key(r) for r in held} & {_prompt_key(r) for r in train}
+    assert heldout_split(rows, 0.2, seed=0) == (train, held)  # seeded
+    assert heldout_split(rows, 0.0, seed=0) == (rows, [])
+    one = rows[:2]  # a single prompt always stays for training
+    assert heldout_split(one, 0.5, seed=0) == (one, [])
+
+
+def test_heldout_report_accuracy_margin_and_paired_interval():
+    from tasks.dpo import heldout_report
+
+    # 40 pairs: DPO prefers chosen on all, SFT on half, the base on a quarter.
+    scores = {"dpo": [(-1.0, -3.0)] * 40,
+              "sft": [(-2.0, -2.5)] * 20 + [(-2.5, -2.0)] * 20,
+              "base": [(-2.0, -2.5)] * 10 + [(-2.5, -2.0)] * 30}
+    r = heldout_report(scores, beta=0.1, seed=0)
+    assert r["pairs"] == 40 and r["accuracy"] == {"dpo": 1.0, "sft": 0.5, "base": 0.25}
+    assert r["margin"]["dpo"] == pytest.approx(2.0) and r["margin"]["sft"] == pytest.approx(0.0)
+    assert r["implicit_reward"]["accuracy"] == 1.0 and r["implicit_reward"]["margin"] == pytest.approx(0.2)
+    assert r["dpo_vs_sft"]["accuracy_delta"] == pytest.approx(0.5) and r["dpo_vs_sft"]["gain_certified"] is True
+    assert r["dpo_vs_sft"]["ci"][0] > 0.3
+    same = heldout_report({"dpo": scores["sft"], "sft": scores["sft"], "base": scores["sft"]}, beta=0.1, seed=0)
+    assert same["dpo_vs_sft"]["accuracy_delta"] == 0.0 and same["dpo_vs_sft"]["gain_certified"] is False
+
+
+def test_dpo_scores_its_heldout_pairs_with_base_sft_and_dpo(sft_done, tiny, data, tmp_path):
+    from tasks.dpo import run
+
+    run(make_params(dpo={"heldout_share": 0.25}), base=str(tiny), sft=str(sft_done / "sft"), data=str(data),
+        out=str(tmp_path / "dpo"), checkpoints=str(tmp_path / "ck"), metrics=str(tmp_path / "dpo.json"))
+    m = json.loads((tmp_path / "dpo.json").read_text())
+    h = m["heldout"]
+    assert m["heldout_pairs"] == 3 and m["train_pairs"] == 9 and m["pairs"] == 12
+    assert h["pairs"] == 3 and h["prompts"] == 3 and set(h["accuracy"]) == {"dpo", "sft", "base"}
+    assert all(0.0 <= v <= 1.0 for v in h["accuracy"].values())
+    # The SFT model is the DPO reference; its margins differ from the base's (SFT trained).
+    assert h["margin"]["sft"] != h["margin"]["base"]
+    assert set(h["dpo_vs_sft"]) == {"accuracy_delta", "ci", "p_no_gain", "gain_certified"}
