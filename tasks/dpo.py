@@ -101,7 +101,7 @@ def _completion_logps(model, tokenizer, rows: list[dict], cfg, precision) -> lis
     from tempering import backend
 
     device = next(model.parameters()).device
-    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision.name)
+    amp = precision.autocast_dtype
     out = []
     model.eval()
     for row in rows:

@@ -111,7 +111,6 @@ def run(params: Params, base: str, out: str) -> dict:
         raise TemperingError(f"{base}: base model folder not found (run the base_model stage)")
     prompts = load_prompts(cfg)
     precision = backend.choose_precision("auto")
-    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision.name)
     key = {"v": GENERATION_VERSION, "base": hash_path(base_dir), "prompts": content_id(prompts, 32),
            "max_new_tokens": cfg.max_new_tokens, "batch_size": cfg.batch_size, "precision": precision.name,
            "torch": torch.__version__}
@@ -126,7 +125,7 @@ def run(params: Params, base: str, out: str) -> dict:
         tokenizer = backend.load_tokenizer(base_dir)
         model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).to(precision.device).eval()
         answers = generate(model, tokenizer, [p["prompt"] for p in prompts], max_new_tokens=cfg.max_new_tokens,
-                           batch_size=cfg.batch_size, amp_dtype=amp)
+                           batch_size=cfg.batch_size, amp_dtype=precision.autocast_dtype)
         write_json(cache_file, {"key": key, "answers": answers})
     rows = [{"id": p["id"], "category": p.get("category"),
              "messages": [{"role": "user", "content": p["prompt"]}, {"role": "assistant", "content": a}]}

@@ -126,6 +126,13 @@ class Precision:
     def fp16(self) -> bool:
         return self.name == "fp16"
 
+    @property
+    def autocast_dtype(self):
+        """The torch dtype to autocast to (bf16 / fp16), or None for fp32 (no autocast)."""
+        import torch
+
+        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.name)
+
 
 def choose_precision(requested: str = "auto") -> Precision:
     """Pick autocast precision and device. ``requested`` is the stage's ``precision`` param."""

@@ -54,10 +54,8 @@ def test_replay_generates_the_bases_answers_once_then_hits_its_cache(tiny, tmp_p
     assert [r["messages"][0]["content"] for r in rows] == [b["prompt"] for b in bank]
     assert all(r["messages"][1]["role"] == "assistant" for r in rows)
     # The answers are the model's own greedy continuation (one prompt alone, no batching).
-    import torch
-
-    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(backend.choose_precision("auto").name)
-    answers = replay.generate(*_load(tiny), [bank[0]["prompt"]], max_new_tokens=4, batch_size=1, amp_dtype=amp)
+    answers = replay.generate(*_load(tiny), [bank[0]["prompt"]], max_new_tokens=4, batch_size=1,
+                              amp_dtype=backend.choose_precision("auto").autocast_dtype)
     assert rows[0]["messages"][1]["content"] == answers[0]
     second = replay.run(params, base=str(tiny), out=str(tmp_path / "r2"))
     assert second["cache"] == "hit"
