@@ -61,7 +61,7 @@ from tempering.io import atomic_path, dump_jsonl, read_jsonl, write_json, write_
 
 # The params.yaml sections (or single keys) this stage reads, the stage contract: dvc.yaml
 # lists exactly these under its `params:` (tests/test_stage_contract.py).
-PARAMS = ("dedup", "evaluate.benchmarks", "evaluate.drift")
+PARAMS = ("dedup", "evaluate.benchmarks", "evaluate.drift", "evaluate.dev")
 
 KINDS = ("sft", "preference", "text")
 MIN_SHORT_ITEM_WORDS = 8

@@ -1,6 +1,6 @@
 """Stage ``export``: merge SFT and DPO into one standalone model, and prove the merge is faithful.
 
-    python -m tasks.export --base models/cpt --sft models/sft --dpo models/dpo \
+    python -m tasks.export --base models/cpt --sft models/sft --dpo models/dpo --origin models/base \
         --data data/clean --out models/export --metrics metrics/export.json
 
 The base (pointer followed) is loaded in float32, the SFT adapter merged, then the DPO adapter
@@ -15,6 +15,15 @@ DPO adapter, as trained). Prompts are the first user turns of ``--data``/sft.jso
 otherwise a few fixed ones. The match rate and token agreement go to ``--metrics``; the stage
 fails, leaving no output, when the agreement is below ``export.min_agreement``.
 
+Interpolation rescue (``export.interpolation``, on by default; :mod:`tempering.interpolate`):
+after the merge, ``merged = origin + alpha * (merged - origin)`` is scored for every alpha of the
+grid on the dev split (``evaluate.dev``: dev domain questions, dev drift texts; never the gate's
+items), with ``--origin`` (the base model the gate measures forgetting from) as the reference.
+The alpha with the largest dev domain gain whose dev drift is within the gate's limits is the
+one saved; the curve, the choice and its reason go to ``--metrics`` ``interpolation``, the model
+card and the report. With an alpha below 1 the merge is first checked as trained (alpha 1 against
+the adapter model, ``merge_check``), then the saved folder against the interpolated model.
+
 When DPO passed the SFT model through (``dpo.enabled: false``, or no preference rows: ``--dpo``
 holds a ``pointer.json`` to ``--sft``), the model is base + SFT: the SFT adapter is the live one
 the merged export is checked against, and the model card says why DPO did not train.
@@ -24,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -35,7 +45,17 @@ from tempering.io import (POINTER_FILE, atomic_path, hash_path, read_json, read_
 
 # The params.yaml sections (or single keys) this stage reads, the stage contract: dvc.yaml
 # lists exactly these under its `params:` (tests/test_stage_contract.py).
-PARAMS = ("export",)
+PARAMS = (
+    "export",
+    # the dev split and how it is scored (as evaluate scores); the gate's limits the sweep keeps to
+    "evaluate",
+    "gate.max_kl",
+    "gate.max_perplexity_ratio",
+    "gate.confidence",
+    "gate.bootstrap_iters",
+    "gate.seed",
+    "gate.metric",
+)
 
 FIXED_PROMPTS = (
     "What is the capital of France?",
@@ -153,7 +173,7 @@ def _lineage(meta: dict) -> dict:
     return {k: meta[k] for k in keep if k in meta}
 
 
-def model_card(lineage: dict, check: dict, cfg) -> str:
+def model_card(lineage: dict, check: dict, cfg, interp: dict | None = None) -> str:
     base = lineage.get("base_model", {})
     lines = ["# Model card", "",
              "Produced by the tempering pipeline: base model -> optional continued pre-training -> "
@@ -187,6 +207,17 @@ def model_card(lineage: dict, check: dict, cfg) -> str:
             if train.get(key) is not None:
                 lines.append(f"- {key}: {train[key]}")
         lines += ["", "Params:", "", "```json", json.dumps(meta.get("params", {}), indent=2), "```", ""]
+    if interp:
+        lines += ["## Interpolation towards the base", "",
+                  f"`merged = base + alpha * (tuned - base)`, alpha kept: **{interp['chosen']:g}**. {interp['reason']}.", "",
+                  "| alpha | dev domain gain | dev KL (upper) | dev perplexity ratio (upper) |", "|---|---|---|---|"]
+        for p in interp["points"]:
+            d = p.get("drift") or {}
+            gain = "n/a" if p.get("domain_gain") is None else f"{p['domain_gain']:+.3f}"
+            kl = f"{d['kl']:.3f} ({d['kl_upper']:.3f})" if d else "n/a"
+            ppl = f"{d['perplexity_ratio']:.3f} ({d['perplexity_ratio_upper']:.3f})" if d else "n/a"
+            lines.append(f"| {p['alpha']:g} | {gain} | {kl} | {ppl} |")
+        lines.append("")
     lines += ["## Export check", "",
               f"- dtype: {cfg.dtype}",
               f"- greedy outputs identical to the adapter model: {check['matches']}/{check['prompts']}",
@@ -200,7 +231,38 @@ def model_card(lineage: dict, check: dict, cfg) -> str:
     return "\n".join(lines)
 
 
-def run(params: Params, base: str, sft: str, dpo: str, out: str, metrics: str, data: str | None = None) -> dict:
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _interpolate(params: Params, merged, tokenizer, origin: str, prompts, reference) -> tuple[dict, dict | None]:
+    """The dev sweep on ``merged`` (float32, as trained): leaves it at the kept alpha. Returns
+    (the sweep record, the alpha-1 merge check when the kept alpha is below 1, else None)."""
+    from tempering import backend, interpolate
+
+    cfg = params.export
+    origin_dir = resolve_model_dir(origin)
+    if not (origin_dir / "config.json").exists():
+        raise TemperingError(f"{origin}: origin model folder not found (--origin: the base model forgetting is "
+                             "measured from)")
+    # Check the merge as trained before the weights move: the saved-folder check below then
+    # compares against the interpolated model.
+    as_trained = greedy(merged, tokenizer, prompts, cfg.check_max_new_tokens)
+    scores = [agreement(a, b) for a, b in zip(reference, as_trained)]
+    merge_check = {"prompts": len(prompts), "matches": sum(a == b for a, b in zip(reference, as_trained)),
+                   "token_agreement": (sum(scores) / len(scores)) if scores else 1.0}
+    base_model = backend.load_merged(origin_dir, [])
+    base_model.eval()
+    record = interpolate.sweep(merged, tokenizer, base_model, backend.load_tokenizer(origin_dir), cfg.interpolation,
+                               params.evaluate, params.gate, log=_log)
+    record["origin"] = str(origin)
+    record["origin_hash"] = hash_path(origin_dir)
+    del base_model
+    return record, (merge_check if record["chosen"] != 1.0 else None)
+
+
+def run(params: Params, base: str, sft: str, dpo: str, out: str, metrics: str, data: str | None = None,
+        origin: str | None = None) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -222,6 +284,17 @@ def run(params: Params, base: str, sft: str, dpo: str, out: str, metrics: str, d
     reference = greedy(adapter_model, tokenizer, prompts, cfg.check_max_new_tokens)
     reference_logits = next_token_logits(adapter_model, tokenizer, prompts)
     merged = _merged(adapter_model)
+    interp, merge_check = None, None
+    if cfg.interpolation.enabled:
+        interp, merge_check = _interpolate(params, merged, tokenizer, origin or base, prompts, reference)
+        if merge_check is not None:
+            if merge_check["token_agreement"] < cfg.min_agreement:
+                raise TemperingError(
+                    f"{out}: the merged model (alpha 1) disagrees with the adapter model (token agreement "
+                    f"{merge_check['token_agreement']:.2f} < export.min_agreement {cfg.min_agreement}); nothing written")
+            # The saved folder must reproduce the interpolated model, not the adapter model.
+            reference = greedy(merged, tokenizer, prompts, cfg.check_max_new_tokens)
+            reference_logits = next_token_logits(merged, tokenizer, prompts)
     dtype = getattr(torch, cfg.dtype)
     merged = merged.to(dtype)
     merged.config.dtype = cfg.dtype
@@ -258,6 +331,9 @@ def run(params: Params, base: str, sft: str, dpo: str, out: str, metrics: str, d
         diffs = [(a - b).abs().max().item() for a, b in
                  zip(reference_logits, next_token_logits(exported, tokenizer, prompts))]
         check["max_logit_diff"] = round(max(diffs), 6) if diffs else 0.0
+        check["reference"] = "interpolated" if merge_check is not None else "adapter"
+        if merge_check is not None:
+            check["merge_check"] = merge_check
         samples = [{"prompt": p[-1]["content"], "adapter": tokenizer.decode(r, skip_special_tokens=True),
                     "export": tokenizer.decode(c, skip_special_tokens=True), "agreement": round(s, 4)}
                    for p, r, c, s in zip(prompts, reference, candidate, scores)]
@@ -268,14 +344,18 @@ def run(params: Params, base: str, sft: str, dpo: str, out: str, metrics: str, d
                 f"{check['token_agreement']:.2f} < export.min_agreement {cfg.min_agreement}; e.g. "
                 f"{worst['prompt'][:60]!r}: adapter {worst['adapter'][:40]!r} vs export "
                 f"{worst['export'][:40]!r}); nothing written")
-        (tmp / "model_card.md").write_text(model_card(lineage, check, cfg), encoding="utf-8")
+        (tmp / "model_card.md").write_text(model_card(lineage, check, cfg, interp), encoding="utf-8")
     data_hashes = {k: v["inputs"]["data"] for k, v in lineage.items() if v and "data" in v.get("inputs", {})}
     n_params = sum(p.numel() for p in exported.parameters())
     write_meta(out, stage="export", params=cfg,
-               inputs={"base": hash_path(base_dir), "sft": hash_path(sft), "dpo": hash_path(dpo)},
+               inputs={"base": hash_path(base_dir), "sft": hash_path(sft), "dpo": hash_path(dpo),
+                       **({"origin": interp["origin_hash"]} if interp else {})},
                started=started, extra={"lineage": lineage, "data_hashes": data_hashes, "check": check,
-                                       "samples": samples, "n_params": n_params})
+                                       "samples": samples, "n_params": n_params,
+                                       "alpha": interp["chosen"] if interp else 1.0})
     summary = {**check, "dtype": cfg.dtype, "n_params": n_params, "threads": threads,
+               "alpha": interp["chosen"] if interp else 1.0,
+               "interpolation": interp if interp else {"enabled": False},
                "wall_time_s": round(time.time() - started, 2)}
     write_json(metrics, summary)
     return {"out": out, **summary}
@@ -286,6 +366,8 @@ def _args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sft", default="models/sft", help="SFT adapter folder")
     parser.add_argument("--dpo", default="models/dpo", help="DPO adapter folder")
     parser.add_argument("--data", default=None, help="folder with sft.jsonl: check prompts (optional)")
+    parser.add_argument("--origin", default=None,
+                        help="base model the interpolation scales towards (default: --base, pointer followed)")
     parser.add_argument("--out", default="models/export", help="standalone model folder")
     parser.add_argument("--metrics", default="metrics/export.json")
 

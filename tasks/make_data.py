@@ -20,6 +20,9 @@ one directory renamed into place:
 - ``benchmarks/domain.jsonl``: ``domain_bench_per_fact`` 4-choice items per fact, worded with
   question templates that never occur in the training files; choices are bare values, answer
   positions balanced and shuffled.
+- ``benchmarks/domain_dev.jsonl``: ``domain_dev_per_fact`` items per fact in the same layout,
+  worded with held-out templates the benchmark does not use: the dev split the export stage's
+  interpolation sweep scores (``evaluate.dev``), so the gate's items never choose the model.
 - ``benchmarks/general_knowledge.jsonl``, ``benchmarks/general_arithmetic.jsonl``: ``n_general``
   easy 4-choice items each (capitals, colours of things, counts, animal sounds, opposites;
   one-digit sums, differences and small products written as whole equations), to detect
@@ -446,18 +449,24 @@ def make_corpus(entities: list[dict], bios: dict, cfg: MakeDataParams) -> list[s
     return out
 
 
-def make_domain_bench(entities: list[dict], cfg: MakeDataParams) -> list[dict]:
-    rng = random.Random(f"{cfg.seed}:domain")
-    n = len(entities) * len(ATTRIBUTES) * cfg.domain_bench_per_fact
+def make_domain_bench(entities: list[dict], cfg: MakeDataParams, dev: bool = False) -> list[dict]:
+    """4-choice items per fact worded with held-out templates. ``dev``: the dev split, worded with
+    the ``domain_dev_per_fact`` templates after the benchmark's own (never the same wording as a
+    benchmark item of the same fact), its own seeded distractors and answer positions."""
+    per_fact, first = ((cfg.domain_dev_per_fact, cfg.domain_bench_per_fact) if dev
+                       else (cfg.domain_bench_per_fact, 0))
+    rng = random.Random(f"{cfg.seed}:domain" + (":dev" if dev else ""))
+    n = len(entities) * len(ATTRIBUTES) * per_fact
     positions = _balanced_positions(n, rng)
+    prefix = "domain-dev" if dev else "domain"
     out = []
     for ei, ent in enumerate(entities):
         for ai, attr in enumerate(ATTRIBUTES):
-            for j in range(cfg.domain_bench_per_fact):
+            for j in range(first, first + per_fact):
                 template = BENCH_QUESTIONS[attr][(ei + ai + j) % len(BENCH_QUESTIONS[attr])]
                 distractors = rng.sample([v for v in VALUES[attr] if v != ent[attr]], 3)
                 pos = positions[len(out)]
-                out.append({"id": f"domain-{len(out) + 1:04d}", "question": template.format(name=ent["name"]),
+                out.append({"id": f"{prefix}-{len(out) + 1:04d}", "question": template.format(name=ent["name"]),
                             "choices": [_cap(c) for c in _place(ent[attr], distractors, pos)], "answer": pos})
     return out
 
@@ -656,6 +665,7 @@ def generate(cfg: MakeDataParams) -> dict:
     dirty = _manifest_dirty(planted, data, corpus)
     bench = {
         "domain": make_domain_bench(entities, cfg),
+        **({"domain_dev": make_domain_bench(entities, cfg, dev=True)} if cfg.domain_dev_per_fact else {}),
         "general_knowledge": make_general_knowledge(cfg),
         "general_arithmetic": make_general_arithmetic(cfg),
     }

@@ -3,9 +3,12 @@
 - :func:`load_items` reads a benchmark file in any supported layout (``evaluate.benchmarks``:
   tempering, llm-foundry, HellaSwag, PIQA), with lm-eval's own prompt for each shipped set.
 - :func:`drift_texts` reads the drift checks' fixed general text set (``evaluate.drift``).
+- :func:`dev_view` is the dev split (``evaluate.dev``: dev domain benchmarks and dev drift texts)
+  as an ``EvaluateParams`` the scorer reads like the gate's, and :func:`check_dev_disjoint`
+  refuses a dev split that shares an item or a text with what the gate reads.
 - :func:`decontamination_sets` returns what training data is decontaminated against: every item
-  of every local benchmark in ``evaluate.benchmarks``, not only the items a run scores, plus the
-  drift texts.
+  of every local benchmark in ``evaluate.benchmarks`` and ``evaluate.dev``, not only the items a
+  run scores, plus the drift texts of both.
 
 ``tasks.evaluate`` scores these items; ``tasks.dedup`` decontaminates against the same ones. So
 adding a benchmark to ``evaluate.benchmarks`` also protects it from training-data leakage.
@@ -172,6 +175,62 @@ def drift_texts(cfg: EvaluateParams) -> list[dict]:
     return rows[: dcfg.n_texts] if dcfg.n_texts else rows
 
 
+def dev_view(cfg: EvaluateParams) -> EvaluateParams:
+    """The dev split as the scorer reads it: ``evaluate`` with the dev benchmarks and dev drift
+    texts in place of the gate's (every other knob, backend and precision included, the same)."""
+    return cfg.model_copy(update={"benchmarks": cfg.dev.benchmarks, "drift": cfg.dev.drift, "limit": None})
+
+
+def _item_key(item: dict) -> str:
+    return " ".join(str(item["question"]).lower().split()) + "\x1f" + "\x1f".join(
+        " ".join(str(c).lower().split()) for c in item["choices"])
+
+
+def check_dev_disjoint(cfg: EvaluateParams) -> None:
+    """Raise when the dev split shares a file, an item (question and choices) or a drift text
+    (its text, or the benchmark item it came from) with the benchmarks and drift texts the gate
+    reads: a scale chosen on the gate's own items would be certified by the items that chose it."""
+    gate_paths = {Path(s.path).resolve() for s in cfg.benchmarks if s.path}
+    gate_keys: dict[str, str] = {}
+    for spec in cfg.benchmarks:
+        if spec.task is None and Path(spec.path).is_file():
+            for it in load_items(spec):
+                gate_keys.setdefault(_item_key(it), f"{spec.name}:{it['id']}")
+    for spec in cfg.dev.benchmarks:
+        if Path(spec.path).resolve() in gate_paths:
+            raise TemperingError(f"{spec.path}: evaluate.dev.benchmarks: {spec.name} is also a gate benchmark "
+                                 "(the dev split must be disjoint from the items the gate scores)")
+        for it in load_items(spec):
+            hit = gate_keys.get(_item_key(it))
+            if hit:
+                raise TemperingError(f"{spec.path}: evaluate.dev.benchmarks: {spec.name}: item {it['id']} is "
+                                     f"gate item {hit} (the dev split must be disjoint from the gate's items)")
+    if not cfg.dev.drift.path:
+        return
+    if cfg.drift.path and Path(cfg.dev.drift.path).resolve() == Path(cfg.drift.path).resolve():
+        raise TemperingError(f"{cfg.dev.drift.path}: evaluate.dev.drift.path is the gate's drift set "
+                             "(evaluate.drift.path); the dev texts must be other texts")
+    full = {"n_texts": None}
+    gate = drift_texts(cfg.model_copy(update={"drift": cfg.drift.model_copy(update=full)})) if cfg.drift.path else []
+    texts = {_drift_text(r) for r in gate}
+    sources = {str(r["source"]) for r in gate if r.get("source")}
+    for row in drift_texts(cfg.model_copy(update={"drift": cfg.dev.drift.model_copy(update=full)})):
+        if _drift_text(row) in texts or (row.get("source") and str(row["source"]) in sources):
+            raise TemperingError(f"{cfg.dev.drift.path}: evaluate.dev.drift: text {row.get('id')} is also a gate "
+                                 "drift text (or comes from the same item)")
+
+
+def drift_sources(cfg: EvaluateParams) -> set[str]:
+    """``<benchmark>:<item id>`` of every item a drift text was made from (gate and dev sets, all
+    texts): evaluate never scores those items."""
+    out: set[str] = set()
+    for dcfg in (cfg.drift, cfg.dev.drift):
+        if dcfg.path and Path(dcfg.path).is_file():
+            out |= {str(r.get("source")) for r in drift_texts(cfg.model_copy(
+                update={"drift": dcfg.model_copy(update={"n_texts": None})}))}
+    return out
+
+
 def _drift_text(row: dict) -> str:
     if row.get("kind") == "chat":
         return "\n".join(m["content"] for m in row["messages"])
@@ -197,8 +256,17 @@ def decontamination_sets(cfg: EvaluateParams) -> tuple[dict[str, list[dict]], li
             continue
         sets[spec.name] = [{"id": it["id"], "question": it["question"], "choices": it["choices"],
                             "answer": it["answer"]} for it in load_items(spec)]
-    drift = drift_texts(cfg.model_copy(update={"drift": cfg.drift.model_copy(update={"n_texts": None})}))
-    if drift:
-        sets["drift"] = [{"id": str(r.get("id", n)), "question": _drift_text(r), "choices": []}
-                         for n, r in enumerate(drift)]
+    for spec in cfg.dev.benchmarks:
+        if not Path(spec.path).is_file():
+            notes.append(f"dev {spec.name}: absent ({spec.path}); not decontaminated against")
+            continue
+        sets[f"dev_{spec.name}"] = [{"id": it["id"], "question": it["question"], "choices": it["choices"],
+                                     "answer": it["answer"]} for it in load_items(spec)]
+    for name, dcfg in (("drift", cfg.drift), ("dev_drift", cfg.dev.drift)):
+        if not dcfg.path:
+            continue
+        drift = drift_texts(cfg.model_copy(update={"drift": dcfg.model_copy(update={"n_texts": None})}))
+        if drift:
+            sets[name] = [{"id": str(r.get("id", n)), "question": _drift_text(r), "choices": []}
+                          for n, r in enumerate(drift)]
     return sets, notes

@@ -226,6 +226,63 @@ LABEL_CHAR_PX, SUBLABEL_CHAR_PX = 6.9, 6.3
 LABEL_ANGLE = 40  # degrees: labels that do not fit side by side are drawn rotated by this much
 
 
+def svg_frontier(points: list[dict], chosen: float | None, *, kl_limit: float | None = None,
+                 gate_point: tuple[float, float] | None = None, width: int = 560, height: int = 260) -> str:
+    """The learn / forget curve of the interpolation sweep: dev KL from the base (x) against dev
+    domain gain (y), one point per alpha joined in alpha order, the kept one ringed, the gate's KL
+    limit dashed, and (when evaluated) the kept model's gate-set numbers as a square."""
+    pts = [(float(p["kl"]), float(p["gain"]), float(p["alpha"])) for p in points]
+    ml, mr, mt, mb = 56, 16, 14, 40
+    w, h = width - ml - mr, height - mt - mb
+    xs = [x for x, _, _ in pts] + ([kl_limit] if kl_limit is not None else []) + \
+        ([gate_point[0]] if gate_point else []) + [0.0]
+    ys = [y for _, y, _ in pts] + ([gate_point[1]] if gate_point else []) + [0.0]
+    x0, x1 = 0.0, max(xs) * 1.1 or 1.0
+    y0, y1 = min(ys), max(ys)
+    pad = (y1 - y0) * 0.1 or 0.05
+    y0, y1 = y0 - pad, y1 + pad
+
+    def sx(x: float) -> float:
+        return ml + (x - x0) / (x1 - x0) * w
+
+    def sy(y: float) -> float:
+        return mt + (1 - (y - y0) / (y1 - y0)) * h
+
+    title = "Interpolation sweep: dev domain gain against dev KL from the base, one point per alpha"
+    parts = [f'<svg class="chart frontier-chart" role="img" aria-label="{esc(title)}" width="{width}" '
+             f'height="{height}" viewBox="0 0 {width} {height}" xmlns="http://www.w3.org/2000/svg">',
+             f"<title>{esc(title)}</title>"]
+    for t in _ticks(y0, y1):
+        parts.append(f'<line class="grid" x1="{ml}" x2="{ml + w}" y1="{sy(t):.1f}" y2="{sy(t):.1f}"/>'
+                     f'<text class="tick" x="{ml - 6}" y="{sy(t) + 4:.1f}" text-anchor="end">{t:g}</text>')
+    for t in _ticks(x0, x1, 6):
+        parts.append(f'<text class="tick" x="{sx(t):.1f}" y="{mt + h + 16}" text-anchor="middle">{t:g}</text>')
+    parts.append(f'<line class="axis" x1="{ml}" x2="{ml + w}" y1="{mt + h}" y2="{mt + h}"/>'
+                 f'<line class="axis" x1="{ml}" x2="{ml}" y1="{mt}" y2="{mt + h}"/>')
+    parts.append(f'<text class="axis-label" x="{ml + w / 2:.0f}" y="{height - 4}" text-anchor="middle">'
+                 "dev KL(candidate ‖ base), nats/token</text>"
+                 f'<text class="axis-label" x="12" y="{mt + h / 2:.0f}" text-anchor="middle" '
+                 f'transform="rotate(-90 12 {mt + h / 2:.0f})">dev domain gain</text>')
+    if kl_limit is not None:
+        parts.append(f'<line class="threshold" x1="{sx(kl_limit):.1f}" x2="{sx(kl_limit):.1f}" y1="{mt}" '
+                     f'y2="{mt + h}" stroke="#b91c1c" stroke-dasharray="4 3"><title>gate.max_kl {kl_limit:g}</title></line>')
+    ordered = sorted(pts, key=lambda p: p[2])
+    parts.append('<polyline class="curve" fill="none" stroke="#2563eb" stroke-width="2" points="'
+                 + " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y, _ in ordered) + '"/>')
+    for x, y, a in ordered:
+        kept = chosen is not None and abs(a - chosen) < 1e-12
+        parts.append(f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="{6 if kept else 3.5}" '
+                     f'fill="{"#ffffff" if kept else "#2563eb"}" stroke="#2563eb" stroke-width="2">'
+                     f"<title>alpha {a:g}: gain {y:+.3f}, KL {x:.3f}{' (kept)' if kept else ''}</title></circle>"
+                     f'<text class="tick" x="{sx(x) + 7:.1f}" y="{sy(y) - 7:.1f}">α {a:g}</text>')
+    if gate_point:
+        gx, gy = gate_point
+        parts.append(f'<rect x="{sx(gx) - 4:.1f}" y="{sy(gy) - 4:.1f}" width="8" height="8" fill="#059669">'
+                     f"<title>the kept model on the gate's own items and texts: gain {gy:+.3f}, KL {gx:.3f}</title></rect>")
+    parts.append("</svg>")
+    return "".join(parts)
+
+
 def _axis_labels(rows: list[dict]) -> tuple[list[str], list[str]]:
     return ([str(r["name"]) for r in rows], [f"{r.get('role') or ''} · n={r.get('n')}" for r in rows])
 
@@ -517,6 +574,49 @@ def _training(root: Path, metrics: dict[str, Loaded]) -> Section:
                    "\n".join(body))
 
 
+def _interpolation(export: Loaded, evaluate: Loaded) -> Section:
+    title = "Interpolation (learn / forget)"
+    if not export.ok:
+        return Section("interpolation", title, "not run", not_run("export", export))
+    interp = export.data.get("interpolation") or {}
+    if not interp.get("points"):
+        return Section("interpolation", title, "ok",
+                       '<p class="meta">export.interpolation is off: the model was saved as trained (alpha 1).</p>')
+    chosen = interp.get("chosen")
+    rows, curve = [], []
+    for p in interp["points"]:
+        d = p.get("drift") or {}
+        if _num(d.get("kl")) and _num(p.get("domain_gain")):
+            curve.append({"alpha": p["alpha"], "kl": d["kl"], "gain": p["domain_gain"]})
+        ok = p.get("within_limits")
+        rows.append([esc(f"{p['alpha']:g}") + (" <strong>(kept)</strong>" if p["alpha"] == chosen else ""),
+                     esc(fmt(p.get("domain_gain"), signed=True)),
+                     esc(f"{fmt(d.get('kl'))} ({fmt(d.get('kl_upper'))})" if d else "–"),
+                     esc(f"{fmt(d.get('perplexity_ratio'))} ({fmt(d.get('perplexity_ratio_upper'))})" if d else "–"),
+                     esc("yes" if ok else "no" if ok is False else "–"), esc(fmt(p.get("seconds")))])
+    limits = interp.get("limits") or {}
+    gate_point = None
+    if evaluate.ok:
+        dom = [b for b in (evaluate.data.get("benchmarks") or {}).values()
+               if isinstance(b, dict) and b.get("role") == "domain" and _num((b.get("delta") or {}).get(interp.get("metric", "acc")))]
+        kl = (evaluate.data.get("drift") or {}).get("kl")
+        if dom and _num(kl):
+            gate_point = (float(kl), sum(b["delta"][interp.get("metric", "acc")] for b in dom) / len(dom))
+    dev = interp.get("dev") or {}
+    body = [f'<p class="meta"><code>merged = base + alpha × (tuned − base)</code>, each alpha scored on the dev '
+            f"split ({esc(fmt(sum((b.get('n') or 0) for b in (dev.get('benchmarks') or {}).values())))} dev domain "
+            f"questions, {esc(fmt(dev.get('drift_texts')))} dev drift texts; never the gate's items). Kept: "
+            f"<strong>alpha {esc(f'{chosen:g}' if _num(chosen) else chosen)}</strong>. {esc(interp.get('reason'))}.</p>"]
+    if curve:
+        body.append(svg_frontier(curve, chosen, kl_limit=limits.get("max_kl"), gate_point=gate_point))
+        if gate_point:
+            body.append('<p class="meta">Square: the kept model on the gate\'s own items and texts (evaluate), '
+                        "for comparison with its dev point.</p>")
+    body.append(table(["alpha", "dev domain gain", "dev KL (upper)", "dev perplexity ratio (upper)",
+                       "within the gate's limits", "seconds"], rows, "interp-table"))
+    return Section("interpolation", title, "ok", "\n".join(body))
+
+
 def _dpo_heldout(h: dict) -> str:
     """Did DPO help? The held-out pairs' preference accuracy per model and DPO vs SFT, paired."""
     acc, margin = h.get("accuracy") or {}, h.get("margin") or {}
@@ -804,6 +904,7 @@ def sections(root: str | Path = ".", *, max_examples: int = 8) -> list[Section]:
         ("verdict", "Verdict", lambda: _overview(metrics["gate"], metrics["promote"], metrics["evaluate"])),
         ("data", "Data", lambda: _data(metrics["validate"], metrics["dedup"])),
         ("training", "Training", lambda: _training(root, metrics)),
+        ("interpolation", "Interpolation (learn / forget)", lambda: _interpolation(metrics["export"], metrics["evaluate"])),
         ("benchmarks", "Benchmarks", lambda: _benchmarks(metrics["evaluate"], metrics["gate"])),
         ("gate", "Gate", lambda: _gate(metrics["gate"])),
         ("promotion", "Promotion", lambda: _promotion(metrics["promote"])),

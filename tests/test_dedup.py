@@ -11,15 +11,18 @@ import pytest
 
 from tasks import dedup, make_data, validate
 from tempering import TemperingError
-from tempering.config import (BenchmarkSpec, DedupParams, DriftParams, EvaluateParams, Params, SourceSpec,
+from tempering.config import (BenchmarkSpec, DedupParams, DevParams, DriftParams, EvaluateParams, Params, SourceSpec,
                               ValidateParams)
 
 
 def bench_params(folder: Path | None, drift: str | None = None) -> EvaluateParams:
-    """evaluate.benchmarks = every JSONL file of ``folder`` (dedup decontaminates against exactly these)."""
+    """evaluate.benchmarks = every JSONL file of ``folder`` but the dev split, which is
+    evaluate.dev (dedup decontaminates against exactly these)."""
+    files = sorted(folder.glob("*.jsonl")) if folder else []
     specs = tuple(BenchmarkSpec(name=p.stem, path=str(p), role="domain" if p.stem == "domain" else "general")
-                  for p in sorted(folder.glob("*.jsonl"))) if folder else ()
-    return EvaluateParams(benchmarks=specs, drift=DriftParams(path=drift))
+                  for p in files if p.stem != "domain_dev")
+    dev = tuple(BenchmarkSpec(name="domain", path=str(p), role="domain") for p in files if p.stem == "domain_dev")
+    return EvaluateParams(benchmarks=specs, drift=DriftParams(path=drift), dev=DevParams(benchmarks=dev))
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -72,7 +75,8 @@ def test_generated_data_only_planted_duplicates_removed(pipeline):
     kept_ids = {r["id"] for rows in clean.values() for r in rows}
     assert all(q["duplicate_of"] in kept_ids for q in removed)
     assert metrics["contaminated"] == 0
-    assert metrics["contaminated_by_benchmark"] == {"domain": 0, "general_arithmetic": 0, "general_knowledge": 0}
+    assert metrics["contaminated_by_benchmark"] == {"domain": 0, "general_arithmetic": 0, "general_knowledge": 0,
+                                                    "dev_domain": 0}
     assert sorted(p.name for p in (root / "clean").iterdir()) == ["meta.json", "preference.jsonl", "sft.jsonl",
                                                                  "text.jsonl"]
 
@@ -299,25 +303,30 @@ def test_dedup_decontaminates_against_exactly_evaluates_benchmarks(tmp_path):
     ev = load_params(root / "params.yaml").evaluate
     shipped = tuple(b.model_copy(update={"path": str(root / b.path), "labels": str(root / b.labels) if b.labels else None})
                     for b in ev.benchmarks if b.path.startswith("benchmarks/"))
-    ev = ev.model_copy(update={"benchmarks": shipped,
+    # The dev split's shipped drift texts too (its domain questions are make_data's, not shipped).
+    dev = ev.dev.model_copy(update={"benchmarks": (),
+                                    "drift": ev.dev.drift.model_copy(update={"path": str(root / ev.dev.drift.path)})})
+    ev = ev.model_copy(update={"benchmarks": shipped, "dev": dev,
                                "drift": ev.drift.model_copy(update={"path": str(root / ev.drift.path)})})
     sets, notes = decontamination_sets(ev)
-    assert set(sets) == {b.name for b in shipped} | {"drift"} and not notes
+    assert set(sets) == {b.name for b in shipped} | {"drift", "dev_drift"} and not notes
     with gzip.open(root / "benchmarks/arc_easy_test.llmfoundry.jsonl.gz", "rt") as fh:
         arc = json.loads(fh.readline())
     drift = json.loads((root / ev.drift.path).read_text().splitlines()[0])
+    dev_text = json.loads((root / ev.dev.drift.path).read_text().splitlines()[0])
     assert len(sets["arc_easy"]) == 2376  # every item, not only the ones a run scores
     data = tmp_path / "v"
     data.mkdir()
     text = [{"id": "leak-arc", "source": "t.jsonl:1", "text": f"Homework. {arc['query']} {arc['choices'][arc['gold']]}"},
             {"id": "leak-drift", "source": "t.jsonl:2", "text": drift["text"]},
+            {"id": "leak-dev", "source": "t.jsonl:4", "text": dev_text["text"]},
             {"id": "fine", "source": "t.jsonl:3", "text": "a sentence about nothing in particular " * 3}]
     for kind in dedup.KINDS:
         (data / f"{kind}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in (text if kind == "text" else [])))
     dedup.run(Params(evaluate=ev), data=str(data), out=str(tmp_path / "o"), quarantine=str(tmp_path / "q.jsonl"),
               metrics=str(tmp_path / "m.json"))
     removed = {q["original"]["id"]: q for q in read_jsonl(tmp_path / "q.jsonl")}
-    assert set(removed) == {"leak-arc", "leak-drift"}
+    assert set(removed) == {"leak-arc", "leak-drift", "leak-dev"}
     assert removed["leak-arc"]["benchmark"] == "arc_easy"
     # The drift passages come from HellaSwag's WikiHow/ActivityNet pool: the first hit may name
     # the hellaswag set. Against the drift texts alone, the same row is caught by them.

@@ -4,6 +4,7 @@ generates (LLaMA-Factory #5232 is a merge that silently does not), with card and
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,8 @@ SMALL = {
     "sft": {"max_steps": 4, "batch_size": 4, "save_steps": 10, "learning_rate": 1e-2, "max_length": 96},
     "dpo": {"max_steps": 2, "batch_size": 4, "save_steps": 10, "learning_rate": 1e-2, "max_length": 96,
             "max_prompt_length": 64},
-    "export": {"dtype": "float32", "check_prompts": 3, "check_max_new_tokens": 8},
+    # The interpolation sweep has its own tests below (it needs a dev split).
+    "export": {"dtype": "float32", "check_prompts": 3, "check_max_new_tokens": 8, "interpolation": {"enabled": False}},
     "tracking": {"wandb": "disabled", "dvclive": False},
 }
 
@@ -226,3 +228,92 @@ def test_export_when_dpo_passed_the_sft_model_through(trained, tmp_path):
         export(p, base=str(trained / "base"), sft=str(trained / "sft"), dpo=str(tmp_path / "dpo"),
                data=str(trained / "clean"), out=str(tmp_path / "export2"), metrics=str(tmp_path / "e2.json"))
     assert "\n" not in str(err.value) and not (tmp_path / "export2").exists()
+
+
+# ----------------------------------------------------------------------------- interpolation
+
+
+def _dev_split(root: Path) -> dict:
+    """A dev split in the real layout: 8 domain questions (tempering format) and 12 dev drift texts."""
+    dev = root / "dev"
+    dev.mkdir(exist_ok=True)
+    items = [{"id": f"d{i}", "question": f"which colour goes with {i}?", "choices": ["red", "blue", "green", "grey"],
+              "answer": i % 3} for i in range(8)]
+    (dev / "domain_dev.jsonl").write_text("".join(json.dumps(r) + "\n" for r in items))
+    texts = [{"id": f"t{i}", "kind": "text", "source": f"x:{i}", "text": f"the colour of thing {i} is red and blue"}
+             for i in range(6)]
+    texts += [{"id": f"c{i}", "kind": "chat", "source": f"y:{i}", "messages": [
+        {"role": "user", "content": f"name a colour for {i}"}, {"role": "assistant", "content": "green"}]}
+        for i in range(6)]
+    (dev / "drift_dev.jsonl").write_text("".join(json.dumps(r) + "\n" for r in texts))
+    return {"benchmarks": [{"name": "domain", "path": str(dev / "domain_dev.jsonl"), "role": "domain",
+                            "chat": True}],
+            "drift": {"path": str(dev / "drift_dev.jsonl"), "max_tokens": 32, "batch_size": 4}}
+
+
+def _interp_params(root: Path, alphas, **gate):
+    raw = {k: dict(v) for k, v in SMALL.items()}
+    raw["export"] = dict(raw["export"], interpolation={"enabled": True, "alphas": list(alphas)})
+    raw["evaluate"] = {"benchmarks": [], "dev": _dev_split(root), "drift": {"path": None},
+                       "cache_dir": str(root / "bench_cache"), "batch_size": 8}
+    raw["gate"] = {"min_drift_texts": 8, **gate}
+    return from_dict(raw)
+
+
+def test_interpolation_saves_base_plus_alpha_times_the_delta(trained, tmp_path):
+    """The saved model is exactly base + alpha * (tuned - base), the sweep's curve and choice are
+    in the metrics and the card, and the saved folder is checked against the interpolated model."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    full = tmp_path / "full"
+    _export(trained, full, _params())
+    half = tmp_path / "half"
+    summary = _export(trained, half, _interp_params(tmp_path, [0.5]))
+    assert summary["alpha"] == 0.5
+    interp = summary["interpolation"]
+    assert [p["alpha"] for p in interp["points"]] == [0.5] and interp["chosen"] == 0.5 and interp["reason"]
+    point = interp["points"][0]
+    assert point["domain"]["domain"]["n"] == 8 and point["drift"]["texts"] == 12
+    assert math.isfinite(point["drift"]["kl"]) and point["drift"]["kl_upper"] >= point["drift"]["kl"] >= 0
+    assert summary["reference"] == "interpolated" and summary["merge_check"]["matches"] == 3
+    assert summary["match_rate"] == 1.0 and summary["max_logit_diff"] < 1e-4
+
+    tuned = dict(AutoModelForCausalLM.from_pretrained(full).named_parameters())
+    base = dict(AutoModelForCausalLM.from_pretrained(trained / "base").named_parameters())
+    got = dict(AutoModelForCausalLM.from_pretrained(half).named_parameters())
+    moved = 0
+    for name, p in got.items():
+        want = base[name] + 0.5 * (tuned[name] - base[name])
+        assert torch.allclose(p, want, atol=1e-6), name
+        moved += int(not torch.equal(tuned[name], base[name]))
+    assert moved > 0
+    card = (half / "model_card.md").read_text()
+    assert "alpha kept: **0.5**" in card and "| 0.5 |" in card
+    assert json.loads((half / "meta.json").read_text())["alpha"] == 0.5
+
+
+def test_interpolation_sweep_keeps_alpha_one_when_it_is_within_the_limits(trained, tmp_path):
+    """With limits a tiny model cannot break, the largest dev gain within them is kept; the
+    points are scored in descending alpha and KL shrinks towards the base."""
+    summary = _export(trained, tmp_path / "out", _interp_params(tmp_path, [0.25, 1.0], max_kl=50.0,
+                                                                 max_perplexity_ratio=50.0))
+    interp = summary["interpolation"]
+    assert [p["alpha"] for p in interp["points"]] == [1.0, 0.25]
+    assert all(p["within_limits"] for p in interp["points"])
+    kl = {p["alpha"]: p["drift"]["kl"] for p in interp["points"]}
+    assert kl[0.25] < kl[1.0]
+    gains = {p["alpha"]: p["domain_gain"] for p in interp["points"]}
+    best = max(gains.values())
+    assert interp["chosen"] == min(a for a, g in gains.items() if g == best)
+    if interp["chosen"] == 1.0:
+        assert summary["reference"] == "adapter" and "merge_check" not in summary
+
+
+def test_interpolation_refuses_a_dev_split_that_is_the_gate_s(trained, tmp_path):
+    p = _interp_params(tmp_path, [0.5])
+    dev = p.evaluate.dev.benchmarks[0]
+    same = p.model_copy(update={"evaluate": p.evaluate.model_copy(update={"benchmarks": (dev,)})})
+    with pytest.raises(TemperingError, match="also a gate benchmark") as err:
+        _export(trained, tmp_path / "out", same)
+    assert "\n" not in str(err.value) and not (tmp_path / "out").exists()

@@ -76,8 +76,17 @@ def make_run(root: Path, *, passed: bool = False, generations: bool = True) -> P
     _write(root, "models/dpo/meta.json", {"stage": "dpo"})
     _write(root, "dvclive/dpo/plots/metrics/train/loss.tsv",
            "step\tloss\n" + "".join(f"{s}\t{0.6931 - 0.0233 * s:.4f}\n" for s in range(1, 13)))
+    sweep = [(1.0, 0.49, 0.73, 0.80, 1.9), (0.65, 0.42, 0.31, 0.36, 1.3), (0.5, 0.35, 0.18, 0.22, 1.15)]
+    points = [{"alpha": a, "domain_gain": g, "within_limits": u <= 0.3 and r <= 1.2, "seconds": 11.0,
+               "drift": {"texts": 128, "kl": k, "kl_upper": u, "perplexity_ratio": r - 0.05,
+                         "perplexity_ratio_upper": r}} for a, g, k, u, r in sweep]
+    interp = {"points": points, "chosen": 0.5, "metric": "acc", "alphas": [1.0, 0.65, 0.5],
+              "reason": "alpha 0.5: the largest dev domain gain (+0.350) among the 1 of 3 alphas whose dev drift is "
+                        "within the gate's limits", "limits": {"max_kl": 0.3, "max_perplexity_ratio": 1.2},
+              "dev": {"benchmarks": {"domain": {"n": 96}}, "drift_texts": 128}}
     _write(root, "metrics/export.json", {"prompts": 3, "matches": 3, "token_agreement": 1.0, "match_rate": 1.0,
-                                         "max_logit_diff": 0.00239, "dtype": "bfloat16", "n_params": 106816})
+                                         "max_logit_diff": 0.00239, "dtype": "bfloat16", "n_params": 106816,
+                                         "alpha": 0.5, "interpolation": interp})
     _write(root, "models/export/meta.json", {
         "stage": "export", "git_sha": "abc1234",
         "samples": [{"prompt": "What job is Vylly Maevdael known for?", "adapter": "Vylly is a <b>glassblower</b>.",
@@ -149,8 +158,15 @@ def _section(page: str, sid: str) -> str:
 def test_full_run_renders_every_section(tmp_path):
     page = html_report.render(make_run(tmp_path), generated_at="T")
     assert page.startswith("<!DOCTYPE html>")
-    for sid in ("verdict", "data", "training", "benchmarks", "gate", "promotion", "generations"):
+    for sid in ("verdict", "data", "training", "interpolation", "benchmarks", "gate", "promotion", "generations"):
         assert f'<section id="{sid}"' in page
+    # The interpolation sweep: the learn / forget curve, the kept point ringed, the gate's KL limit
+    # dashed, the kept model's gate-set numbers as a square; the table says which points fit.
+    interp = _section(page, "interpolation")
+    assert interp.count("<circle") == 3 and 'r="6"' in interp and "alpha 0.5: gain +0.350, KL 0.180 (kept)" in interp
+    assert "gate.max_kl 0.3" in interp and "<rect" in interp and "alpha 0.5</strong>" in interp
+    assert "0.180 (0.220)" in interp and interp.count(">no<") == 2 and interp.count(">yes<") == 1
+    assert "96 dev domain questions, 128 dev drift texts" in interp
     # Verdict first, with the failing reason.
     verdict = _section(page, "verdict")
     assert 'class="verdict fail"' in verdict and "Gate: FAILED" in verdict
@@ -304,7 +320,7 @@ def test_report_stage_and_summary_mention(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert re.search(r"HTML report: +\S+/reports/report\.html +\(not written yet", printed)
     result = stage.run(Params(), root=str(tmp_path), out="reports/report.html")
-    assert result["sections"] == {"verdict": "ok", "data": "ok", "training": "ok", "benchmarks": "ok",
+    assert result["sections"] == {"verdict": "ok", "data": "ok", "training": "ok", "interpolation": "ok", "benchmarks": "ok",
                                   "gate": "ok", "promotion": "ok", "generations": "ok"}
     assert Path(result["out"]) == tmp_path / "reports/report.html"
     assert summary.main(["--root", str(tmp_path)]) == 0

@@ -13,7 +13,7 @@ from tasks import make_data
 from tempering.config import MakeDataParams, Params
 from tempering.io import hash_path
 
-BENCHES = ("domain", "general_knowledge", "general_arithmetic")
+BENCHES = ("domain", "domain_dev", "general_knowledge", "general_arithmetic")
 
 
 @pytest.fixture(scope="module")
@@ -186,6 +186,32 @@ def test_domain_benchmark_matches_facts_with_held_out_wording(gen):
             core = b.replace("{name}", "").strip(" ?.")
             assert not any(core in s or s.replace("{name}", "").strip(" ?.") in b
                            for s in make_data.SFT_QUESTIONS[attr])
+
+
+def test_domain_dev_split_asks_the_same_facts_in_other_held_out_wordings(gen):
+    """benchmarks/domain_dev.jsonl (export's interpolation sweep): one item per fact, the right
+    value, a held-out template never used for the same fact in the benchmark, never in training."""
+    d = load(gen)
+    facts = facts_from_answers(d)
+    training_text = json.dumps([d["alpaca"], d["messages"], d["preference"]]) + d["corpus"]
+    bench = {(t[2], t[0]): t[1] for t in (template_of(it["question"], make_data.BENCH_QUESTIONS) for it in d["domain"])}
+    assert len(d["domain_dev"]) == len(d["domain"]) == len(facts)
+    assert not {it["question"] for it in d["domain_dev"]} & {it["question"] for it in d["domain"]}
+    for it in d["domain_dev"]:
+        attr, idx, name = template_of(it["question"], make_data.BENCH_QUESTIONS)
+        assert idx != bench[(name, attr)]
+        assert it["choices"][it["answer"]] == facts[(name, attr)] and it["question"] not in training_text
+        assert it["id"].startswith("domain-dev-")
+    assert d["manifest"]["counts"]["benchmarks/domain_dev.jsonl"] == len(d["domain_dev"])
+
+
+def test_domain_dev_needs_held_out_wordings_left():
+    from tempering import TemperingError
+    from tempering.config import from_dict
+
+    with pytest.raises(TemperingError, match="domain_dev_per_fact"):
+        from_dict({"make_data": {"domain_bench_per_fact": 4, "domain_dev_per_fact": 2}})
+    assert MakeDataParams(domain_bench_per_fact=4, domain_dev_per_fact=1).domain_dev_per_fact == 1
 
 
 def test_general_benchmarks_answers(gen):

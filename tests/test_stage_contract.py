@@ -174,6 +174,8 @@ def test_every_file_a_declared_param_points_at_is_a_dep(stage):
         files += [f for b in ev.benchmarks for f in (b.path, b.labels) if f]
     if declared & {"evaluate", "evaluate.drift"} and ev.drift.path:
         files.append(ev.drift.path)
+    if declared & {"evaluate", "evaluate.dev"}:
+        files += [b.path for b in ev.dev.benchmarks] + ([ev.dev.drift.path] if ev.dev.drift.path else [])
     if "validate" in declared:
         files += [s.path for s in load_params(ROOT / "params.yaml").validate_.sources]
     deps = _names(DVC[stage].get("deps"))

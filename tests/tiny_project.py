@@ -33,7 +33,9 @@ TINY_OVERRIDES = {
     "dpo": {"max_steps": 4, "batch_size": 4, "save_steps": 2},
     # 8 items per benchmark cannot certify the default budgets; the tiny project's gate is
     # lenient (a random model has nothing to forget) and keeps every check's code path.
-    "evaluate": {"limit": 8, "batch_size": 8, "drift": {"n_texts": 16}},
+    "evaluate": {"limit": 8, "batch_size": 8, "drift": {"n_texts": 16}, "dev": {"drift": {"n_texts": 16}}},
+    # Two points keep the sweep's code path (dev scoring, the choice, the saved interpolation).
+    "export": {"interpolation": {"alphas": [1.0, 0.5]}},
     "gate": {"min_domain_gain": -1.0, "max_forgetting": {"default": 1.0}, "production_margin": None,
              "max_kl": 50.0, "max_perplexity_ratio": 50.0, "min_drift_texts": 8},
     "tracking": {"wandb": "offline"},
