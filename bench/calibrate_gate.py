@@ -61,7 +61,8 @@ def judge_aa(mc_a: dict, mc_b: dict, roles: dict, drift: list[dict], gate, seeds
     out = {"runs": 0, "rejections": 0, "rejected_checks": [], "gain_failures": 0, "underpowered": 0}
     for seed in range(seeds):
         for test in ("bootstrap", "mcnemar"):
-            cfg = gate.model_copy(update={"seed": seed, "test": test})
+            # The A/A records hold benchmark items only (no held-out preference pairs).
+            cfg = gate.model_copy(update={"seed": seed, "test": test, "alignment_margin": None})
             verdict = decide(record, dict(samples, drift=drift), cfg)
             out["runs"] += 1
             # Rejections by noise; a check refused because its n cannot certify the budget is a

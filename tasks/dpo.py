@@ -11,6 +11,12 @@ data, reference model = base + SFT, tokenizer, max lengths, precision): no refer
 any epoch, and none at all in a later run with the same inputs (LoRA and full alike). ``beta``, ``loss_type``, ``max_length`` and
 ``max_prompt_length`` come from the ``dpo`` params (long prompts keep their end).
 
+``dpo.heldout_share`` holds out whole prompts' pairs, never trained on: after training the base,
+the SFT model and the DPO policy are scored on them (``metrics/dpo.json`` ``heldout``), and the
+pairs with every model's log-probs go to ``--out/heldout.jsonl`` (:mod:`tempering.preference`; the
+scoring settings in ``meta.json`` ``heldout``), where ``evaluate`` scores the exported candidate
+on them for the gate's ``alignment`` check. No pairs held out: no file, and ``meta.json`` says why.
+
 ``dpo.eval_share`` holds out pairs for an eval loss (the DPO loss, against the same reference) at
 every checkpoint, and ``dpo.early_stopping_patience`` stops on it, keeping the best checkpoint.
 
@@ -21,7 +27,8 @@ atomically with ``meta.json``; metrics (loss, rewards/accuracies, margins, speed
 Optional, as cpt is: with ``dpo.enabled: false``, or with no preference rows to train on (none
 given, or all quarantined), the SFT model passes through: ``--out`` gets a ``pointer.json``
 (``{"model": "<sft, relative to --out>"}``) and ``meta.json``, no weights, and ``--metrics`` a
-``note`` saying why. Export then merges the SFT model alone.
+``note`` saying why (no held-out file: the candidate makes no alignment claim). Export then
+merges the SFT model alone.
 """
 
 from __future__ import annotations
@@ -33,7 +40,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from tempering import TemperingError
+from tempering import TemperingError, preference
 from tempering.cli import stage_main
 from tempering.config import Params
 from tempering.io import (POINTER_FILE, atomic_path, content_id, hash_path, read_jsonl, resolve_model_dir,
@@ -45,6 +52,8 @@ PARAMS = ("dpo", "tracking", "train")
 
 NOTE_DISABLED = "dpo.enabled is false: the SFT model passed through untrained"
 NOTE_NO_DATA = "no preference rows to train on ({data}): the SFT model passed through untrained"
+NOTE_NO_HELDOUT = "dpo.heldout_share is {share}: no preference pairs were held out"
+NOTE_ONE_PROMPT = "no preference pairs could be held out: the {pairs} pairs share too few prompts (one stays for training)"
 
 
 def _policy_base(base_dir: Path, sft: Path, method: str, precision):
@@ -91,44 +100,13 @@ def heldout_split(rows: list[dict], share: float, seed: int) -> tuple[list[dict]
     return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
 
 
-def _completion_logps(model, tokenizer, rows: list[dict], cfg, precision) -> list[tuple[float, float]]:
-    """Summed log p(chosen | prompt) and log p(rejected | prompt) per pair, tokenized and truncated
-    exactly as DPO trains (``tokenize_preference`` + ``dpo_truncate``), under the run's autocast."""
-    import contextlib
-
-    import torch
-
-    from tempering import backend
-
-    device = next(model.parameters()).device
-    amp = precision.autocast_dtype
-    out = []
-    model.eval()
-    for row in rows:
-        enc = backend.dpo_truncate(backend.tokenize_preference(tokenizer, row["prompt"], row["chosen"], row["rejected"]),
-                                   cfg.max_length, cfg.max_prompt_length)
-        pair = []
-        for side in ("chosen_ids", "rejected_ids"):
-            completion = enc[side][: max(1, cfg.max_length - len(enc["prompt_ids"]))]
-            ids = torch.tensor([enc["prompt_ids"] + completion], device=device)
-            ctx = torch.autocast(device_type=device.type, dtype=amp) if amp else contextlib.nullcontext()
-            with torch.no_grad(), ctx:
-                logits = model(input_ids=ids).logits[0, :-1].float()
-            logp = torch.log_softmax(logits, -1).gather(-1, ids[0, 1:, None])[:, 0]
-            pair.append(float(logp[len(enc["prompt_ids"]) - 1:].sum()))
-        out.append((pair[0], pair[1]))
-    return out
-
-
 def heldout_report(scores: dict[str, list[tuple[float, float]]], beta: float, *, seed: int) -> dict:
     """Preference accuracy (the model puts more probability on chosen than on rejected; a tie
     counts half) and mean margin per model, DPO's implicit reward against the SFT reference, and
     the paired differences with 95% bootstrap intervals over pairs."""
     from tempering import stats
 
-    def acc(m: float) -> float:
-        return 1.0 if m > 0 else 0.5 if m == 0 else 0.0
-
+    acc = stats.preference_accuracy
     margins = {k: [c - r for c, r in v] for k, v in scores.items()}
     n = len(next(iter(margins.values())))
     report = {"pairs": n,
@@ -149,20 +127,26 @@ def heldout_report(scores: dict[str, list[tuple[float, float]]], beta: float, *,
     return report
 
 
-def _score_heldout(policy, tokenizer, heldout: list[dict], cfg, precision, base_dir: Path, sft_dir: Path) -> dict:
-    """The held-out pairs through the DPO model, the SFT model (its reference) and the base."""
-    from tempering import backend
+def _score_heldout(policy, tokenizer, heldout: list[dict], cfg, precision, base_dir: Path,
+                   sft_dir: Path) -> tuple[dict, dict[str, list[tuple[float, float]]]]:
+    """The held-out pairs through the DPO model, the SFT model (its reference) and the base:
+    (the aggregate report, each model's per-pair log-probs)."""
+    from tempering import backend, preference
 
-    scores = {"dpo": _completion_logps(policy, tokenizer, heldout, cfg, precision)}
+    def logps(model):
+        return preference.completion_logps(model, tokenizer, heldout, max_length=cfg.max_length,
+                                           max_prompt_length=cfg.max_prompt_length, precision=precision)
+
+    scores = {"dpo": logps(policy)}
     if hasattr(policy, "disable_adapter") and cfg.adapter.method != "full":
         with policy.disable_adapter():  # LoRA: the reference is the policy without its adapter
-            scores["sft"] = _completion_logps(policy, tokenizer, heldout, cfg, precision)
+            scores["sft"] = logps(policy)
     else:
-        scores["sft"] = _completion_logps(backend.load_merged(base_dir, [sft_dir]), tokenizer, heldout, cfg, precision)
-    scores["base"] = _completion_logps(backend.load_merged(base_dir, []), tokenizer, heldout, cfg, precision)
+        scores["sft"] = logps(backend.load_merged(base_dir, [sft_dir]))
+    scores["base"] = logps(backend.load_merged(base_dir, []))
     report = heldout_report(scores, cfg.beta, seed=cfg.seed)
     report["prompts"] = len({_prompt_key(r) for r in heldout})
-    return report
+    return report, scores
 
 
 def _pass_through(params: Params, sft: str, out: str, checkpoints: str, metrics: str, started: float,
@@ -255,7 +239,20 @@ def run(params: Params, base: str, sft: str, data: str, out: str, checkpoints: s
     summary = backend.train(trainer, resume, before)
     backend.save_trained(trainer, tokenizer, out)
     if heldout:
-        summary["heldout"] = _score_heldout(trainer.model, tokenizer, heldout, cfg, precision, base_dir, sft_dir)
+        summary["heldout"], scores = _score_heldout(trainer.model, tokenizer, heldout, cfg, precision, base_dir,
+                                                    sft_dir)
+        # Per pair, for the gate's alignment check: evaluate scores the exported candidate on the
+        # same pairs with these very settings and pairs its margins with the SFT model's.
+        preference.write_heldout(out, preference.heldout_rows(heldout, scores, tokenizer, max_length=cfg.max_length,
+                                                              max_prompt_length=cfg.max_prompt_length))
+        heldout_meta = {"file": preference.HELDOUT_FILE, "pairs": len(heldout),
+                        "prompts": summary["heldout"]["prompts"],
+                        "scoring": {"max_length": cfg.max_length, "max_prompt_length": cfg.max_prompt_length,
+                                    "precision": precision.name, "tokenizer": backend.tokenizer_hash(out),
+                                    "version": preference.SCORING_VERSION}}
+    else:
+        heldout_meta = {"file": None, "pairs": 0, "reason": NOTE_NO_HELDOUT.format(share=cfg.heldout_share) if
+                        cfg.heldout_share <= 0 else NOTE_ONE_PROMPT.format(pairs=len(rows))}
 
     summary.update({"enabled": True, "trained": True, "precision": precision.name, "device": precision.device,
                     "threads": threads, "pairs": len(dataset) + len(heldout), "train_pairs": len(train_set),
@@ -267,7 +264,8 @@ def run(params: Params, base: str, sft: str, data: str, out: str, checkpoints: s
     write_meta(out, stage="dpo", params=cfg,
                inputs={"base": base_hash, "sft": sft_hash, "data": data_hash}, started=started,
                extra={"enabled": True, "trained": True, "base_model": str(base), "sft": str(sft), "train": summary,
-                      "loss_curve": curve, "eval_loss_curve": eval_curve, "fingerprint": fp})
+                      "loss_curve": curve, "eval_loss_curve": eval_curve, "fingerprint": fp,
+                      "heldout": heldout_meta})
     write_json(metrics, summary)
     keys = ("steps", "train_loss_first", "train_loss_last", "rewards_accuracies_last",
             "rewards_margins_last", "tokens_per_s", "s_per_step", "weights_changed", "resumed_from")

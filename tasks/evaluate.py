@@ -2,7 +2,7 @@
 and the drift texts the gate's label-free checks read.
 
     python -m tasks.evaluate --model models/export --base models/base --registry registry \
-        --champion eval/champion.json --samples eval/samples --metrics metrics/evaluate.json
+        --champion eval/champion.json --dpo models/dpo --samples eval/samples --metrics metrics/evaluate.json
 
 Each benchmark of ``evaluate.benchmarks`` becomes a local lm-eval YAML task (``dataset_path:
 json``, ``output_type: multiple_choice``, acc and acc_norm) run by ``lm_eval.simple_evaluate``,
@@ -24,6 +24,14 @@ when it is promoted, and reused while they were scored the way this run scores.
 The drift texts (``evaluate.drift``) are read by candidate and base together: per text, the
 summed KL(candidate || base) and each model's negative log-likelihood (``--samples/drift.jsonl``).
 
+The held-out preference pairs (``--dpo``, the dpo stage's ``heldout.jsonl``: whole prompts DPO
+never trained on, with the base's, SFT model's and DPO policy's log-probs) are scored with the
+candidate by :func:`tempering.preference.completion_logps`, tokenized, truncated and autocast as
+the dpo stage scored them (its ``meta.json`` ``heldout.scoring``); per pair, the candidate's
+margin beside the SFT model's goes to ``--samples/alignment.jsonl`` for the gate's ``alignment``
+check, and the record's ``alignment`` says how many pairs, or why there are none (DPO did not
+train: not applicable; it trained but held nothing out: a problem the gate refuses on).
+
 Writes ``--metrics`` (per benchmark: role, n, each model's acc/acc_norm and the candidate's delta;
 the configured list; drift point values; a DVC metric) and ``--samples/<model>/<benchmark>.jsonl``
 (per-item correctness, for the gate's paired statistics), both atomically.
@@ -41,10 +49,10 @@ from tempering import TemperingError
 from tempering.benchmarks import drift_texts, hellaswag_preprocess, load_items  # noqa: F401 (re-exported)
 from tempering.cli import stage_main
 from tempering.config import EvaluateParams, Params
-from tempering.io import (atomic_path, content_id, dump_jsonl, hash_path, read_json, read_jsonl,
+from tempering.io import (POINTER_FILE, atomic_path, content_id, dump_jsonl, hash_path, read_json, read_jsonl,
                           resolve_model_dir, write_json, write_meta)
 # The scoring library (tempering/scorecard.py); re-exported names keep `tasks.evaluate.<name>` working.
-from tempering.scorecard import (SCORING_VERSION, TASK_PREFIX, TASK_VERSION, _amp_dtype,  # noqa: F401
+from tempering.scorecard import (SCORING_VERSION, TASK_PREFIX, TASK_VERSION, _amp_dtype, _device,  # noqa: F401
                                  bundle, drift_records, drift_summary, generations, load_model,
                                  multiple_choice, planned_limits, run_lm_eval, score_all, scoring_lm,
                                  task_config)
@@ -191,11 +199,130 @@ def stored_production_scores(registry: str, name: str, version: str, key: dict) 
     return None
 
 
+# ----------------------------------------------------------------------------- alignment
+
+
+ALIGNMENT_FILE = "alignment.jsonl"
+
+
+def alignment_source(dpo: str | None) -> dict:
+    """What the dpo stage (``--dpo``) left for the gate's alignment check.
+
+    ``{"applicable": False, "reason"}`` when DPO did not train (a pass-through pointer: the
+    candidate makes no alignment claim); ``{"applicable": True, "problem"}`` when it trained but
+    left no held-out pairs, or when ``--dpo`` was not given (nothing says DPO did not train);
+    else ``{"applicable": True, "path", "scoring", "pairs"}``."""
+    if not dpo:
+        return {"applicable": True, "problem": "evaluate was run without --dpo: no held-out preference pairs"}
+    folder = Path(dpo)
+    if not folder.is_dir():
+        raise TemperingError(f"{folder}: DPO output not found (--dpo; run the dpo stage)")
+    meta = read_json(folder / "meta.json") if (folder / "meta.json").exists() else {}
+    if (folder / POINTER_FILE).exists() or meta.get("trained") is False:
+        return {"applicable": False, "reason": str(meta.get("note") or "the dpo stage passed the SFT model through "
+                                                                      "untrained")}
+    held = meta.get("heldout") or {}
+    if not held.get("file"):
+        return {"applicable": True, "problem": str(held.get("reason") or f"{folder}: no held-out preference pairs "
+                                                                          "(a dpo output from before the alignment check?)")}
+    path = folder / held["file"]
+    if not path.is_file():
+        raise TemperingError(f"{path}: held-out pairs named by {folder / 'meta.json'} not found (re-run the dpo stage)")
+    scoring = held.get("scoring") or {}
+    for key in ("max_length", "max_prompt_length", "precision"):
+        if scoring.get(key) in (None, ""):
+            raise TemperingError(f"{folder / 'meta.json'}: field heldout.scoring.{key}: missing")
+    return {"applicable": True, "path": path, "scoring": scoring, "pairs": int(held.get("pairs") or 0)}
+
+
+def alignment_scores(cand_dir: Path, rows: list[dict], scoring: dict) -> list[dict]:
+    """The candidate's log-probs on the held-out pairs, scored as the dpo stage scored the SFT
+    model: :func:`tempering.preference.completion_logps` at the dpo stage's lengths and autocast
+    precision; each row's token hash says whether the candidate's tokenizer encoded it alike."""
+    from tempering import backend, preference
+
+    model, tok = load_model(cand_dir)
+    precision = backend.Precision(str(scoring["precision"]), _device(), "as the dpo stage scored the held-out pairs")
+    lengths = {"max_length": int(scoring["max_length"]), "max_prompt_length": int(scoring["max_prompt_length"])}
+    logps = preference.completion_logps(model, tok, rows, precision=precision, **lengths)
+    del model
+    return [{"id": row["id"], "chosen": c, "rejected": r,
+             "tokens": preference.tokens_id(preference.encode_pair(tok, row, **lengths))}
+            for row, (c, r) in zip(rows, logps)]
+
+
+def cached_alignment(cand_dir: Path, cand_hash: str, source: dict, cfg: EvaluateParams) -> tuple[list[dict], str]:
+    """:func:`alignment_scores`, cached by the candidate, the held-out file and the scoring."""
+    from importlib.metadata import version
+
+    from tempering import preference
+
+    key = {"model": cand_hash, "pairs": hash_path(source["path"]), "scoring": source["scoring"],
+           "version": preference.SCORING_VERSION, "device": _device(),
+           "versions": {p: version(p) for p in ("torch", "transformers")}}
+    path = _cache_file(cfg, key, "alignment")
+    cached = _read_cached(path, key)
+    if cached is not None:
+        return cached, "hit"
+    scores = alignment_scores(cand_dir, preference.read_heldout(source["path"]), source["scoring"])
+    write_json(path, {"key": key, "value": scores})
+    return scores, "miss"
+
+
+def alignment_records(heldout: list[dict], scores: list[dict]) -> list[dict]:
+    """Per pair, joined by pair id: the candidate's log-probs and margin beside the SFT model's
+    (and the base's and DPO policy's) margins from the dpo stage, and whether the pair's tokens
+    matched."""
+    from tempering.preference import margin
+
+    by_id = {s["id"]: s for s in scores}
+    out = []
+    for row in heldout:
+        cand = by_id.get(row["id"])
+        if cand is None:
+            raise TemperingError(f"held-out pair {row['id']}: no candidate score (stale alignment cache?)")
+        rec = {"id": row["id"], "source": row.get("source"),
+               "candidate": {"chosen": cand["chosen"], "rejected": cand["rejected"]},
+               "candidate_margin": margin(cand), "tokens_match": cand["tokens"] == row["tokens"]}
+        for who, lp in row["logp"].items():
+            rec[f"{who}_margin"] = margin(lp)
+        out.append(rec)
+    return out
+
+
+def alignment_summary(source: dict, records: list[dict] | None, cache: str | None = None) -> dict:
+    """The metrics record's ``alignment``: applicability, or the pairs' accuracies and margins
+    (the gate computes the paired test)."""
+    from tempering import stats
+
+    if not source["applicable"]:
+        return {"applicable": False, "reason": source["reason"]}
+    if records is None:
+        return {"applicable": True, "pairs": 0, "problem": source["problem"]}
+    n = len(records)
+    out: dict = {"applicable": True, "pairs": n, "file": ALIGNMENT_FILE, "scoring": source["scoring"],
+                 "cache": cache, "problem": None}
+    if not n:
+        out["problem"] = f"{source['path']}: no held-out pairs in the file"
+        return out
+    whos = [w for w in ("candidate", "sft", "dpo", "base") if all(f"{w}_margin" in r for r in records)]
+    out["accuracy"] = {w: sum(stats.preference_accuracy(r[f"{w}_margin"]) for r in records) / n for w in whos}
+    out["margin"] = {w: sum(r[f"{w}_margin"] for r in records) / n for w in whos}
+    if "dpo" in whos:  # the candidate is the exported policy: how far export moved it from DPO's
+        out["max_abs_margin_vs_dpo"] = max(abs(r["candidate_margin"] - r["dpo_margin"]) for r in records)
+    bad = [r["id"] for r in records if not r["tokens_match"]]
+    if bad:
+        out["problem"] = (f"{len(bad)} of {n} held-out pairs tokenize differently under the candidate's tokenizer "
+                          f"than when the SFT margins were scored (first: {bad[0]}): the margins do not pair")
+    return out
+
+
 # ----------------------------------------------------------------------------- the stage
 
 
 def run(params: Params, model: str, base: str, samples: str, metrics: str, registry: str | None = None,
-        registry_name: str = "tempering-model", alias: str = "production", champion: str | None = None) -> dict:
+        registry_name: str = "tempering-model", alias: str = "production", champion: str | None = None,
+        dpo: str | None = None) -> dict:
     from tempering import backend
 
     started = time.time()
@@ -236,6 +363,15 @@ def run(params: Params, model: str, base: str, samples: str, metrics: str, regis
     t0 = time.time()
     drift, drift_hit = cached_drift(cand_dir, base_dir, cfg, {"candidate": cand_key, "base": base_key})
     timings["drift"] = round(time.time() - t0, 2)
+    t0 = time.time()
+    align_source = alignment_source(dpo)
+    align_rows, align_hit = None, None
+    if align_source["applicable"] and "path" in align_source:
+        from tempering.preference import read_heldout
+
+        cand_align, align_hit = cached_alignment(cand_dir, cand_hash, align_source, cfg)
+        align_rows = alignment_records(read_heldout(align_source["path"]), cand_align)
+    timings["alignment"] = round(time.time() - t0, 2)
 
     benchmarks = {}
     for name, spec in info["specs"].items():
@@ -271,14 +407,19 @@ def run(params: Params, model: str, base: str, samples: str, metrics: str, regis
         if drift:
             with open(tmp / "drift.jsonl", "w", encoding="utf-8") as fh:
                 dump_jsonl(drift, fh)
+        if align_rows is not None:
+            with open(tmp / ALIGNMENT_FILE, "w", encoding="utf-8") as fh:
+                dump_jsonl(align_rows, fh)
         write_json(tmp / "bundle.json", {k: v for k, v in info.items() if k != "specs"})
     configured = [{"name": s.name, "role": s.role, "required": s.required} for s in cfg.benchmarks]
     result = {"bundle_hash": info["hash"], "limit": cfg.limit, "models": models, "benchmarks": benchmarks,
               "configured": configured, "skipped": info["skipped"], "generations": gens,
               "drift": dict(drift_summary(drift), cache=drift_hit) if drift else {"texts": 0, "cache": drift_hit},
+              "alignment": alignment_summary(align_source, align_rows, align_hit),
               "timings_s": timings, "wall_time_s": round(time.time() - started, 2)}
     write_meta(samples, stage="evaluate", params=cfg, started=started,
-               inputs={"candidate": cand_hash, "base": base_hash, "bundle": info["hash"]})
+               inputs={"candidate": cand_hash, "base": base_hash, "bundle": info["hash"],
+                       **({"heldout": hash_path(align_source["path"])} if "path" in align_source else {})})
     write_json(metrics, result)
     return {name: {"role": b["role"], "base": b["base"]["acc"], "candidate": b["candidate"]["acc"],
                    **({"production": b["production"]["acc"]} if "production" in b else {})}
@@ -296,6 +437,8 @@ def _args(parser: argparse.ArgumentParser) -> None:
                         help="the champion stage's file (eval/champion.json): score the version it names")
     parser.add_argument("--samples", default="eval/samples", help="per-item results folder")
     parser.add_argument("--metrics", default="metrics/evaluate.json")
+    parser.add_argument("--dpo", default=None,
+                        help="the dpo stage's output (models/dpo): score the candidate on its held-out pairs")
 
 
 def main(argv=None) -> int:

@@ -20,8 +20,14 @@ only when the data *certify* it (one-sided tests in :mod:`tempering.stats`, ``ga
   ``max_kl``; of the perplexity ratio, at most ``max_perplexity_ratio``.
 - **champion**, every benchmark, when a production model was scored: non-inferior to production
   within ``production_margin`` (the lower end of (candidate - production) at least ``-margin``).
+- **alignment**, on the dpo stage's held-out preference pairs (whole prompts never trained on),
+  when ``alignment_margin`` is set: the exported candidate's preference accuracy is non-inferior
+  to the SFT model's (the lower end of (candidate - SFT), paired by pair, a tie counting half, at
+  least ``-margin``), and the pairs are enough to certify that margin at ``power`` (else refused as
+  underpowered). When DPO did not train (disabled, no preference rows) the candidate makes no
+  alignment claim: the check is listed as not applicable, with the reason.
 
-Each family (forgetting + drift; gain; champion) is corrected for multiplicity (``holm`` by
+Each family (forgetting + drift; gain; champion; alignment) is corrected for multiplicity (``holm`` by
 default, or ``bh``). Missing, skipped, empty, NaN or unpaired evidence fails its check with a
 reason; a benchmark marked ``required: false`` that was not scored is listed as not checked.
 """
@@ -44,19 +50,21 @@ PARAMS = ("gate",)
 
 EPS = 1e-12
 DRIFT_FILE = "drift.jsonl"
+ALIGNMENT_FILE = "alignment.jsonl"   # evaluate's per-pair held-out preference results
+ALIGNMENT_NAME = "heldout_pairs"     # the alignment check's "benchmark" in reports
 
 # Which family a check belongs to (multiplicity is controlled within each).
 FAMILY = {"forgetting": "no-forgetting", "kl": "no-forgetting", "perplexity": "no-forgetting",
-          "gain": "gain", "champion": "champion"}
+          "gain": "gain", "champion": "champion", "alignment": "alignment"}
 
 
 @dataclass(frozen=True)
 class Check:
     benchmark: str
-    kind: str                  # gain | forgetting | kl | perplexity | champion
+    kind: str                  # gain | forgetting | kl | perplexity | champion | alignment
     threshold: float           # min gain, budget / margin (as a positive drop), or upper limit
     candidate: float | None
-    reference: float | None    # the base's (gain, forgetting, drift) or production's (champion)
+    reference: float | None    # the base's (gain, forgetting, drift), production's (champion), SFT's (alignment)
     delta: float | None        # candidate - reference (accuracy), or the drift statistic
     ci: tuple[float, float] | None
     n: int
@@ -184,7 +192,13 @@ def _accuracy_check(name, kind, who, threshold, b, samples, cfg, salt, fam_size)
     if problem:
         pend.problem = problem
         return pend
-    xs, ys = xs_ys
+    return _paired_test(pend, *xs_ys, cfg, salt, fam_size)
+
+
+def _paired_test(pend: _Pending, xs: list[float], ys: list[float], cfg, salt, fam_size) -> _Pending:
+    """The paired one-sided test of (candidate - reference) against the check's bound, with the
+    power figures; non-inferiority checks that must be certifiable by design get ``powered``."""
+    kind, threshold = pend.kind, pend.threshold
     n = len(xs)
     pend.n = n
     pend.candidate, pend.reference = sum(xs) / n, sum(ys) / n
@@ -198,12 +212,66 @@ def _accuracy_check(name, kind, who, threshold, b, samples, cfg, salt, fam_size)
     alpha = planning_alpha(cfg, fam_size)
     pend.mde = stats.min_detectable(n, cfg.planning_discordance, alpha, cfg.power)
     pend.mde_observed = stats.min_detectable(n, pend.discordance, alpha, cfg.power)
-    if kind == "forgetting":
-        # A forgetting budget must be certifiable by design: n too small for it is a refusal. A
-        # champion check is judged by its interval alone (reported with its mde): on a small set
-        # it certifies only when candidate and production rarely disagree.
+    if kind in ("forgetting", "alignment"):
+        # A forgetting budget (an alignment margin) must be certifiable by design: n too small for
+        # it is a refusal. A champion check is judged by its interval alone (reported with its
+        # mde): on a small set it certifies only when candidate and production rarely disagree.
         pend.powered = pend.mde <= threshold + EPS
     return pend
+
+
+def _alignment_check(info, rows: list[dict] | None, cfg: GateParams, salt: int) -> tuple[_Pending | None, str | None]:
+    """(the alignment check, or None; a "Not checked" line, or None). ``info`` is the evaluation
+    record's ``alignment``; ``rows`` evaluate's per-pair results (candidate and SFT margins)."""
+    name = ALIGNMENT_NAME
+    if isinstance(info, dict) and info.get("applicable") is False:
+        return None, (f"{name} (alignment): not applicable: {info.get('reason') or 'DPO did not train'}; "
+                      "the candidate makes no alignment claim")
+    if cfg.alignment_margin is None:
+        if isinstance(info, dict) and info.get("pairs"):
+            return None, (f"{name} (alignment): {info['pairs']} held-out preference pairs measured, not checked "
+                          "(gate.alignment_margin is null)")
+        return None, None
+    pend = _Pending(name, "alignment", cfg.alignment_margin)
+    if not isinstance(info, dict):
+        pend.problem = ("the evaluation record has no held-out preference evidence (evaluate ran before the "
+                        "alignment check existed?)")
+        return pend, None
+    pend.n = int(info.get("pairs") or 0)
+    if info.get("problem"):
+        pend.problem = str(info["problem"])
+        return pend, None
+    if rows is None:
+        pend.problem = f"the per-pair results (eval/samples/{ALIGNMENT_FILE}) are missing"
+        return pend, None
+    if not rows:
+        pend.problem = f"no held-out pairs were scored (eval/samples/{ALIGNMENT_FILE} is empty)"
+        return pend, None
+    ids = [r.get("id") for r in rows]
+    if None in ids or len(set(ids)) != len(ids):
+        pend.problem = "the held-out pairs' ids are missing or repeated"
+        return pend, None
+    xs, ys = [], []
+    for r in rows:
+        try:
+            m_c, m_s = float(r["candidate_margin"]), float(r["sft_margin"])
+        except (KeyError, TypeError, ValueError) as exc:
+            field_name = exc.args[0] if isinstance(exc, KeyError) else "a margin"
+            pend.problem = f"held-out pair {r.get('id')} has no usable {field_name}"
+            return pend, None
+        if not (math.isfinite(m_c) and math.isfinite(m_s)):
+            pend.problem = f"held-out pair {r.get('id')}: a margin is not finite ({m_c}, {m_s})"
+            return pend, None
+        if r.get("tokens_match") is False:
+            pend.problem = (f"held-out pair {r.get('id')}: the candidate's tokens differ from those the SFT "
+                            "margin was scored on, so the margins do not pair")
+            return pend, None
+        xs.append(stats.preference_accuracy(m_c))
+        ys.append(stats.preference_accuracy(m_s))
+    if pend.n != len(rows):
+        pend.problem = f"the record says {pend.n} held-out pairs but {len(rows)} were scored"
+        return pend, None
+    return _paired_test(pend, xs, ys, cfg, salt, 1), None
 
 
 def _drift_checks(rows: list[dict] | None, cfg: GateParams, salt: int) -> list[_Pending]:
@@ -270,7 +338,7 @@ def _reason(p: _Pending, passed: bool, adj: float | None, alpha: float, cfg: Gat
                     f"{p.threshold:.3f} on its own, but not after {cfg.multiplicity} correction: cannot certify it ({test})")
         return (f"{where}: {what} {p.delta:.3f} {unit}, interval up to {hi:.3f}: cannot certify the limit "
                 f"{p.threshold:.3f} ({test})")
-    ref = "production" if p.kind == "champion" else "base"
+    ref = {"champion": "production", "alignment": "SFT"}.get(p.kind, "base")
     scores = f"candidate {p.candidate:.3f} vs {ref} {p.reference:.3f}, n {p.n}"
     lo = p.ci[0]
     if p.kind == "gain":
@@ -283,7 +351,8 @@ def _reason(p: _Pending, passed: bool, adj: float | None, alpha: float, cfg: Gat
                 f"not certified ({scores}; {test})")
     margin = f"{'budget' if p.kind == 'forgetting' else 'margin'} {p.threshold:.3f}"
     if p.powered is False:
-        return (f"{p.benchmark}: {p.n} items can certify drops of {p.mde:.2f} or more; {margin} "
+        units = "held-out pairs" if p.kind == "alignment" else "items"
+        return (f"{p.benchmark}: {p.n} {units} can certify drops of {p.mde:.2f} or more; {margin} "
                 f"({p.kind}: underpowered at power {cfg.power:.0%}, discordance {cfg.planning_discordance:.2f} assumed; "
                 f"{scores})")
     if passed:
@@ -351,6 +420,11 @@ def decide(evaluation: dict, samples: dict | None, cfg: GateParams) -> Verdict:
             pending.append(_accuracy_check(name, "champion", "production", cfg.production_margin, b, samples, cfg,
                                            1000 * i + 500, sizes["champion"]))
     pending += _drift_checks(samples.get("drift"), cfg, salt=7919)
+    alignment, line = _alignment_check(evaluation.get("alignment"), samples.get("alignment"), cfg, salt=104729)
+    if alignment is not None:
+        pending.append(alignment)
+    if line:
+        not_checked.append(line)
 
     # Multiplicity within each family, over the checks that produced a p-value.
     alpha = stats.one_sided_alpha(cfg.confidence)
@@ -390,6 +464,17 @@ def certifies(checks: list[Check], evaluation: dict, cfg: GateParams) -> list[st
         out.append("Forgetting is certified per benchmark, on its items only: " + "; ".join(
             f"{c.benchmark}: {c.n} items can certify drops of {c.mde:.2f} or more (budget {c.threshold:.2f})"
             for c in forgetting) + ".")
+    alignment = [c for c in checks if c.kind == "alignment" and c.mde is not None]
+    if alignment:
+        a = alignment[0]
+        out.append(f"Alignment is certified on the {a.n} held-out preference pairs only (whole prompts DPO never "
+                   f"trained on, drawn from the same preference data): they can certify drops in preference "
+                   f"accuracy vs the SFT model of {a.mde:.2f} or more (margin {a.threshold:.2f}). Preference "
+                   "accuracy says which given answer the candidate finds likelier, not what it generates.")
+    info = evaluation.get("alignment")
+    if isinstance(info, dict) and info.get("applicable") is False:
+        out.append("No alignment claim is checked: DPO did not train, so the candidate claims nothing beyond what "
+                   "SFT taught it about preferences.")
     drift = [c for c in checks if c.kind in ("kl", "perplexity") and c.ci]
     if drift:
         out.append(f"Drift is certified on the fixed general text set ({drift[0].n} texts): a distribution shift "
@@ -407,7 +492,8 @@ def certifies(checks: list[Check], evaluation: dict, cfg: GateParams) -> list[st
 
 def load_samples(folder: str | Path) -> dict:
     """``eval/samples/<model>/<benchmark>.jsonl`` -> {model: {benchmark: rows}}; plus
-    ``eval/samples/drift.jsonl`` -> {"drift": rows} when present."""
+    ``eval/samples/drift.jsonl`` -> {"drift": rows} and ``eval/samples/alignment.jsonl`` ->
+    {"alignment": rows} when present."""
     folder = Path(folder)
     if not folder.is_dir():
         raise TemperingError(f"{folder}: per-item results not found (run the evaluate stage)")
@@ -416,6 +502,8 @@ def load_samples(folder: str | Path) -> dict:
         out[sub.name] = {f.stem: read_jsonl(f) for f in sorted(sub.glob("*.jsonl"))}
     if (folder / DRIFT_FILE).is_file():
         out["drift"] = read_jsonl(folder / DRIFT_FILE)
+    if (folder / ALIGNMENT_FILE).is_file():
+        out["alignment"] = read_jsonl(folder / ALIGNMENT_FILE)
     return out
 
 

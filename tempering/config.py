@@ -470,6 +470,12 @@ class GateParams(_Section):
     # production model within this margin (lower end of (candidate - production) >= -margin).
     # null = no comparison.
     production_margin: float | None = Field(0.05, gt=0.0, le=1.0)
+    # Alignment: on the dpo stage's held-out preference pairs, the candidate's preference accuracy
+    # must be non-inferior to the SFT model's within this margin (lower end of (candidate - SFT)
+    # >= -margin, paired by pair; a tie counts half), with enough pairs to certify it at `power`.
+    # Not applicable when DPO did not train. null = not checked (the default here, so a gate
+    # configured without it judges what it did before; params.yaml sets it).
+    alignment_margin: float | None = Field(None, gt=0.0, le=1.0)
     # Label-free drift limits on the fixed general text set (evaluate.drift): the UPPER end of
     # the interval (bootstrap over texts) of the mean per-token KL(candidate || base), and of the
     # candidate / base perplexity ratio, must be at most these. null = not checked.

@@ -364,7 +364,7 @@ def svg_benchmark_bars(rows: list[dict], metric: str, *, width: int = 720, heigh
 
 def _threshold_line(kind: str, threshold: float) -> float:
     """Where a check's threshold sits on the delta axis (forgetting budgets are drops)."""
-    return -threshold if kind in ("forgetting", "champion") else threshold
+    return -threshold if kind in ("forgetting", "champion", "alignment") else threshold
 
 
 def svg_delta_plot(checks: list[dict], *, width: int = 720) -> str:
@@ -699,7 +699,7 @@ def _gate(gate: Loaded) -> Section:
     notes = [r for r in g.get("reasons") or [] if r not in {c.get("reason") for c in checks}]
     if notes:
         body.append('<ul class="notes">' + "".join(f'<li class="fail">{esc(n)}</li>' for n in notes) + "</ul>")
-    accuracy = [c for c in checks if c.get("kind") in ("gain", "forgetting", "champion")]
+    accuracy = [c for c in checks if c.get("kind") in ("gain", "forgetting", "champion", "alignment")]
     if accuracy:
         body.append(svg_delta_plot(accuracy))
         body.append('<p class="meta">Each row: the paired delta (dot) and its interval (bar); dashed: the '

@@ -69,6 +69,12 @@ def planning_alpha(confidence: float, multiplicity: str, family_size: int) -> fl
     return a / max(1, family_size) if multiplicity != "none" else a
 
 
+def preference_accuracy(margin: float) -> float:
+    """One preference pair's accuracy from its margin log p(chosen) - log p(rejected): 1 when the
+    model puts more probability on the chosen answer, 0 when on the rejected one, a tie half."""
+    return 1.0 if margin > 0 else 0.5 if margin == 0 else 0.0
+
+
 def discordance(xs: list[float], ys: list[float]) -> float:
     """Share of items on which the two models disagree (0/1 scores; any difference counts)."""
     if not xs:

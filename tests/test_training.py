@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tempering import TemperingError, backend
+from tempering import TemperingError, backend, stats
 from tempering.config import from_dict
 from tempering.io import resolve_model_dir
 
@@ -175,6 +175,10 @@ def test_dpo_starts_from_the_sft_model_and_learns(sft_done, tiny, data, tmp_path
     assert "rewards_accuracies_last" in m and "rewards_margins_last" in m
     assert _lora_b_nonzero(tmp_path / "dpo")
     assert (tmp_path / "live" / "plots" / "metrics" / "train" / "loss.tsv").exists()
+    # No pairs held out (dpo.heldout_share 0): no per-pair file, and the meta says why.
+    assert not (tmp_path / "dpo" / "heldout.jsonl").exists()
+    assert json.loads((tmp_path / "dpo" / "meta.json").read_text())["heldout"] == {
+        "file": None, "pairs": 0, "reason": "dpo.heldout_share is 0.0: no preference pairs were held out"}
     # ...so check what the reference is: the reference log-probs DPO trained against are the SFT
     # model's own, computed here independently, and not the base model's.
     cache = m["ref_logps_cache"]
@@ -523,6 +527,7 @@ def test_dpo_optional_passes_the_sft_model_through(sft_done, tiny, data, tmp_pat
     meta = json.loads((out / "meta.json").read_text())
     assert meta["stage"] == "dpo" and meta["trained"] is False and meta["note"] == m["note"]
     assert not list(out.glob("*.safetensors")) and not stale.exists()
+    assert not (out / "heldout.jsonl").exists() and "heldout" not in meta  # no alignment claim to check
     # dvc.yaml's plots output still exists, with no points (the stale curve is gone)
     assert (live / "plots" / "metrics" / "train" / "loss.tsv").read_text() == "step\tloss\n"
 
@@ -594,9 +599,11 @@ def test_heldout_report_accuracy_margin_and_paired_interval():
 
 
 def test_dpo_scores_its_heldout_pairs_with_base_sft_and_dpo(sft_done, tiny, data, tmp_path):
-    from tasks.dpo import run
+    from tasks.dpo import heldout_split, run
+    from tempering import preference
 
-    run(make_params(dpo={"heldout_share": 0.25}), base=str(tiny), sft=str(sft_done / "sft"), data=str(data),
+    p = make_params(dpo={"heldout_share": 0.25, "precision": "fp32"})
+    run(p, base=str(tiny), sft=str(sft_done / "sft"), data=str(data),
         out=str(tmp_path / "dpo"), checkpoints=str(tmp_path / "ck"), metrics=str(tmp_path / "dpo.json"))
     m = json.loads((tmp_path / "dpo.json").read_text())
     h = m["heldout"]
@@ -606,3 +613,31 @@ def test_dpo_scores_its_heldout_pairs_with_base_sft_and_dpo(sft_done, tiny, data
     # The SFT model is the DPO reference; its margins differ from the base's (SFT trained).
     assert h["margin"]["sft"] != h["margin"]["base"]
     assert set(h["dpo_vs_sft"]) == {"accuracy_delta", "ci", "p_no_gain", "gain_certified"}
+
+    # The per-pair file (the gate's alignment evidence): the held-out pairs, never trained on,
+    # with each model's log-probs; the aggregates above are computed from exactly these.
+    rows = preference.read_heldout(tmp_path / "dpo" / "heldout.jsonl")
+    _, held = heldout_split([json.loads(x) for x in (data / "preference.jsonl").read_text().splitlines()],
+                            0.25, p.dpo.seed)
+    assert [r["id"] for r in rows] == [r["id"] for r in held]
+    assert [(r["prompt"], r["chosen"], r["rejected"]) for r in rows] == \
+        [(r["prompt"], r["chosen"], r["rejected"]) for r in held]
+    for who in ("base", "sft", "dpo"):
+        margins = [preference.margin(r["logp"][who]) for r in rows]
+        assert h["margin"][who] == pytest.approx(sum(margins) / 3, abs=1e-4)
+        assert h["accuracy"][who] == pytest.approx(sum(map(stats.preference_accuracy, margins)) / 3, abs=1e-4)
+    meta = json.loads((tmp_path / "dpo" / "meta.json").read_text())["heldout"]
+    assert meta["file"] == "heldout.jsonl" and meta["pairs"] == 3 and meta["scoring"]["precision"] == "fp32"
+    assert (meta["scoring"]["max_length"], meta["scoring"]["max_prompt_length"]) == (96, 64)
+    # The SFT log-probs are the SFT model's own, by hand, on DPO's truncated tokens.
+    tok = backend.load_tokenizer(tmp_path / "dpo")
+    sft_model = backend.load_merged(tiny, [sft_done / "sft"])
+    for row in rows:
+        enc = backend.dpo_truncate(backend.tokenize_preference(tok, row["prompt"], row["chosen"], row["rejected"]),
+                                   96, 64)
+        assert row["tokens"] == preference.tokens_id(enc)
+        assert row["logp"]["sft"]["chosen"] == pytest.approx(
+            _completion_logp(sft_model, enc["prompt_ids"], enc["chosen_ids"]), abs=1e-3)
+        assert row["logp"]["sft"]["rejected"] == pytest.approx(
+            _completion_logp(sft_model, enc["prompt_ids"], enc["rejected_ids"]), abs=1e-3)
+    assert any(abs(r["logp"]["dpo"]["chosen"] - r["logp"]["sft"]["chosen"]) > 1e-4 for r in rows)  # DPO moved

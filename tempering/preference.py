@@ -1,0 +1,130 @@
+"""Held-out preference pairs: per-pair log-probs scored exactly as DPO trains, and the per-pair file.
+
+One owner for two stages. The dpo stage scores its held-out pairs (whole prompts never trained on)
+with the base, the SFT model (its reference) and the DPO policy, and writes them with
+:func:`write_heldout` to ``<dpo out>/heldout.jsonl``; ``evaluate`` scores the exported candidate on
+the same pairs with the same function, the same tokenization and truncation
+(``backend.tokenize_preference`` + ``backend.dpo_truncate`` at the dpo stage's lengths) and the
+same autocast precision, all read from that file's ``scoring`` record, so the candidate's margins
+pair with the SFT model's pair by pair. The gate's ``alignment`` check compares them.
+
+A row of the file::
+
+    {"id", "source", "prompt", "chosen", "rejected", "tokens": <hash of the truncated token ids>,
+     "logp": {"base": {"chosen", "rejected"}, "sft": {...}, "dpo": {...}}}
+
+``tokens`` lets a later reader prove it encodes the pair exactly as the dpo stage did (a different
+tokenizer or chat template would score different text: its margins would not pair).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from tempering import TemperingError
+from tempering.io import content_id, read_jsonl, write_jsonl
+
+HELDOUT_FILE = "heldout.jsonl"
+MODELS = ("base", "sft", "dpo")
+# Bumped when what a score means changes (part of evaluate's alignment cache key).
+SCORING_VERSION = 1
+
+
+def encode_pair(tokenizer, row: dict, max_length: int, max_prompt_length: int) -> dict:
+    """``{"prompt_ids", "chosen_ids", "rejected_ids"}`` as DPO trains on the pair: TRL's
+    conversational tokenization, the prompt's last ``max_prompt_length`` tokens, prompt + answer
+    cut to ``max_length``."""
+    from tempering import backend
+
+    return backend.dpo_truncate(backend.tokenize_preference(tokenizer, row["prompt"], row["chosen"], row["rejected"]),
+                                max_length, max_prompt_length)
+
+
+def tokens_id(enc: dict) -> str:
+    """A hash of a pair's truncated token ids (what a score was computed on)."""
+    return content_id([enc["prompt_ids"], enc["chosen_ids"], enc["rejected_ids"]], 16)
+
+
+def completion_logps(model, tokenizer, rows: list[dict], *, max_length: int, max_prompt_length: int,
+                     precision) -> list[tuple[float, float]]:
+    """Summed log p(chosen | prompt) and log p(rejected | prompt) per pair, tokenized and truncated
+    exactly as DPO trains (:func:`encode_pair`), under ``precision``'s autocast (a
+    ``backend.Precision``); float32 log-softmax."""
+    import contextlib
+
+    import torch
+
+    device = next(model.parameters()).device
+    amp = precision.autocast_dtype
+    out = []
+    model.eval()
+    for row in rows:
+        enc = encode_pair(tokenizer, row, max_length, max_prompt_length)
+        pair = []
+        for side in ("chosen_ids", "rejected_ids"):
+            ids = torch.tensor([enc["prompt_ids"] + enc[side]], device=device)
+            ctx = torch.autocast(device_type=device.type, dtype=amp) if amp else contextlib.nullcontext()
+            with torch.no_grad(), ctx:
+                logits = model(input_ids=ids).logits[0, :-1].float()
+            logp = torch.log_softmax(logits, -1).gather(-1, ids[0, 1:, None])[:, 0]
+            pair.append(float(logp[len(enc["prompt_ids"]) - 1:].sum()))
+        out.append((pair[0], pair[1]))
+    return out
+
+
+def pair_id(row: dict, index: int) -> str:
+    """A held-out pair's id: the row's own (a content hash from validate), else its position."""
+    return str(row.get("id") or f"heldout-{index}")
+
+
+def heldout_rows(rows: list[dict], scores: dict[str, list[tuple[float, float]]], tokenizer, *, max_length: int,
+                 max_prompt_length: int) -> list[dict]:
+    """The per-pair records of :data:`HELDOUT_FILE`: each pair, its token hash and every model's
+    log-probs."""
+    out = []
+    for i, row in enumerate(rows):
+        enc = encode_pair(tokenizer, row, max_length, max_prompt_length)
+        out.append({"id": pair_id(row, i), "source": row.get("source"), "prompt": row["prompt"],
+                    "chosen": row["chosen"], "rejected": row["rejected"], "tokens": tokens_id(enc),
+                    "logp": {who: {"chosen": v[i][0], "rejected": v[i][1]} for who, v in scores.items()}})
+    return out
+
+
+def write_heldout(folder: str | Path, rows: list[dict]) -> Path:
+    """Write the per-pair file into ``folder`` atomically."""
+    path = Path(folder) / HELDOUT_FILE
+    write_jsonl(path, rows)
+    return path
+
+
+def read_heldout(path: str | Path) -> list[dict]:
+    """The per-pair file, checked: every row has a unique id, the pair's text and finite log-probs
+    for every model; errors name the file, the line and the field."""
+    path = Path(path)
+    rows = read_jsonl(path)
+    seen: set[str] = set()
+    for line, row in enumerate(rows, 1):
+        where = f"{path}: line {line}"
+        for key in ("id", "prompt", "chosen", "rejected", "tokens", "logp"):
+            if row.get(key) in (None, ""):
+                raise TemperingError(f"{where}: field {key}: missing")
+        if row["id"] in seen:
+            raise TemperingError(f"{where}: field id: {row['id']!r} repeats an earlier pair")
+        seen.add(row["id"])
+        for who in MODELS:
+            for side in ("chosen", "rejected"):
+                value = (row["logp"].get(who) or {}).get(side) if isinstance(row["logp"], dict) else None
+                try:
+                    ok = value is not None and math.isfinite(float(value))
+                except (TypeError, ValueError):
+                    ok = False
+                if not ok:
+                    raise TemperingError(f"{where}: field logp.{who}.{side}: not a finite log-probability "
+                                         f"(got {value!r})")
+    return rows
+
+
+def margin(logp: dict) -> float:
+    """log p(chosen) - log p(rejected)."""
+    return float(logp["chosen"]) - float(logp["rejected"])

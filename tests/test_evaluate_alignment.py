@@ -1,0 +1,170 @@
+"""evaluate scores the exported candidate on the dpo stage's held-out preference pairs (tiny models,
+real sft/dpo stages): the same tokenization, truncation and precision as the SFT margins, per-pair
+rows paired by pair id in eval/samples/alignment.jsonl, a summary in the metrics, and the gate's
+alignment check on top. A candidate DPO never trained is not applicable."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tasks.evaluate import (ALIGNMENT_FILE, alignment_records, alignment_source, alignment_summary, cached_alignment,
+                            run)
+from tasks.gate import decide, load_samples
+from tempering import TemperingError, backend, preference
+from tempering.config import from_dict
+from tempering.io import hash_path
+
+from test_evaluate import DOMAIN, GENERAL, write_bench
+from test_training import make_params, run_sft, write_rows
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread(one_thread):
+    """Tiny models on one thread (see conftest.one_thread)."""
+
+
+def _save(model, tok_dir: Path, out: Path) -> Path:
+    model.save_pretrained(out)
+    backend.load_tokenizer(tok_dir).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """base -> sft -> dpo (3 of 12 pairs held out, fp32), and two candidates merged the way export
+    merges: the DPO policy (base + SFT + DPO) and the SFT model alone."""
+    from tasks.dpo import run as run_dpo
+    from tempering.testing import make_tiny_model
+
+    root = tmp_path_factory.mktemp("align")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(backend.CACHE_ENV, str(root / "cache"))
+        mp.setenv("WANDB_MODE", "disabled")
+        tiny = make_tiny_model(root / "tiny")
+        data = write_rows(root / "clean")
+        run_sft(make_params(), tiny, data, root)
+        run_dpo(make_params(dpo={"heldout_share": 0.25, "precision": "fp32"}), base=str(tiny), sft=str(root / "sft"),
+                data=str(data), out=str(root / "dpo"), checkpoints=str(root / "ck_dpo"),
+                metrics=str(root / "dpo.json"))
+    dpo_candidate = _save(backend.load_merged(tiny, [root / "sft", root / "dpo"]), root / "dpo", root / "cand_dpo")
+    sft_candidate = _save(backend.load_merged(tiny, [root / "sft"]), root / "dpo", root / "cand_sft")
+    return {"root": root, "tiny": tiny, "data": data, "dpo": root / "dpo", "cand_dpo": dpo_candidate,
+            "cand_sft": sft_candidate}
+
+
+def eval_params(root: Path, **gate):
+    return from_dict({
+        "evaluate": {"benchmarks": [
+            {"name": "domain", "path": str(write_bench(root / "domain.jsonl", DOMAIN[:6])), "role": "domain"},
+            {"name": "general", "path": str(write_bench(root / "general.jsonl", GENERAL[:6])), "role": "general"}],
+            "batch_size": 32, "cache_dir": str(root / "eval_cache"), "generation": {"n": 0}, "drift": {"path": None}},
+        "gate": {"max_kl": None, "max_perplexity_ratio": None, **gate}})
+
+
+def _score(trained, candidate: Path, cfg) -> tuple[dict, list[dict], str]:
+    source = alignment_source(str(trained["dpo"]))
+    scores, hit = cached_alignment(candidate, hash_path(candidate), source, cfg)
+    return source, alignment_records(preference.read_heldout(source["path"]), scores), hit
+
+
+def test_evaluate_scores_the_exported_candidate_on_the_heldout_pairs(trained, tmp_path):
+    p = eval_params(tmp_path, alignment_margin=0.05)
+    out = tmp_path / "out"
+    run(p, model=str(trained["cand_dpo"]), base=str(trained["tiny"]), samples=str(out / "samples"),
+        metrics=str(out / "evaluate.json"), dpo=str(trained["dpo"]))
+    record = json.loads((out / "evaluate.json").read_text())
+    a = record["alignment"]
+    held = preference.read_heldout(trained["dpo"] / "heldout.jsonl")
+    assert a["applicable"] is True and a["pairs"] == len(held) == 3 and a["problem"] is None
+    assert a["file"] == ALIGNMENT_FILE and a["cache"] == "miss" and a["scoring"]["precision"] == "fp32"
+    assert set(a["accuracy"]) == {"candidate", "sft", "dpo", "base"}
+    rows = [json.loads(x) for x in (out / "samples" / ALIGNMENT_FILE).read_text().splitlines()]
+    assert [r["id"] for r in rows] == [r["id"] for r in held]
+    for r, h in zip(rows, held):  # paired by pair id with the dpo stage's SFT margin
+        assert r["sft_margin"] == pytest.approx(preference.margin(h["logp"]["sft"]))
+        assert r["tokens_match"] is True
+        # The candidate is the DPO policy merged: it scores what the DPO policy scored.
+        assert r["candidate_margin"] == pytest.approx(r["dpo_margin"], abs=1e-3)
+    assert a["max_abs_margin_vs_dpo"] < 1e-3
+    assert any(abs(r["candidate_margin"] - r["sft_margin"]) > 1e-4 for r in rows)  # and not the SFT model's
+    # The gate judges it: 3 pairs cannot certify a 0.05 margin, so refused as underpowered.
+    v = decide(record, load_samples(out / "samples"), p.gate)
+    c = next(c for c in v.checks if c.kind == "alignment")
+    assert c.n == 3 and c.powered is False and not c.passed
+    assert c.reason.startswith("heldout_pairs: 3 held-out pairs can certify drops of")
+    # Re-running evaluate scores nothing again.
+    run(p, model=str(trained["cand_dpo"]), base=str(trained["tiny"]), samples=str(out / "samples"),
+        metrics=str(out / "evaluate.json"), dpo=str(trained["dpo"]))
+    assert json.loads((out / "evaluate.json").read_text())["alignment"]["cache"] == "hit"
+
+
+def test_the_sft_model_as_candidate_reproduces_the_sft_margins(trained, tmp_path):
+    """A/A: scored through evaluate's path, the SFT model gives the SFT margins the dpo stage
+    recorded, so the paired difference is the candidate's own."""
+    cfg = eval_params(tmp_path).evaluate
+    _, rows, hit = _score(trained, trained["cand_sft"], cfg)
+    assert hit == "miss"
+    assert max(abs(r["candidate_margin"] - r["sft_margin"]) for r in rows) < 1e-3
+    assert all(r["tokens_match"] for r in rows)
+
+
+def test_a_candidate_tokenized_differently_is_refused(trained, tmp_path):
+    """Another chat template scores other tokens: the margins do not pair, and the gate refuses."""
+    cand = Path(shutil.copytree(trained["cand_sft"], tmp_path / "cand"))
+    tok = backend.load_tokenizer(cand)
+    tok.chat_template = "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\n' }}{% endfor %}" \
+                        "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"
+    tok.save_pretrained(cand)
+    p = eval_params(tmp_path, alignment_margin=0.9)
+    source, rows, _ = _score(trained, cand, p.evaluate)
+    assert not any(r["tokens_match"] for r in rows)
+    summary = alignment_summary(source, rows, "miss")
+    assert "tokenize differently" in summary["problem"]
+    v = decide({"alignment": summary}, {"alignment": rows}, p.gate)
+    c = next(c for c in v.checks if c.kind == "alignment")
+    assert not c.passed and "tokenize differently" in c.reason
+
+
+def test_no_dpo_training_is_not_applicable(trained, tmp_path):
+    from tasks.dpo import run as run_dpo
+
+    out = tmp_path / "dpo"
+    run_dpo(make_params(dpo={"enabled": False}), base=str(trained["tiny"]), sft=str(trained["root"] / "sft"),
+            data=str(trained["data"]), out=str(out), checkpoints=str(tmp_path / "ck"),
+            metrics=str(tmp_path / "dpo.json"))
+    source = alignment_source(str(out))
+    assert source == {"applicable": False, "reason": "dpo.enabled is false: the SFT model passed through untrained"}
+    summary = alignment_summary(source, None)
+    assert summary == {"applicable": False, "reason": source["reason"]}
+    v = decide({"alignment": summary}, {}, eval_params(tmp_path, alignment_margin=0.05).gate)
+    assert not [c for c in v.checks if c.kind == "alignment"]
+    assert any("not applicable: dpo.enabled is false" in n for n in v.not_checked)
+
+
+def test_trained_without_heldout_pairs_or_without_dpo_is_a_problem(trained, tmp_path):
+    dpo = Path(shutil.copytree(trained["dpo"], tmp_path / "dpo"))
+    meta = json.loads((dpo / "meta.json").read_text())
+    meta["heldout"] = {"file": None, "pairs": 0, "reason": "dpo.heldout_share is 0.0: no preference pairs were held out"}
+    (dpo / "meta.json").write_text(json.dumps(meta))
+    source = alignment_source(str(dpo))
+    assert source == {"applicable": True, "problem": "dpo.heldout_share is 0.0: no preference pairs were held out"}
+    assert alignment_summary(source, None)["problem"] == source["problem"]
+    assert "without --dpo" in alignment_source(None)["problem"]
+
+
+def test_a_broken_heldout_file_names_file_line_and_field(trained, tmp_path):
+    dpo = Path(shutil.copytree(trained["dpo"], tmp_path / "dpo"))
+    lines = (dpo / "heldout.jsonl").read_text().splitlines()
+    row = json.loads(lines[1])
+    row["logp"]["sft"]["rejected"] = float("nan")
+    lines[1] = json.dumps(row)
+    (dpo / "heldout.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(TemperingError, match=r"heldout.jsonl: line 2: field logp.sft.rejected: not a finite"):
+        preference.read_heldout(dpo / "heldout.jsonl")
+    (dpo / "heldout.jsonl").unlink()
+    with pytest.raises(TemperingError, match=r"heldout.jsonl: held-out pairs named by .*meta.json not found"):
+        alignment_source(str(dpo))
