@@ -12,6 +12,15 @@ token blocks (EOS between documents, loss on every token), then the adapter is m
 float32) and ``--out`` gets a full HF folder (weights in ``cpt.dtype``, tokenizer, chat template)
 plus ``meta.json``. Checkpoints and resume work as in ``tasks.sft``. ``--live`` (optional) writes
 dvclive curves.
+
+``cpt.replay: {share, source, seed}`` mixes general text into training against forgetting, with
+the same function as ``sft.replay`` (``tempering.mixing.mix_replay``): every non-replay row, plus
+replay rows (the clean text rows whose ``source`` is ``cpt.replay.source``) making up ``share`` of
+the rows, a seeded choice when there are more. By default the replay rows are the base model's
+own free-running samples (the ``replay`` stage's ``text.jsonl``, generated only when CPT is
+enabled with a share above 0). ``share: 0`` leaves them out. The mix (rows wanted, used, the
+share reached and its share of the characters) is in ``--metrics`` and ``meta.json``
+(``data.replay``).
 """
 
 from __future__ import annotations
@@ -24,8 +33,9 @@ from pathlib import Path
 from tempering import TemperingError
 from tempering.cli import stage_main
 from tempering.config import Params
-from tempering.io import (POINTER_FILE, atomic_path, hash_path, read_json, read_jsonl, resolve_model_dir,
-                          write_json, write_meta)
+from tempering.io import (POINTER_FILE, atomic_path, content_id, hash_path, read_json, read_jsonl,
+                          resolve_model_dir, write_json, write_meta)
+from tempering.mixing import mix_replay
 
 # The params.yaml sections (or single keys) this stage reads, the stage contract: dvc.yaml
 # lists exactly these under its `params:` (tests/test_stage_contract.py).
@@ -76,10 +86,13 @@ def run(params: Params, base: str, data: str, out: str, checkpoints: str, metric
     from tempering import backend
 
     data_file = Path(data) / "text.jsonl"
-    rows = read_jsonl(data_file)
+    rows, replay_stats = mix_replay(read_jsonl(data_file), cfg.replay)
     if not rows:
-        raise TemperingError(f"{data_file}: cpt.enabled is true but there are no text rows")
-    data_hash = hash_path(data_file)
+        raise TemperingError(f"{data_file}: cpt.enabled is true but there are no text rows to train on"
+                             + (f" (only replay rows of {cfg.replay.source}, which are mixed into other text)"
+                                if replay_stats["available"] else ""))
+    # The rows trained on, not just the file: the replay mix changes them (resume fingerprint).
+    data_hash = content_id({"file": hash_path(data_file), "ids": [r["id"] for r in rows]})
     fp = backend.fingerprint(cfg, data=data_hash, base=base_hash)
     resume = backend.prepare_checkpoints(checkpoints, fp)
 
@@ -89,7 +102,8 @@ def run(params: Params, base: str, data: str, out: str, checkpoints: str, metric
     tokenizer = backend.load_tokenizer(base_dir)
     dataset, data_stats = backend.pack_text(rows, tokenizer, cfg.block_size, source=str(data_file))
     train_set, eval_set = backend.split_eval(dataset, cfg.eval_share, cfg.seed)
-    data_stats.update({"train_blocks": len(train_set), "eval_blocks": len(eval_set) if eval_set else 0})
+    data_stats.update({"train_blocks": len(train_set), "eval_blocks": len(eval_set) if eval_set else 0,
+                       "replay": replay_stats})
     model = backend.load_model(base_dir, method=cfg.adapter.method, precision=precision, section="cpt",
                                frozen=cfg.adapter.frozen_dtype)
     model = backend.apply_adapter(model, cfg.adapter, seed=cfg.seed)

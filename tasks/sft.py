@@ -8,9 +8,11 @@ loss: we render each conversation with the chat template ourselves and locate th
 (see ``tempering.backend.tokenize_conversation``); the tokenized set is cached, so a re-run that
 only changes e.g. the learning rate does not tokenize again.
 
-``sft.replay`` mixes general rows into training (:func:`mix_replay`): by default the base model's
-own answers to a general prompt bank (the ``replay`` stage), at ``share`` of the rows, so the
-model rehearses what it already does while it learns the domain.
+``sft.replay`` mixes general rows into training (``tempering.mixing.mix_replay``, shared with
+``cpt.replay``): by default the base model's own answers to a general prompt bank (the ``replay``
+stage's ``sft.jsonl``), at ``share`` of the rows, so the model rehearses what it already does
+while it learns the domain. The mix is recorded in ``--metrics`` and ``meta.json``
+(``data.replay``).
 
 ``sft.packing`` packs conversations into ``max_length`` blocks (attention kept within each);
 ``sft.eval_share`` holds out rows for an eval loss at every checkpoint and
@@ -32,40 +34,13 @@ from pathlib import Path
 
 from tempering import TemperingError
 from tempering.cli import stage_main
-from tempering.config import Params, SftReplay
+from tempering.config import Params
 from tempering.io import content_id, hash_path, read_jsonl, resolve_model_dir, write_json, write_meta
+from tempering.mixing import mix_replay
 
 # The params.yaml sections (or single keys) this stage reads, the stage contract: dvc.yaml
 # lists exactly these under its `params:` (tests/test_stage_contract.py).
 PARAMS = ("sft", "tracking", "train")
-
-
-def mix_replay(rows: list[dict], cfg: SftReplay) -> tuple[list[dict], dict]:
-    """The SFT rows to train on: every non-replay row, plus replay rows making up ``cfg.share``
-    of the result (all of them when there are fewer; a seeded choice when there are more).
-
-    Replay rows are the clean rows whose ``source`` is ``cfg.source`` (``file:row``). With
-    ``share: 0`` they are all left out. Order: the domain rows as they were, the chosen replay
-    rows after them (the trainer's sampler shuffles)."""
-    import random
-
-    if not cfg.source:
-        return rows, {"share": 0.0, "replay_rows": 0, "available": 0}
-    prefix = cfg.source.rstrip("/") + ":"
-    replay = [r for r in rows if str(r.get("source", "")).startswith(prefix)]
-    other = [r for r in rows if not str(r.get("source", "")).startswith(prefix)]
-    want = round(cfg.share / (1.0 - cfg.share) * len(other)) if cfg.share > 0 else 0
-    chosen = replay
-    if want < len(replay):
-        chosen = sorted(random.Random(cfg.seed).sample(range(len(replay)), want))
-        chosen = [replay[i] for i in chosen]
-    mixed = other + chosen
-    stats = {"source": cfg.source, "share_requested": cfg.share, "available": len(replay), "wanted": want,
-             "replay_rows": len(chosen), "share": round(len(chosen) / len(mixed), 4) if mixed else 0.0}
-    if cfg.share > 0 and len(chosen) < want:
-        stats["note"] = (f"{cfg.source}: {len(replay)} replay rows for a share of {cfg.share} "
-                         f"({want} wanted): all used, share {stats['share']}")
-    return mixed, stats
 
 
 def run(params: Params, base: str, data: str, out: str, checkpoints: str, metrics: str,

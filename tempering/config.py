@@ -251,13 +251,40 @@ class _HeldOutParams(TrainParams):
         return self
 
 
-class CptParams(_HeldOutParams):
-    enabled: bool = False
-    # Raw text is packed into blocks of this many tokens.
-    block_size: int = Field(256, ge=8)
-    # On-disk dtype of the merged CPT model. float32 keeps the merged LoRA update exact;
-    # bfloat16 halves the folder but rounds away updates smaller than bf16's ~0.4% step.
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+class ReplayTextParams(_Section):
+    # Plain-text replay for cpt.replay (tasks/replay.py): the base model's own free-running
+    # samples, each from the `start` token followed by one of `starts` (short neutral openings).
+    # Generated only when cpt.enabled and cpt.replay.share > 0 read this file; else empty.
+    n: int = Field(64, ge=1, le=1_000_000)
+    # Token the samples are conditioned on: the document separator the model was pre-trained
+    # with. null = the tokenizer's BOS (its EOS when it has none).
+    start: str | None = "<|endoftext|>"
+    # Openings cycled over the samples; "" = the start token alone. Each at most a few words, so
+    # no opening can carry a benchmark item (the samples are decontaminated by dedup anyway).
+    starts: tuple[str, ...] = ("The", "In", "A")
+    max_new_tokens: int = Field(256, ge=1, le=4096)
+    # The end-of-text token is suppressed before this many new tokens (fewer too-short samples).
+    min_new_tokens: int = Field(32, ge=0, le=4096)
+    temperature: float = Field(1.0, gt=0.0, le=10.0)
+    top_p: float = Field(0.95, gt=0.0, le=1.0)
+    seed: int = 0
+
+    @field_validator("starts")
+    @classmethod
+    def _short_openings(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if not v:
+            raise ValueError("give at least one opening (\"\" = the start token alone)")
+        for s in v:
+            if len(s.split()) > 3:
+                raise ValueError(f"{s!r}: an opening is at most 3 words (a neutral start, not a prompt)")
+        return v
+
+    @model_validator(mode="after")
+    def _min_below_max(self) -> "ReplayTextParams":
+        if self.min_new_tokens > self.max_new_tokens:
+            raise ValueError(f"min_new_tokens ({self.min_new_tokens}) must not exceed max_new_tokens "
+                             f"({self.max_new_tokens})")
+        return self
 
 
 class ReplayParams(_Section):
@@ -267,21 +294,42 @@ class ReplayParams(_Section):
     n: int | None = Field(None, ge=1)  # the first N prompts; null = all
     max_new_tokens: int = Field(96, ge=1, le=4096)
     batch_size: int = Field(16, ge=1)
+    text: ReplayTextParams = ReplayTextParams()
 
 
-class SftReplay(_Section):
-    # Share of the SFT rows that are replay rows (general data rehearsed while the domain is
-    # learned). 0 = no replay: the source's rows are left out of SFT entirely.
+class ReplayMix(_Section):
+    # How a training stage mixes replay rows (tempering/mixing.py), the same for sft.replay
+    # (conversations) and cpt.replay (text rows).
+    # Share of the stage's rows that are replay rows (general data rehearsed while the domain is
+    # learned). 0 = no replay: the source's rows are left out of training entirely.
     share: float = Field(0.0, ge=0.0, lt=1.0)
-    # Which clean SFT rows are replay: those whose `source` is this file (one of validate.sources).
+    # Which clean rows are replay: those whose `source` is this file (one of validate.sources).
     source: str | None = None
     seed: int = 0  # which replay rows, when there are more than the share needs
 
     @model_validator(mode="after")
-    def _share_needs_source(self) -> "SftReplay":
+    def _share_needs_source(self) -> "ReplayMix":
         if self.share > 0 and not self.source:
             raise ValueError("replay.share > 0 needs replay.source (the replay file listed in validate.sources)")
         return self
+
+
+class SftReplay(ReplayMix):
+    """``sft.replay``: replay conversations (by default the replay stage's ``sft.jsonl``)."""
+
+
+class CptReplay(ReplayMix):
+    """``cpt.replay``: replay text rows (by default the replay stage's ``text.jsonl``)."""
+
+
+class CptParams(_HeldOutParams):
+    enabled: bool = False
+    # Raw text is packed into blocks of this many tokens.
+    block_size: int = Field(256, ge=8)
+    # On-disk dtype of the merged CPT model. float32 keeps the merged LoRA update exact;
+    # bfloat16 halves the folder but rounds away updates smaller than bf16's ~0.4% step.
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    replay: CptReplay = CptReplay()
 
 
 class SftParams(_HeldOutParams):
@@ -592,6 +640,18 @@ class Params(_Section):
                                  "(use lora or full)")
         if self.sft.packing and self.sft.adapter.method in ("prefix", "prompt"):
             raise ValueError("sft.packing: not supported with prefix/prompt tuning (virtual tokens)")
+        # A replay source must be a validate source of the kind the stage trains on: a typo would
+        # otherwise silently train without replay. Checked when sources are listed (a params file
+        # without any has no data for the stage to mix either) and the stage trains (cpt is off
+        # by default: its replay section then names nothing that has to exist).
+        kinds = {s.path: s.kind for s in self.validate_.sources}
+        for name, kind in (("sft", "sft"), ("cpt", "text")):
+            mix = getattr(self, name).replay
+            trains = name != "cpt" or self.cpt.enabled
+            if kinds and trains and mix.share > 0 and kinds.get(mix.source) != kind:
+                got = f"a {kinds[mix.source]} source" if mix.source in kinds else "not in validate.sources"
+                raise ValueError(f"{name}.replay.source: {mix.source!r} must be a {kind} source listed in "
+                                 f"validate.sources ({got})")
         return self
 
     @property

@@ -1,4 +1,6 @@
-"""tasks.replay (the base model's answers to the general prompt bank) and SFT's replay mix."""
+"""tasks.replay (the base model's answers to the general prompt bank) and SFT's replay mix.
+
+The text replay for CPT and CPT's mix: tests/test_replay_text.py."""
 
 from __future__ import annotations
 
@@ -8,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from tasks import dedup, replay
-from tasks.sft import mix_replay
 from tempering import TemperingError, backend
 from tempering.config import DedupParams, SftReplay, from_dict, load_params
+from tempering.mixing import mix_replay
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -73,9 +75,12 @@ def _load(folder: Path):
 
 
 def test_replay_disabled_writes_an_empty_source(tmp_path):
-    out = replay.run(_params(tmp_path, enabled=False), base=str(tmp_path / "no-model"), out=str(tmp_path / "r"))
-    assert out == {"out": str(tmp_path / "r"), "enabled": False, "rows": 0}
-    assert (tmp_path / "r/sft.jsonl").read_text() == ""
+    out = replay.run(_params(tmp_path, enabled=False), base=str(tmp_path / "no-model"), out=str(tmp_path / "r"),
+                     metrics=str(tmp_path / "replay.json"))
+    assert out == {"out": str(tmp_path / "r"), "enabled": False, "rows": 0,
+                   "text": {"generated": False, "reason": "replay.enabled is false", "rows": 0}}
+    assert (tmp_path / "r/sft.jsonl").read_text() == "" and (tmp_path / "r/text.jsonl").read_text() == ""
+    assert json.loads((tmp_path / "replay.json").read_text())["text"]["reason"] == "replay.enabled is false"
 
 
 def test_bad_prompt_bank_names_file_row_and_field(tiny, tmp_path):
