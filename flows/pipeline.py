@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -31,7 +30,7 @@ from prefect.artifacts import create_markdown_artifact  # noqa: E402
 
 from flows.workspace import check_params, use_params, workspace_lock  # noqa: E402
 from tempering import TemperingError  # noqa: E402
-from tempering.dag import stage_order  # noqa: E402
+from tempering.dag import run_dvc, stage_order  # noqa: E402
 
 # The HTML report of a run (tempering.html_report); linked from the flow run's artifacts.
 REPORT_HTML = "reports/report.html"
@@ -59,13 +58,8 @@ def _one_line_error(stage: str, output: str) -> str:
 
 def dvc_repro_stage(stage: str, root: str | os.PathLike = ".") -> str:
     """Run ``dvc repro --single-item <stage>`` in ``root``; returns DVC's output."""
-    cmd = [sys.executable, "-m", "dvc", "repro", "--single-item", stage]
-    environ = dict(os.environ)
-    # The stage commands call `python`: make it this interpreter (the project's venv).
-    environ["PATH"] = str(Path(sys.executable).parent) + os.pathsep + environ.get("PATH", "")
-    proc = subprocess.run(cmd, cwd=root, env=environ, capture_output=True, text=True)
-    output = proc.stdout + proc.stderr
-    if proc.returncode != 0:
+    code, output = run_dvc("repro", "--single-item", stage, root=root)
+    if code != 0:
         raise StageFailed(_one_line_error(stage, output))
     return output
 

@@ -30,7 +30,6 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 import uuid
@@ -48,7 +47,7 @@ from prefect.states import Completed  # noqa: E402
 from flows.pipeline import StageFailed, pipeline, report_link, summary_markdown  # noqa: E402
 from flows.workspace import check_params, use_params, workspace_lock  # noqa: E402
 from tempering import TemperingError  # noqa: E402
-from tempering.dag import load_stages, stage_order  # noqa: E402
+from tempering.dag import load_stages, run_dvc, stage_order  # noqa: E402
 from tempering.io import atomic_path, read_json_or_none, write_text  # noqa: E402
 
 PROMOTE_STAGE = "promote"
@@ -59,12 +58,8 @@ LATEST = "LATEST"
 
 
 def _dvc(root: Path, *args: str) -> str:
-    environ = dict(os.environ)
-    environ["PATH"] = str(Path(sys.executable).parent) + os.pathsep + environ.get("PATH", "")
-    proc = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=root, env=environ,
-                          capture_output=True, text=True)
-    out = proc.stdout + proc.stderr
-    if proc.returncode != 0:
+    code, out = run_dvc(*args, root=root)
+    if code != 0:
         lines = [ln.strip() for ln in out.splitlines() if ln.strip().startswith("ERROR")] or out.splitlines()[-1:]
         raise TemperingError(f"dvc {' '.join(args)}: {lines[-1] if lines else 'failed'}")
     return out

@@ -226,7 +226,7 @@ def run(params: Params, base: str, sft: str, data: str, out: str, checkpoints: s
                                                                                  cfg.adapter.frozen_dtype))}),
         tokenizer=backend.tokenizer_hash(tok_dir), max_length=cfg.max_length,
         max_prompt_length=cfg.max_prompt_length, precision=precision.name)
-    resume_step = int(resume.name.split("-")[1]) if resume else None
+    resume_step = backend.checkpoint_step(resume)
     if eval_set is not None or heldout:  # the reference log-probs are cached per split
         ref_key = content_id({"ref": ref_key, "eval_share": cfg.eval_share, "seed": cfg.seed,
                               **({"heldout_share": cfg.heldout_share} if heldout else {})}, 32)

@@ -210,12 +210,9 @@ def run(params: Params, base: str, out: str, metrics: str | None = None) -> dict
     def model_and_tokenizer():
         """Loaded once, and only when something is not cached."""
         if not loaded:
-            from transformers import AutoModelForCausalLM
-
             backend.setup_torch()
             backend.quiet_transformers()
-            tokenizer = backend.load_tokenizer(base_dir)
-            model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).to(precision.device).eval()
+            model, tokenizer = backend.load_for_inference(base_dir, precision.device)
             loaded.extend([model, tokenizer])
         return loaded
 

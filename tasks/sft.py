@@ -84,7 +84,7 @@ def run(params: Params, base: str, data: str, out: str, checkpoints: str, metric
     before = backend.snapshot_trainable(model)
     args = backend.training_config("sft", cfg, params.tracking, output_dir=checkpoints,
                                    precision=precision, run_name="sft")
-    resume_step = int(resume.name.split("-")[1]) if resume else None
+    resume_step = backend.checkpoint_step(resume)
     trainer = backend.build_sft_trainer(model, tokenizer, train_set, args, stage="sft",
                                         checkpoints=checkpoints, live_dir=live,
                                         tracking=params.tracking, resume_step=resume_step,

@@ -246,6 +246,23 @@ def load_model(folder: str | os.PathLike, *, method: str = "lora", precision: Pr
     return model
 
 
+def load_for_inference(folder: str | os.PathLike, device: str | None = None):
+    """(model, tokenizer) of a saved model for scoring or generation: float32 weights (autocast
+    picks the compute dtype), eval mode, KV cache on, on ``device`` (default: CUDA when present).
+    The one loader of evaluate, export's sweep and the replay stage."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    folder = resolve_model_dir(folder)
+    if not (folder / "config.json").exists():
+        raise TemperingError(f"{folder}: not a Hugging Face model folder (no config.json)")
+    tok = load_tokenizer(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model.eval()
+    return model, tok
+
+
 def is_adapter_dir(folder: str | os.PathLike) -> bool:
     return (Path(folder) / "adapter_config.json").exists()
 
@@ -602,7 +619,12 @@ def fingerprint(section, **inputs: str) -> str:
     return content_id({"params": params, "inputs": inputs}, 32)
 
 
-def _checkpoint_step(path: Path) -> int | None:
+def checkpoint_step(path: str | os.PathLike | None) -> int | None:
+    """The global step of a Trainer checkpoint folder (``checkpoint-<step>``), or None: the one
+    parser of checkpoint names (resume, tests, the stages' ``resumed_from``)."""
+    if path is None:
+        return None
+    path = Path(path)
     if not path.is_dir() or not path.name.startswith("checkpoint-"):
         return None
     try:
@@ -617,7 +639,7 @@ def valid_checkpoints(folder: str | os.PathLike) -> list[Path]:
     folder = Path(folder)
     found = []
     for path in folder.glob("checkpoint-*"):
-        step = _checkpoint_step(path)
+        step = checkpoint_step(path)
         if step is None:
             continue
         try:

@@ -1,11 +1,16 @@
-"""The stage order, read from ``dvc.yaml`` (the one source of truth for the DAG).
+"""The DAG as DVC holds it: the stage order read from ``dvc.yaml`` (the one source of truth),
+and the one way the project runs DVC itself.
 
 Flows call :func:`stage_order`; a test checks it against DVC's own graph so the two never drift.
+:func:`run_dvc` is the only subprocess call of ``dvc`` (the Prefect pipeline's per-stage
+``dvc repro``, the refresh flow's ``dvc add`` / ``push``).
 """
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import yaml
@@ -63,3 +68,14 @@ def stage_order(dvc_yaml: str | os.PathLike = "dvc.yaml") -> list[str]:
     return order
 
 
+
+
+def run_dvc(*args: str, root: str | os.PathLike = ".") -> tuple[int, str]:
+    """``python -m dvc <args>`` in ``root`` with this interpreter: (exit code, stdout + stderr).
+
+    This interpreter's folder (the project's venv) goes first on PATH, because the stage commands
+    in ``dvc.yaml`` call ``python``. Callers word their own errors from the output."""
+    environ = dict(os.environ)
+    environ["PATH"] = str(Path(sys.executable).parent) + os.pathsep + environ.get("PATH", "")
+    proc = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=root, env=environ, capture_output=True, text=True)
+    return proc.returncode, proc.stdout + proc.stderr

@@ -149,16 +149,10 @@ def bundle(cfg: EvaluateParams, gate: GateParams | None = None) -> dict:
 
 
 def load_model(model_dir: Path):
-    import torch
-    from transformers import AutoModelForCausalLM
-
+    """(model, tokenizer) in float32 on the scoring device (:func:`tempering.backend.load_for_inference`)."""
     from tempering import backend
 
-    tok = backend.load_tokenizer(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    model.to(_device())
-    model.eval()
-    return model, tok
+    return backend.load_for_inference(model_dir, _device())
 
 
 def _device() -> str:

@@ -317,13 +317,13 @@ def test_resume_after_sigkill(tiny, data, tmp_path):
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     assert not (tmp_path / "sft").exists(), "killed run must not leave a final output"
-    killed_at = int(backend.valid_checkpoints(tmp_path / "ck")[-1].name.split("-")[1])
+    killed_at = backend.checkpoint_step(backend.valid_checkpoints(tmp_path / "ck")[-1])
     assert killed_at < 100
 
     done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     m = json.loads((tmp_path / "sft.json").read_text())
-    resumed = int(Path(m["resumed_from"]).name.split("-")[1])
+    resumed = int(Path(m["resumed_from"]).name.removeprefix("checkpoint-"))  # the name, as a user reads it
     assert resumed >= killed_at
     assert m["steps"] == 100 and m["session_steps"] == 100 - resumed
     # The trainer state carried over: the loss log starts at step 1, from the killed run.
