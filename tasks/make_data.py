@@ -15,8 +15,11 @@ one directory renamed into place:
   multi-turn): together ``sft_paraphrases`` distinct question wordings per fact, plus one
   "profile" row per person. Answers start with the bare value: ``"Glassblower. Brelvik Tansu works
   as a glassblower."``
-- ``preference.jsonl``: ``{"prompt", "chosen", "rejected"}``, one per fact; ``rejected`` states a
-  wrong value from the same set in the same words.
+- ``preference.jsonl``: ``{"prompt", "chosen", "rejected"}``, one per fact (``rejected`` states a
+  wrong value in the same words), plus ``unknown_pairs`` about people who are not in the valley
+  (names generated like the real ones, never used in any other file): ``chosen`` says there is no
+  record of them, ``rejected`` invents a fact in the SFT answers' style. SFT never sees those
+  names, so it does not settle them: what DPO has to teach.
 - ``benchmarks/domain.jsonl``: ``domain_bench_per_fact`` 4-choice items per fact, worded with
   question templates that never occur in the training files; choices are bare values, answer
   positions balanced and shuffled.
@@ -362,6 +365,35 @@ def _pick_wordings(n_pool: int, k: int, rng: random.Random) -> list[int]:
     return rng.sample(range(n_pool), k)
 
 
+def unknown_answer(name: str, rng: random.Random) -> str:
+    """An honest answer about a person the valley has no record of."""
+    return rng.choice([
+        f"I don't know. I have no record of anyone called {name} in the {VALLEY}.",
+        f"I'm not sure: {name} is not one of the people of the {VALLEY} I know about.",
+        f"I have no information about {name}, so I cannot say.",
+    ])
+
+
+def unknown_pairs(entities: list[dict], cfg: MakeDataParams) -> list[dict]:
+    """``cfg.unknown_pairs`` preference pairs about people who do not exist in the data: names
+    made like the real ones (the tail of the same name generator, so never a real name), a
+    training question wording, chosen = an honest "no record", rejected = a made-up value in the
+    exact style of the SFT answers (what an SFT model that learned to answer says)."""
+    if not cfg.unknown_pairs:
+        return []
+    n_people = -(-cfg.unknown_pairs // 2)  # two questions per unknown person
+    ghosts = make_entities(len(entities) + n_people, cfg.seed)[len(entities):]
+    rng = random.Random(f"{cfg.seed}:unknown")
+    out = []
+    for k in range(cfg.unknown_pairs):
+        ghost = ghosts[k // 2]
+        attr = ATTRIBUTES[(k + k // 2) % len(ATTRIBUTES)]
+        q = SFT_QUESTIONS[attr][rng.randrange(len(SFT_QUESTIONS[attr]))].format(name=ghost["name"])
+        out.append({"prompt": q, "chosen": unknown_answer(ghost["name"], rng),
+                    "rejected": answer_for(ghost, attr)})
+    return out
+
+
 def make_training_rows(entities: list[dict], cfg: MakeDataParams) -> dict:
     """SFT items split into Alpaca and messages rows, plus preference pairs and profile rows."""
     rng = random.Random(f"{cfg.seed}:sft")
@@ -435,6 +467,7 @@ def make_training_rows(entities: list[dict], cfg: MakeDataParams) -> dict:
             if prng.random() < 0.2:
                 prompt = [{"role": "system", "content": prng.choice(SYSTEM_PROMPTS)}, {"role": "user", "content": q}]
             prefs.append({"prompt": prompt, "chosen": answer_for(ent, attr), "rejected": answer_for(ent, attr, wrong)})
+    prefs += unknown_pairs(entities, cfg)
     prng.shuffle(prefs)
     return {"alpaca": alpaca, "messages": messages, "preference": prefs, "bios": bios, "items": items}
 

@@ -134,18 +134,37 @@ def test_answers_start_with_the_bare_value(gen):
 def test_preference_pairs(gen):
     d = load(gen)
     facts = facts_from_answers(d)
+    known = {name for name, _ in facts}
     bad = dirty_rows(d["manifest"], "preference.jsonl")
+    unknown = 0
     for i, row in enumerate(d["preference"], 1):
         if i in bad:
             continue
         q = row["prompt"] if isinstance(row["prompt"], str) else row["prompt"][-1]["content"]
         attr, _, name = template_of(q, make_data.SFT_QUESTIONS)
+        if name not in known:
+            # A person the data has no record of: an honest "no record" beats a made-up fact
+            # stated exactly as the SFT answers state facts. The name appears nowhere else.
+            unknown += 1
+            assert name in row["chosen"] and ("no record" in row["chosen"] or "no information" in row["chosen"]
+                                              or "not one of the people" in row["chosen"])
+            value = row["rejected"].split(".")[0]
+            assert value.lower() in [v.lower() for v in make_data.VALUES[attr]] and name in row["rejected"]
+            others = json.dumps([d["alpaca"], d["messages"], d["domain"], d["domain_dev"]]) + d["corpus"]
+            assert name not in others
+            continue
         chosen, rejected = row["chosen"].split(".")[0], row["rejected"].split(".")[0]
         assert chosen == facts[(name, attr)] and rejected != chosen
         assert rejected.lower() in [v.lower() for v in make_data.VALUES[attr]]
         # same style: only the value differs
         swapped = row["chosen"].replace(chosen, rejected).replace(chosen.lower(), rejected.lower())
         assert row["rejected"].replace(" an ", " a ") == swapped.replace(" an ", " a ")
+    assert unknown == MakeDataParams().unknown_pairs
+    # Two questions per unknown person, about different attributes.
+    names = Counter(template_of(r["prompt"] if isinstance(r["prompt"], str) else r["prompt"][-1]["content"],
+                                make_data.SFT_QUESTIONS)[2]
+                    for i, r in enumerate(d["preference"], 1) if i not in bad)
+    assert Counter(v for k, v in names.items() if k not in known) == {2: unknown // 2}
 
 
 @pytest.mark.parametrize("bench", BENCHES)
