@@ -152,6 +152,9 @@ def dev_point(alpha: float, model, tok, dev_info: dict | None, dev_cfg: Evaluate
     if drift_rows:
         records = scorecard.drift_records(model, base_lp, tok, drift_rows, dev_cfg)
         point["drift"] = _drift_bounds(records, gate, seed=gate.seed)
+        summary = scorecard.drift_summary(records)  # point values per kind: which texts drift
+        point["drift"]["by_kind"] = {kind: {"kl": summary[f"kl_{kind}"], "perplexity_ratio": summary[f"perplexity_ratio_{kind}"]}
+                                     for kind in ("text", "chat") if f"kl_{kind}" in summary}
     point["within_limits"] = within_limits(point["drift"], gate)
     point["seconds"] = round(time.time() - t0, 2)
     return point

@@ -276,6 +276,7 @@ def test_interpolation_saves_base_plus_alpha_times_the_delta(trained, tmp_path):
     point = interp["points"][0]
     assert point["domain"]["domain"]["n"] == 8 and point["drift"]["texts"] == 12
     assert math.isfinite(point["drift"]["kl"]) and point["drift"]["kl_upper"] >= point["drift"]["kl"] >= 0
+    assert set(point["drift"]["by_kind"]) == {"text", "chat"}
     assert summary["reference"] == "interpolated" and summary["merge_check"]["matches"] == 3
     assert summary["match_rate"] == 1.0 and summary["max_logit_diff"] < 1e-4
 
