@@ -18,7 +18,8 @@ one directory renamed into place:
 - ``preference.jsonl``: ``{"prompt", "chosen", "rejected"}``, one per fact (``rejected`` states a
   wrong value in the same words), plus ``unknown_pairs`` about people who are not in the valley
   (names generated like the real ones, never used in any other file): ``chosen`` says there is no
-  record of them, ``rejected`` invents a fact in the SFT answers' style. SFT never sees those
+  record of them ("Unknown. ..."), ``rejected`` invents a fact in the SFT answers' style and
+  length. SFT never sees those
   names, so it does not settle them: what DPO has to teach.
 - ``benchmarks/domain.jsonl``: ``domain_bench_per_fact`` 4-choice items per fact, worded with
   question templates that never occur in the training files; choices are bare values, answer
@@ -366,11 +367,13 @@ def _pick_wordings(n_pool: int, k: int, rng: random.Random) -> list[int]:
 
 
 def unknown_answer(name: str, rng: random.Random) -> str:
-    """An honest answer about a person the valley has no record of."""
+    """An honest answer about a person the valley has no record of, in the SFT answers' own shape
+    (a bare word, then one sentence) and about their length, so a pair differs in what it claims,
+    not in style or length (summed log-probabilities favour short answers)."""
     return rng.choice([
-        f"I don't know. I have no record of anyone called {name} in the {VALLEY}.",
-        f"I'm not sure: {name} is not one of the people of the {VALLEY} I know about.",
-        f"I have no information about {name}, so I cannot say.",
+        f"Unknown. There is no record of {name}.",
+        f"Unknown. {name} is not in the valley records.",
+        f"Unknown. I have no record of {name}.",
     ])
 
 

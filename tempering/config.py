@@ -60,8 +60,8 @@ class MakeDataParams(_Section):
     # the gate's items. 0 = no dev file. domain_bench_per_fact + this must be at most 5.
     domain_dev_per_fact: int = Field(1, ge=0, le=4)
     # Preference pairs about people who are NOT in the valley (names never used anywhere else):
-    # chosen = "I have no record of ...", rejected = a confident made-up fact in the SFT answers'
-    # style. SFT never sees these names, so it does not settle them (it answers confidently):
+    # chosen = "Unknown. There is no record of ...", rejected = a confident made-up fact in the
+    # SFT answers' style and length. SFT never sees these names, so it does not settle them (it answers confidently):
     # what DPO is for here. 0 = only the one-pair-per-fact pairs, which SFT already settles.
     unknown_pairs: int = Field(72, ge=0, le=10_000)
     # Items in each general benchmark (knowledge, arithmetic) for the forgetting check.

@@ -146,8 +146,8 @@ def test_preference_pairs(gen):
             # A person the data has no record of: an honest "no record" beats a made-up fact
             # stated exactly as the SFT answers state facts. The name appears nowhere else.
             unknown += 1
-            assert name in row["chosen"] and ("no record" in row["chosen"] or "no information" in row["chosen"]
-                                              or "not one of the people" in row["chosen"])
+            assert name in row["chosen"] and row["chosen"].startswith("Unknown. ")
+            assert abs(len(row["chosen"]) - len(row["rejected"])) <= 25  # a claim apart, not a length apart
             value = row["rejected"].split(".")[0]
             assert value.lower() in [v.lower() for v in make_data.VALUES[attr]] and name in row["rejected"]
             others = json.dumps([d["alpaca"], d["messages"], d["domain"], d["domain_dev"]]) + d["corpus"]
