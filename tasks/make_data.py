@@ -19,8 +19,7 @@ one directory renamed into place:
   wrong value in the same words), plus ``unknown_pairs`` about people who are not in the valley
   (names generated like the real ones, never used in any other file): ``chosen`` says there is no
   record of them ("Unknown. ..."), ``rejected`` invents a fact in the SFT answers' style and
-  length. SFT never sees those
-  names, so it does not settle them: what DPO has to teach.
+  length. SFT never sees those names, so it does not settle them: what DPO has to teach.
 - ``benchmarks/domain.jsonl``: ``domain_bench_per_fact`` 4-choice items per fact, worded with
   question templates that never occur in the training files; choices are bare values, answer
   positions balanced and shuffled.
