@@ -176,6 +176,29 @@ def _ticks(lo: float, hi: float, n: int = 5) -> list[float]:
 # ----------------------------------------------------------------------------- charts (inline SVG)
 
 
+def _svg_open(cls: str, title: str, width: int, height: int) -> list[str]:
+    """The opening of an inline chart: the svg element (accessible name, size) and its title."""
+    return [f'<svg class="chart {cls}" role="img" aria-label="{esc(title)}" width="{width}" '
+            f'height="{height}" viewBox="0 0 {width} {height}" xmlns="http://www.w3.org/2000/svg">',
+            f"<title>{esc(title)}</title>"]
+
+
+def _y_grid(y0: float, y1: float, sy, ml: float, w: float) -> list[str]:
+    """Horizontal grid lines with their tick labels on the left."""
+    return [f'<line class="grid" x1="{ml}" x2="{ml + w}" y1="{sy(t):.1f}" y2="{sy(t):.1f}"/>'
+            f'<text class="tick" x="{ml - 6}" y="{sy(t) + 4:.1f}" text-anchor="end">{t:g}</text>'
+            for t in _ticks(y0, y1)]
+
+
+def _axes(ml: float, mt: float, w: float, h: float, height: int, x_label: str, y_label: str) -> list[str]:
+    """The x and y axis lines and their labels (the y label rotated)."""
+    return [f'<line class="axis" x1="{ml}" x2="{ml + w}" y1="{mt + h}" y2="{mt + h}"/>'
+            f'<line class="axis" x1="{ml}" x2="{ml}" y1="{mt}" y2="{mt + h}"/>',
+            f'<text class="axis-label" x="{ml + w / 2:.0f}" y="{height - 4}" text-anchor="middle">{x_label}</text>'
+            f'<text class="axis-label" x="12" y="{mt + h / 2:.0f}" text-anchor="middle" '
+            f'transform="rotate(-90 12 {mt + h / 2:.0f})">{y_label}</text>']
+
+
 def svg_line_chart(points: list[dict], *, title: str, width: int = 560, height: int = 220,
                    color: str = "#2563eb") -> str:
     """A loss curve: steps on x, loss on y, one native tooltip per point."""
@@ -196,20 +219,11 @@ def svg_line_chart(points: list[dict], *, title: str, width: int = 560, height: 
     def sy(y: float) -> float:
         return mt + (1 - (y - y0) / (y1 - y0)) * h
 
-    parts = [f'<svg class="chart loss-chart" role="img" aria-label="{esc(title)}" width="{width}" '
-             f'height="{height}" viewBox="0 0 {width} {height}" xmlns="http://www.w3.org/2000/svg">',
-             f"<title>{esc(title)}</title>"]
-    for t in _ticks(y0, y1):
-        parts.append(f'<line class="grid" x1="{ml}" x2="{ml + w}" y1="{sy(t):.1f}" y2="{sy(t):.1f}"/>'
-                     f'<text class="tick" x="{ml - 6}" y="{sy(t) + 4:.1f}" text-anchor="end">{t:g}</text>')
+    parts = _svg_open("loss-chart", title, width, height) + _y_grid(y0, y1, sy, ml, w)
     for t in _ticks(x0, x1, 6):
         if float(t).is_integer():
             parts.append(f'<text class="tick" x="{sx(t):.1f}" y="{mt + h + 16}" text-anchor="middle">{int(t)}</text>')
-    parts.append(f'<line class="axis" x1="{ml}" x2="{ml + w}" y1="{mt + h}" y2="{mt + h}"/>'
-                 f'<line class="axis" x1="{ml}" x2="{ml}" y1="{mt}" y2="{mt + h}"/>')
-    parts.append(f'<text class="axis-label" x="{ml + w / 2:.0f}" y="{height - 4}" text-anchor="middle">step</text>'
-                 f'<text class="axis-label" x="12" y="{mt + h / 2:.0f}" text-anchor="middle" '
-                 f'transform="rotate(-90 12 {mt + h / 2:.0f})">loss</text>')
+    parts += _axes(ml, mt, w, h, height, "step", "loss")
     path = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in pts)
     parts.append(f'<polyline class="curve" fill="none" stroke="{color}" stroke-width="2" points="{path}"/>')
     if len(pts) <= 200:
@@ -249,20 +263,10 @@ def svg_frontier(points: list[dict], chosen: float | None, *, kl_limit: float | 
         return mt + (1 - (y - y0) / (y1 - y0)) * h
 
     title = "Interpolation sweep: dev domain gain against dev KL from the base, one point per alpha"
-    parts = [f'<svg class="chart frontier-chart" role="img" aria-label="{esc(title)}" width="{width}" '
-             f'height="{height}" viewBox="0 0 {width} {height}" xmlns="http://www.w3.org/2000/svg">',
-             f"<title>{esc(title)}</title>"]
-    for t in _ticks(y0, y1):
-        parts.append(f'<line class="grid" x1="{ml}" x2="{ml + w}" y1="{sy(t):.1f}" y2="{sy(t):.1f}"/>'
-                     f'<text class="tick" x="{ml - 6}" y="{sy(t) + 4:.1f}" text-anchor="end">{t:g}</text>')
+    parts = _svg_open("frontier-chart", title, width, height) + _y_grid(y0, y1, sy, ml, w)
     for t in _ticks(x0, x1, 6):
         parts.append(f'<text class="tick" x="{sx(t):.1f}" y="{mt + h + 16}" text-anchor="middle">{t:g}</text>')
-    parts.append(f'<line class="axis" x1="{ml}" x2="{ml + w}" y1="{mt + h}" y2="{mt + h}"/>'
-                 f'<line class="axis" x1="{ml}" x2="{ml}" y1="{mt}" y2="{mt + h}"/>')
-    parts.append(f'<text class="axis-label" x="{ml + w / 2:.0f}" y="{height - 4}" text-anchor="middle">'
-                 "dev KL(candidate ‖ base), nats/token</text>"
-                 f'<text class="axis-label" x="12" y="{mt + h / 2:.0f}" text-anchor="middle" '
-                 f'transform="rotate(-90 12 {mt + h / 2:.0f})">dev domain gain</text>')
+    parts += _axes(ml, mt, w, h, height, "dev KL(candidate ‖ base), nats/token", "dev domain gain")
     if kl_limit is not None:
         parts.append(f'<line class="threshold" x1="{sx(kl_limit):.1f}" x2="{sx(kl_limit):.1f}" y1="{mt}" '
                      f'y2="{mt + h}" stroke="#b91c1c" stroke-dasharray="4 3"><title>gate.max_kl {kl_limit:g}</title></line>')
