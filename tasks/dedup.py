@@ -34,6 +34,13 @@ read here: each gets a line in the metrics' ``decontamination_notes``.
    (replacing that label's entry, so re-running the same snapshot never dedups it against itself).
    The folder is a DVC output (``persist: true``): pushed and versioned like any other artifact.
 
+5. **Held-out SFT rows** (``dedup.sft_heldout``; :mod:`tempering.sft_heldout`): when no domain
+   benchmark is configured (or ``enabled: true``), a seeded, stable share of the kept SFT prompts
+   goes to ``--out/sft_heldout.jsonl`` instead of ``sft.jsonl``, never trained on, for
+   ``evaluate``'s held-out domain check. They were deduplicated with every other row above, so no
+   training row is a near copy of one; the rows of ``sft.replay.source`` are never held out. The
+   file is always written (empty when off); the metrics' ``sft_heldout`` says how many and why.
+
 The text compared is: SFT rows, all message contents joined; preference rows, prompt + chosen
 (decontamination also reads rejected); text rows, the text. Removed rows go to ``--quarantine`` with
 ``duplicate_of`` (the kept row's ``id``). ``--metrics`` has counts per kind, per source file, per
@@ -53,7 +60,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tempering import TemperingError
+from tempering import TemperingError, sft_heldout
 from tempering.benchmarks import decontamination_sets
 from tempering.cli import stage_main
 from tempering.config import DedupParams, Params
@@ -61,7 +68,8 @@ from tempering.io import atomic_path, dump_jsonl, read_jsonl, write_json, write_
 
 # The params.yaml sections (or single keys) this stage reads, the stage contract: dvc.yaml
 # lists exactly these under its `params:` (tests/test_stage_contract.py).
-PARAMS = ("dedup", "evaluate.benchmarks", "evaluate.drift", "evaluate.dev")
+# sft.replay.source: replay rows are never held out as the domain check (dedup.sft_heldout).
+PARAMS = ("dedup", "evaluate.benchmarks", "evaluate.drift", "evaluate.dev", "sft.replay.source")
 
 KINDS = ("sft", "preference", "text")
 MIN_SHORT_ITEM_WORDS = 8
@@ -545,6 +553,13 @@ def render_report(m: dict) -> str:
         lines += [f"Snapshot **{m['index']['snapshot']}**, deduplicated against "
                   + (", ".join(f"{k} ({v} rows)" for k, v in earlier.items()) if earlier else "no earlier snapshot")
                   + f": {m['of_earlier_snapshot']} rows removed as duplicates of earlier snapshots.", ""]
+    held = m.get("sft_heldout") or {}
+    if held.get("enabled"):
+        lines += [f"Held out as the domain check (`dedup.sft_heldout`; {held['reason']}): **{held['rows']}** SFT rows "
+                  f"({held['prompts']} prompts) of {held['eligible_rows']} eligible, in `sft_heldout.jsonl`, never "
+                  "trained on." + (f" {held['note']}" if held.get("note") else ""), ""]
+    elif held:
+        lines += [f"No SFT rows held out: {held['reason']}.", ""]
     lines += ["## Per source", "", "| source | kind | read | kept | exact | near | contaminated |",
               "|---|---|---:|---:|---:|---:|---:|"]
     lines += [f"| `{p}` | {s['kind']} | {s['read']} | {s['kept']} | {s['exact_duplicate']} | {s['near_duplicate']} | "
@@ -565,6 +580,9 @@ def run(params: Params, data: str, out: str, quarantine: str, metrics: str,
     dedup_index = DedupIndex(index, cfg) if index and cfg.index else None
     kept, removed, summary = dedup_rows(rows, cfg, benches, dedup_index)
     summary["decontamination_notes"] = notes
+    on, why = sft_heldout.active(cfg.sft_heldout, params.evaluate)
+    kept["sft"], held, summary["sft_heldout"] = sft_heldout.split(
+        kept["sft"], cfg.sft_heldout, on=on, reason=why, exclude_source=params.sft.replay.source)
     summary["wall_time_s"] = round(time.time() - started, 2)
 
     with atomic_path(out) as tmp:
@@ -572,9 +590,12 @@ def run(params: Params, data: str, out: str, quarantine: str, metrics: str,
         for kind in KINDS:
             with open(tmp / f"{kind}.jsonl", "w", encoding="utf-8") as fh:
                 dump_jsonl(kept[kind], fh)
+        with open(tmp / sft_heldout.FILE, "w", encoding="utf-8") as fh:
+            dump_jsonl(held, fh)
         write_meta(tmp, stage="dedup", params=cfg, started=started,
                    inputs={"data": data, "benchmarks": {n: len(v) for n, v in benches.items()}},
-                   extra={"counts": {k: len(v) for k, v in kept.items()}})
+                   extra={"counts": dict({k: len(v) for k, v in kept.items()}, sft_heldout=len(held)),
+                          "sft_heldout": summary["sft_heldout"]})
     with atomic_path(quarantine) as tmp:
         with open(tmp, "w", encoding="utf-8") as fh:
             dump_jsonl(removed, fh)

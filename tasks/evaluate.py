@@ -2,7 +2,8 @@
 and the drift texts the gate's label-free checks read.
 
     python -m tasks.evaluate --model models/export --base models/base --registry registry \
-        --champion eval/champion.json --dpo models/dpo --samples eval/samples --metrics metrics/evaluate.json
+        --champion eval/champion.json --dpo models/dpo --heldout data/clean/sft_heldout.jsonl \
+        --samples eval/samples --metrics metrics/evaluate.json
 
 Each benchmark of ``evaluate.benchmarks`` becomes a local lm-eval YAML task (``dataset_path:
 json``, ``output_type: multiple_choice``, acc and acc_norm) run by ``lm_eval.simple_evaluate``,
@@ -31,6 +32,13 @@ the dpo stage scored them (its ``meta.json`` ``heldout.scoring``); per pair, the
 margin beside the SFT model's goes to ``--samples/alignment.jsonl`` for the gate's ``alignment``
 check, and the record's ``alignment`` says how many pairs, or why there are none (DPO did not
 train: not applicable; it trained but held nothing out: a problem the gate refuses on).
+
+The held-out SFT rows (``--heldout``, the dedup stage's ``sft_heldout.jsonl``: rows held out as
+the domain check when no domain benchmark is configured, ``dedup.sft_heldout``) are scored by
+candidate and base through the candidate's tokenizer and chat template: per row, the summed
+negative log-likelihood of the reference answer tokens (``--samples/sft_heldout.jsonl``, for the
+gate's ``heldout_nll`` check), plus a few greedy answers of each model for the report
+(``evaluate.sft_heldout``). An empty or absent file: the record's ``sft_heldout`` says so.
 
 Writes ``--metrics`` (per benchmark: role, n, each model's acc/acc_norm and the candidate's delta;
 the configured list; drift point values; a DVC metric) and ``--samples/<model>/<benchmark>.jsonl``
@@ -203,6 +211,7 @@ def stored_production_scores(registry: str, name: str, version: str, key: dict) 
 
 
 ALIGNMENT_FILE = "alignment.jsonl"
+HELDOUT_FILE = "sft_heldout.jsonl"   # per-row held-out SFT scores (tempering.sft_heldout.FILE)
 
 
 def alignment_source(dpo: str | None) -> dict:
@@ -317,12 +326,56 @@ def alignment_summary(source: dict, records: list[dict] | None, cache: str | Non
     return out
 
 
+# ----------------------------------------------------------------------------- held-out SFT rows
+
+
+def cached_heldout(cand_dir: Path, base_dir: Path, path: str | None, cfg: EvaluateParams,
+                   key: dict) -> tuple[list[dict] | None, dict, str]:
+    """(per-row records or None, the record's ``sft_heldout`` summary, cache state) of the
+    held-out SFT rows at ``path``, scored by candidate and base; cached by both models' scoring
+    keys, the rows and ``evaluate.sft_heldout``."""
+    from tempering import scorecard, sft_heldout
+
+    if path is None:
+        return None, {"rows": 0, "reason": "no --heldout file given"}, "off"
+    if not Path(path).is_file():
+        return None, {"rows": 0, "reason": f"{path}: not found (the dedup stage writes it)"}, "off"
+    rows = read_jsonl(path)
+    if not rows:
+        return None, {"rows": 0, "reason": f"{path}: empty (dedup.sft_heldout held nothing out: a domain "
+                                           "benchmark is configured, or it is disabled)"}, "off"
+    hcfg = cfg.sft_heldout
+    key = dict(key, rows=content_id(rows, 32), heldout=hcfg.model_dump(mode="json"),
+               heldout_version=sft_heldout.SCORING_VERSION)
+    cache = _cache_file(cfg, key, "heldout")
+    value = _read_cached(cache, key)
+    hit = "hit"
+    if value is None:
+        hit = "miss"
+        cand, tok = load_model(cand_dir)
+        base, _ = load_model(base_dir)
+        models = (("candidate", cand), ("base", base))
+        scored = {who: scorecard.heldout_nll(m, tok, rows, max_length=hcfg.max_length, batch_size=hcfg.batch_size,
+                                             cfg=cfg) for who, m in models}
+        gens = {who: scorecard.heldout_generations(m, tok, rows, n=hcfg.examples, max_new_tokens=hcfg.max_new_tokens,
+                                                   cfg=cfg) for who, m in models}
+        del cand, base
+        value = {"records": sft_heldout.pair_records(scored["candidate"], scored["base"]),
+                 "examples": [dict(c, base_answer=b["answer"]) for c, b in zip(gens["candidate"], gens["base"])]}
+        write_json(cache, {"key": key, "value": value})
+    summary = dict(sft_heldout.summary(value["records"], len(rows)), file=sft_heldout.FILE, source=str(path),
+                   examples=value["examples"], cache=hit)
+    if not value["records"]:
+        summary["reason"] = f"{path}: no row has an answer token within evaluate.sft_heldout.max_length"
+    return value["records"], summary, hit
+
+
 # ----------------------------------------------------------------------------- the stage
 
 
 def run(params: Params, model: str, base: str, samples: str, metrics: str, registry: str | None = None,
         registry_name: str = "tempering-model", alias: str = "production", champion: str | None = None,
-        dpo: str | None = None) -> dict:
+        dpo: str | None = None, heldout: str | None = None) -> dict:
     from tempering import backend
 
     started = time.time()
@@ -372,6 +425,10 @@ def run(params: Params, model: str, base: str, samples: str, metrics: str, regis
         cand_align, align_hit = cached_alignment(cand_dir, cand_hash, align_source, cfg)
         align_rows = alignment_records(read_heldout(align_source["path"]), cand_align)
     timings["alignment"] = round(time.time() - t0, 2)
+    t0 = time.time()
+    held_rows, held_summary, _ = cached_heldout(cand_dir, base_dir, heldout, cfg,
+                                                {"candidate": cand_key, "base": base_key})
+    timings["sft_heldout"] = round(time.time() - t0, 2)
 
     benchmarks = {}
     for name, spec in info["specs"].items():
@@ -410,16 +467,21 @@ def run(params: Params, model: str, base: str, samples: str, metrics: str, regis
         if align_rows is not None:
             with open(tmp / ALIGNMENT_FILE, "w", encoding="utf-8") as fh:
                 dump_jsonl(align_rows, fh)
+        if held_rows is not None:
+            with open(tmp / HELDOUT_FILE, "w", encoding="utf-8") as fh:
+                dump_jsonl(held_rows, fh)
         write_json(tmp / "bundle.json", {k: v for k, v in info.items() if k != "specs"})
     configured = [{"name": s.name, "role": s.role, "required": s.required} for s in cfg.benchmarks]
     result = {"bundle_hash": info["hash"], "limit": cfg.limit, "models": models, "benchmarks": benchmarks,
               "configured": configured, "skipped": info["skipped"], "generations": gens,
               "drift": dict(drift_summary(drift), cache=drift_hit) if drift else {"texts": 0, "cache": drift_hit},
               "alignment": alignment_summary(align_source, align_rows, align_hit),
+              "sft_heldout": held_summary,
               "timings_s": timings, "wall_time_s": round(time.time() - started, 2)}
     write_meta(samples, stage="evaluate", params=cfg, started=started,
                inputs={"candidate": cand_hash, "base": base_hash, "bundle": info["hash"],
-                       **({"heldout": hash_path(align_source["path"])} if "path" in align_source else {})})
+                       **({"heldout": hash_path(align_source["path"])} if "path" in align_source else {}),
+                       **({"sft_heldout": hash_path(heldout)} if held_rows is not None else {})})
     write_json(metrics, result)
     return {name: {"role": b["role"], "base": b["base"]["acc"], "candidate": b["candidate"]["acc"],
                    **({"production": b["production"]["acc"]} if "production" in b else {})}
@@ -439,6 +501,9 @@ def _args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--metrics", default="metrics/evaluate.json")
     parser.add_argument("--dpo", default=None,
                         help="the dpo stage's output (models/dpo): score the candidate on its held-out pairs")
+    parser.add_argument("--heldout", default=None,
+                        help="held-out SFT rows (data/clean/sft_heldout.jsonl): the domain check without a domain "
+                             "benchmark")
 
 
 def main(argv=None) -> int:

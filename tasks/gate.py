@@ -18,6 +18,11 @@ only when the data *certify* it (one-sided tests in :mod:`tempering.stats`, ``ga
 - **kl** / **perplexity**, on the fixed general text set (``evaluate.drift``): the upper end of
   the interval (bootstrap over texts) of the mean per-token KL(candidate || base) is at most
   ``max_kl``; of the perplexity ratio, at most ``max_perplexity_ratio``.
+- **heldout_nll**, on the held-out SFT rows (``dedup.sft_heldout``: rows SFT never trained on, the
+  domain check when no domain benchmark is configured), when ``min_heldout_nll_gain`` is set: the
+  lower end of the paired interval of the per-row mean answer NLL, base minus candidate, in nats
+  per token, is at least ``min_heldout_nll_gain``; fewer than ``min_heldout_rows`` rows cannot
+  certify it. It is in the gain family.
 - **champion**, every benchmark, when a production model was scored: non-inferior to production
   within ``production_margin`` (the lower end of (candidate - production) at least ``-margin``).
 - **alignment**, on the dpo stage's held-out preference pairs (whole prompts never trained on),
@@ -55,13 +60,15 @@ ALIGNMENT_NAME = "heldout_pairs"     # the alignment check's "benchmark" in repo
 
 # Which family a check belongs to (multiplicity is controlled within each).
 FAMILY = {"forgetting": "no-forgetting", "kl": "no-forgetting", "perplexity": "no-forgetting",
-          "gain": "gain", "champion": "champion", "alignment": "alignment"}
+          "gain": "gain", "heldout_nll": "gain", "champion": "champion", "alignment": "alignment"}
+HELDOUT_FILE = "sft_heldout.jsonl"   # evaluate's per-row held-out SFT results
+HELDOUT_NAME = "sft_heldout"         # the heldout_nll check's "benchmark" in reports
 
 
 @dataclass(frozen=True)
 class Check:
     benchmark: str
-    kind: str                  # gain | forgetting | kl | perplexity | champion | alignment
+    kind: str                  # gain | heldout_nll | forgetting | kl | perplexity | champion | alignment
     threshold: float           # min gain, budget / margin (as a positive drop), or upper limit
     candidate: float | None
     reference: float | None    # the base's (gain, forgetting, drift), production's (champion), SFT's (alignment)
@@ -274,6 +281,53 @@ def _alignment_check(info, rows: list[dict] | None, cfg: GateParams, salt: int) 
     return _paired_test(pend, xs, ys, cfg, salt, 1), None
 
 
+def _heldout_check(info, rows: list[dict] | None, cfg: GateParams, salt: int) -> tuple[_Pending | None, str | None]:
+    """(the heldout_nll check, or None; a "Not checked" line, or None). ``info`` is the evaluation
+    record's ``sft_heldout``; ``rows`` evaluate's per-row results. No rows held out: no check (the
+    domain check is then a domain benchmark, or missing: :func:`decide` says so)."""
+    name = HELDOUT_NAME
+    held = int(info.get("held_out") or info.get("rows") or 0) if isinstance(info, dict) else 0
+    if not held and not rows:
+        return None, None
+    if cfg.min_heldout_nll_gain is None:
+        return None, f"{name} (heldout_nll): {held} held-out SFT rows measured, not checked (gate.min_heldout_nll_gain is null)"
+    pend = _Pending(name, "heldout_nll", cfg.min_heldout_nll_gain, n=int(info.get("rows") or 0))
+    if rows is None:
+        pend.problem = f"the per-row results (eval/samples/{HELDOUT_FILE}) are missing"
+        return pend, None
+    ids = [r.get("id") for r in rows]
+    if None in ids or len(set(ids)) != len(ids):
+        pend.problem = "the held-out rows' ids are missing or repeated"
+        return pend, None
+    diffs, cand, base = [], [], []
+    for r in rows:
+        try:
+            t, c, b = float(r["tokens"]), float(r["nll_candidate"]), float(r["nll_base"])
+        except (KeyError, TypeError, ValueError) as exc:
+            pend.problem = f"held-out row {r.get('id')} has no usable {exc.args[0] if isinstance(exc, KeyError) else 'score'}"
+            return pend, None
+        if not (math.isfinite(t) and math.isfinite(c) and math.isfinite(b)) or t <= 0:
+            pend.problem = f"held-out row {r.get('id')} is NaN, infinite or has no answer tokens"
+            return pend, None
+        cand.append(c / t)
+        base.append(b / t)
+        diffs.append((b - c) / t)
+    pend.n = len(rows)
+    if isinstance(info, dict) and info.get("rows") is not None and int(info["rows"]) != len(rows):
+        pend.problem = f"the record says {info['rows']} held-out rows but {len(rows)} were scored"
+        return pend, None
+    if len(rows) < cfg.min_heldout_rows:
+        pend.problem = (f"{len(rows)} held-out SFT rows cannot certify a gain (gate.min_heldout_rows "
+                        f"{cfg.min_heldout_rows}; raise dedup.sft_heldout.share or bring more rows)")
+        return pend, None
+    pend.candidate, pend.reference = sum(cand) / len(cand), sum(base) / len(base)
+    pend.delta = pend.reference - pend.candidate
+    res = stats.mean_lower_test(diffs, cfg.min_heldout_nll_gain, method="bootstrap" if cfg.test == "bootstrap"
+                                else "normal", confidence=cfg.confidence, iters=cfg.bootstrap_iters, seed=cfg.seed + salt)
+    pend.ci, pend.p_value = res.ci, res.p_value
+    return pend, None
+
+
 def _drift_checks(rows: list[dict] | None, cfg: GateParams, salt: int) -> list[_Pending]:
     out = []
     wanted = [("kl", cfg.max_kl), ("perplexity", cfg.max_perplexity_ratio)]
@@ -338,6 +392,17 @@ def _reason(p: _Pending, passed: bool, adj: float | None, alpha: float, cfg: Gat
                     f"{p.threshold:.3f} on its own, but not after {cfg.multiplicity} correction: cannot certify it ({test})")
         return (f"{where}: {what} {p.delta:.3f} {unit}, interval up to {hi:.3f}: cannot certify the limit "
                 f"{p.threshold:.3f} ({test})")
+    if p.kind == "heldout_nll":
+        lo = p.ci[0]
+        scores = (f"answer NLL base {p.reference:.3f} -> candidate {p.candidate:.3f} nats/token, n {p.n} rows "
+                  "never trained on")
+        if passed:
+            return f"{where}: lowered by {p.delta:+.3f}, lower end {lo:+.3f} >= {p.threshold:.3f} ({scores}; {test})"
+        if lo >= p.threshold:
+            return (f"{where}: lowered by {p.delta:+.3f}, lower end {lo:+.3f} clears {p.threshold:.3f} on its own, but "
+                    f"not after {cfg.multiplicity} correction: not certified ({scores}; {test})")
+        return (f"{where}: lowered by {p.delta:+.3f}, lower end {lo:+.3f} < the required {p.threshold:.3f}: "
+                f"not certified ({scores}; {test})")
     ref = {"champion": "production", "alignment": "SFT"}.get(p.kind, "base")
     scores = f"candidate {p.candidate:.3f} vs {ref} {p.reference:.3f}, n {p.n}"
     lo = p.ci[0]
@@ -396,8 +461,12 @@ def decide(evaluation: dict, samples: dict | None, cfg: GateParams) -> Verdict:
         threshold = cfg.min_domain_gain if role == "domain" else cfg.max_forgetting.get(
             name, cfg.max_forgetting.get("default", 0.0))
         pending.append(_Pending(name, kind, threshold, problem=f"configured but not scored ({why})"))
-    if not any(s.get("role") == "domain" for s in configured):
-        notes.append("no domain benchmark is configured: nothing shows the candidate is better")
+    heldout, line = _heldout_check(evaluation.get("sft_heldout"), samples.get("sft_heldout"), cfg, salt=15485863)
+    if line:
+        not_checked.append(line)
+    if not any(s.get("role") == "domain" for s in configured) and heldout is None:
+        notes.append("no domain benchmark is configured and no SFT rows were held out (dedup.sft_heldout): "
+                     "nothing shows the candidate is better")
     if not any(s.get("role") == "general" for s in configured):
         notes.append("no general benchmark is configured: at least one forgetting check is required")
 
@@ -419,6 +488,8 @@ def decide(evaluation: dict, samples: dict | None, cfg: GateParams) -> Verdict:
         if has_production and cfg.production_margin is not None and role in ("domain", "general"):
             pending.append(_accuracy_check(name, "champion", "production", cfg.production_margin, b, samples, cfg,
                                            1000 * i + 500, sizes["champion"]))
+    if heldout is not None:
+        pending.append(heldout)
     pending += _drift_checks(samples.get("drift"), cfg, salt=7919)
     alignment, line = _alignment_check(evaluation.get("alignment"), samples.get("alignment"), cfg, salt=104729)
     if alignment is not None:
@@ -475,6 +546,13 @@ def certifies(checks: list[Check], evaluation: dict, cfg: GateParams) -> list[st
     if isinstance(info, dict) and info.get("applicable") is False:
         out.append("No alignment claim is checked: DPO did not train, so the candidate claims nothing beyond what "
                    "SFT taught it about preferences.")
+    held = [c for c in checks if c.kind == "heldout_nll" and c.ci]
+    if held:
+        h = held[0]
+        out.append(f"The domain gain is certified on {h.n} held-out SFT rows only (never trained on, drawn from the "
+                   "same data): the candidate finds the reference answers likelier than the base does. Likelihood "
+                   "of a reference answer is not the quality of a generated one, and rows from the same sources "
+                   "say nothing about other tasks of the domain.")
     drift = [c for c in checks if c.kind in ("kl", "perplexity") and c.ci]
     if drift:
         out.append(f"Drift is certified on the fixed general text set ({drift[0].n} texts): a distribution shift "
@@ -492,8 +570,8 @@ def certifies(checks: list[Check], evaluation: dict, cfg: GateParams) -> list[st
 
 def load_samples(folder: str | Path) -> dict:
     """``eval/samples/<model>/<benchmark>.jsonl`` -> {model: {benchmark: rows}}; plus
-    ``eval/samples/drift.jsonl`` -> {"drift": rows} and ``eval/samples/alignment.jsonl`` ->
-    {"alignment": rows} when present."""
+    ``eval/samples/drift.jsonl`` -> {"drift": rows}, ``eval/samples/alignment.jsonl`` ->
+    {"alignment": rows} and ``eval/samples/sft_heldout.jsonl`` -> {"sft_heldout": rows} when present."""
     folder = Path(folder)
     if not folder.is_dir():
         raise TemperingError(f"{folder}: per-item results not found (run the evaluate stage)")
@@ -504,6 +582,8 @@ def load_samples(folder: str | Path) -> dict:
         out["drift"] = read_jsonl(folder / DRIFT_FILE)
     if (folder / ALIGNMENT_FILE).is_file():
         out["alignment"] = read_jsonl(folder / ALIGNMENT_FILE)
+    if (folder / HELDOUT_FILE).is_file():
+        out["sft_heldout"] = read_jsonl(folder / HELDOUT_FILE)
     return out
 
 

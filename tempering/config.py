@@ -176,6 +176,19 @@ class ValidateParams(_Section):
     pii: PiiParams = PiiParams()
 
 
+class SftHeldoutParams(_Section):
+    # Held-out SFT rows (tempering/sft_heldout.py): the domain check when no domain benchmark is
+    # configured. auto = only then; true = always (beside a domain benchmark too); false = never.
+    enabled: Literal["auto"] | bool = "auto"
+    # Share of the user's SFT prompts held out (rows sharing a prompt go together; replay rows
+    # never). More = a tighter interval on the gain, less to train on.
+    share: float = Field(0.1, gt=0.0, lt=0.5)
+    # At most this many held-out rows (null = no cap): each costs two scorings in evaluate.
+    max_rows: int | None = Field(200, ge=1)
+    # Which prompts are held out is a hash of (seed, prompt): stable across refreshes.
+    seed: int = 0
+
+
 class DedupParams(_Section):
     # Jaccard similarity above which two rows are near-duplicates. Lower catches more
     # paraphrases but risks dropping legitimately similar rows.
@@ -193,6 +206,7 @@ class DedupParams(_Section):
     # entry; a new label (next week's refresh) dedups against all earlier ones.
     index: bool = True
     snapshot: str = Field("initial", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    sft_heldout: SftHeldoutParams = SftHeldoutParams()
 
 
 # ----------------------------------------------------------------------------- training
@@ -484,6 +498,16 @@ class DevParams(_Section):
         return v
 
 
+class HeldoutScoringParams(_Section):
+    # How evaluate scores the held-out SFT rows (dedup.sft_heldout): tokens per row (longer rows
+    # keep their start; answers past it are not scored), rows per forward pass, and greedy
+    # answers shown in the report (0 = none; ~1-2 s each on CPU).
+    max_length: int = Field(256, ge=8)
+    batch_size: int = Field(8, ge=1)
+    examples: int = Field(4, ge=0, le=100)
+    max_new_tokens: int = Field(48, ge=1, le=1024)
+
+
 class EvaluateParams(_Section):
     benchmarks: tuple[BenchmarkSpec, ...] = ()
     # A cap on items per benchmark, over each benchmark's own `limit` (null = no cap). For smoke
@@ -506,6 +530,7 @@ class EvaluateParams(_Section):
     generation: GenerationParams = GenerationParams()
     drift: DriftParams = DriftParams()
     dev: DevParams = DevParams()
+    sft_heldout: HeldoutScoringParams = HeldoutScoringParams()
     # Cache base-model results keyed by (model hash, lm-eval version, benchmark hash).
     cache_dir: str = ".cache/tempering/benchmarks"
 
@@ -536,6 +561,12 @@ class GateParams(_Section):
     max_perplexity_ratio: float | None = Field(1.2, gt=1.0)
     # Fewest drift texts that can certify a drift limit.
     min_drift_texts: int = Field(32, ge=2)
+    # Held-out SFT rows (dedup.sft_heldout; the domain check when no domain benchmark is
+    # configured): the lower end of the interval of the per-row mean answer NLL, base minus
+    # candidate, in nats per token, must be at least this; fewer rows than min_heldout_rows
+    # cannot certify it. null = not checked.
+    min_heldout_nll_gain: float | None = Field(0.05, ge=0.0)
+    min_heldout_rows: int = Field(30, ge=2)
     # How a paired delta is tested. bootstrap: percentile bootstrap over items; mcnemar: the
     # paired normal interval (variance from the discordant items).
     test: Literal["bootstrap", "mcnemar"] = "bootstrap"

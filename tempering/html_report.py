@@ -826,6 +826,17 @@ def _generations(export_meta: Loaded, export: Loaded, evaluate: Loaded, max_exam
     else:
         body.append(not_run("generation examples from evaluate", None if evaluate.ok else evaluate,
                             " (metrics/evaluate.json has no generations)" if evaluate.ok else ""))
+    held = evaluate.data.get("sft_heldout") if evaluate.ok else None
+    if isinstance(held, dict) and held.get("rows"):
+        have = True
+        body.append("<h3>Held-out SFT rows (never trained on; the domain check without a domain benchmark)</h3>")
+        shown = [("rows", held.get("rows")), ("answer NLL, base (nats/token)", held.get("nll_base")),
+                 ("answer NLL, candidate", held.get("nll_candidate")), ("lowered by", held.get("nll_gain")),
+                 ("rows improved", held.get("rows_improved"))]
+        body.append(table([esc(k) for k, _ in shown], [[esc(fmt(v)) for _, v in shown]], "heldout-stats"))
+        body += [_example(ex) for ex in (held.get("examples") or [])[:max_examples]]
+    elif isinstance(held, dict) and held.get("reason"):
+        body.append(f'<p class="meta">Held-out SFT rows: none scored ({esc(held["reason"])}).</p>')
     body.append("<h3>Merge check (export): adapter vs merged model, greedy</h3>")
     if export.ok:
         shown = [(label, export.data.get(k)) for k, label in (

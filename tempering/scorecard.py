@@ -409,5 +409,91 @@ def drift_summary(records: list[dict]) -> dict:
     return out
 
 
+# ----------------------------------------------------------------------------- held-out SFT rows
+# (dedup.sft_heldout; the per-row file and its summary: tempering/sft_heldout.py)
+
+
+def _heldout_encode(tok, row: dict, max_length: int) -> tuple[list[int], list[int]]:
+    from tempering import backend
+
+    enc = backend.tokenize_conversation(tok, row["messages"], max_length=max_length)
+    return enc["input_ids"], enc["labels"]
+
+
+def heldout_encoded(tok, rows: list[dict], max_length: int) -> list[tuple[dict, list[int], list[int]]]:
+    """(row, ids, labels) for every row with at least one answer token left after truncation."""
+    out = []
+    for row in rows:
+        try:
+            ids, labels = _heldout_encode(tok, row, max_length)
+        except ValueError as exc:
+            raise TemperingError(f"held-out SFT row {row.get('id')}: field messages: {exc}") from None
+        if any(x != -100 for x in labels[1:]):
+            out.append((row, ids, labels))
+    return out
+
+
+def heldout_nll(model, tok, rows: list[dict], *, max_length: int, batch_size: int, cfg: EvaluateParams) -> list[dict]:
+    """Per row: answer tokens scored and their summed negative log-likelihood under ``model``
+    (float32 log-softmax at the answer positions only). Rows with no answer token left after
+    ``max_length`` are skipped (the record's ``skipped`` says how many). Autocast as every other
+    score of the run (``evaluate.precision``)."""
+    import torch
+
+    enc = heldout_encoded(tok, rows, max_length)
+    order = sorted(range(len(enc)), key=lambda i: len(enc[i][1]))
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    device = next(model.parameters()).device
+    out: dict[int, dict] = {}
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        width = max(len(enc[i][1]) for i in idx)
+        ids = torch.full((len(idx), width), pad, dtype=torch.long)
+        labels = torch.full((len(idx), width), -100, dtype=torch.long)
+        mask = torch.zeros((len(idx), width), dtype=torch.long)
+        for r, i in enumerate(idx):
+            _, seq, lab = enc[i]
+            ids[r, : len(seq)] = torch.tensor(seq)
+            labels[r, : len(lab)] = torch.tensor(lab)
+            mask[r, : len(seq)] = 1
+        ids, labels, mask = ids.to(device), labels.to(device), mask.to(device)
+        with _autocast(cfg):
+            logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+        target = labels[:, 1:]
+        sel = target != -100
+        lp = torch.log_softmax(logits[sel].float(), -1)
+        nll = -lp.gather(-1, target[sel][:, None])[:, 0]
+        rows_of = sel.nonzero()[:, 0]
+        sums = torch.zeros(len(idx), dtype=torch.float64, device=nll.device).index_add_(0, rows_of, nll.double())
+        counts = sel.sum(-1)
+        for r, i in enumerate(idx):
+            row = enc[i][0]
+            out[i] = {"id": row.get("id", str(i)), "source": row.get("source"), "tokens": int(counts[r]),
+                      "nll": float(sums[r])}
+        del logits, lp
+    return [out[i] for i in range(len(enc))]
+
+
+def heldout_generations(model, tok, rows: list[dict], *, n: int, max_new_tokens: int, cfg: EvaluateParams) -> list[dict]:
+    """Greedy answers to the first ``n`` held-out prompts (the conversation up to its last
+    assistant turn), beside the reference answer: for the report, not for the gate."""
+    out = []
+    for row in rows[:n]:
+        messages = row["messages"]
+        last = max(i for i, m in enumerate(messages) if m.get("role") == "assistant")
+        prompt_ids = tok.apply_chat_template(messages[:last], add_generation_prompt=True, tokenize=True,
+                                             return_dict=True)["input_ids"]
+        import torch
+
+        ids = torch.tensor([list(prompt_ids)], device=next(model.parameters()).device)
+        with _autocast(cfg):
+            gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                 do_sample=False, pad_token_id=tok.pad_token_id)
+        prompt = next((m["content"] for m in reversed(messages[:last]) if m.get("role") == "user"), "")
+        out.append({"id": row.get("id"), "prompt": prompt, "reference": messages[last]["content"],
+                    "answer": tok.decode(gen[0, ids.shape[1]:], skip_special_tokens=True).strip()})
+    return out
+
+
 def score_all(model, tok, info: dict, cfg: EvaluateParams) -> dict:
     return {"mc": multiple_choice(model, tok, info, cfg), "generation": generations(model, tok, info, cfg)}

@@ -78,7 +78,9 @@ def test_generated_data_only_planted_duplicates_removed(pipeline):
     assert metrics["contaminated_by_benchmark"] == {"domain": 0, "general_arithmetic": 0, "general_knowledge": 0,
                                                     "dev_domain": 0}
     assert sorted(p.name for p in (root / "clean").iterdir()) == ["meta.json", "preference.jsonl", "sft.jsonl",
-                                                                 "text.jsonl"]
+                                                                 "sft_heldout.jsonl", "text.jsonl"]
+    # A domain benchmark is configured: nothing held out (the file is there, empty).
+    assert (root / "clean" / "sft_heldout.jsonl").read_text() == "" and not metrics["sft_heldout"]["enabled"]
 
 
 def test_templated_rows_stay_below_threshold(pipeline):

@@ -105,9 +105,12 @@ def _params_touched(path: Path) -> set[str]:
     for node in ast.walk(tree):
         if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "params"
                 and node.attr in sections):
-            key = FIELD_TO_KEY.get(node.attr, node.attr)
+            chain = [FIELD_TO_KEY.get(node.attr, node.attr)]
             parent = parents.get(node)
-            out.add(f"{key}.{parent.attr}" if isinstance(parent, ast.Attribute) and parent.value is node else key)
+            while isinstance(parent, ast.Attribute) and parent.value is node:  # params.sft.replay.source
+                chain.append(parent.attr)
+                node, parent = parent, parents.get(parent)
+            out.add(".".join(chain))
     return out
 
 
@@ -125,13 +128,14 @@ def test_declared_params_are_the_stages_params(stage):
     dvc = set(DVC[stage].get("params") or [])
     assert declared == dvc, (f"tasks/{stage}.py PARAMS and dvc.yaml stages.{stage}.params differ: "
                              f"only in PARAMS {sorted(declared - dvc)}, only in dvc.yaml {sorted(dvc - declared)}")
-    # What the code touches is declared: a whole section, or (for a section read key by key)
-    # each key. A section passed down whole (`bundle(cfg, params.gate)`) counts as read when any
-    # of its keys is declared: the helper's own keys are then the declaration's responsibility.
+    # What the code touches is declared: it or a section above it (`sft` covers
+    # `params.sft.replay.source`), or (for a section read key by key) each key. A section passed
+    # down whole (`bundle(cfg, params.gate)`) counts as read when any key under it is declared:
+    # the helper's own keys are then the declaration's responsibility.
     for used in _params_touched(ROOT / "tasks" / f"{stage}.py"):
-        section = used.split(".")[0]
-        ok = used in declared or section in declared or (
-            "." not in used and any(d.startswith(section + ".") for d in declared))
+        parts = used.split(".")
+        prefixes = {".".join(parts[: i + 1]) for i in range(len(parts))}
+        ok = bool(prefixes & declared) or any(d.startswith(used + ".") for d in declared)
         assert ok, f"tasks/{stage}.py reads params.{used}, which PARAMS / dvc.yaml do not declare"
 
 
