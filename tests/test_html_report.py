@@ -301,6 +301,23 @@ def test_generations_in_other_shapes(tmp_path):
     assert first == "question"
 
 
+def test_heldout_sft_rows_are_shown_with_their_nll_and_answers(tmp_path):
+    make_run(tmp_path, generations=False)
+    ev = json.loads((tmp_path / "metrics/evaluate.json").read_text())
+    ev["sft_heldout"] = {"rows": 40, "held_out": 40, "skipped": 0, "nll_base": 1.9, "nll_candidate": 1.2,
+                         "nll_gain": 0.7, "rows_improved": 37,
+                         "examples": [{"id": "r1", "prompt": "write <a loop>", "reference": "for i in x:",
+                                       "answer": "while True:", "base_answer": "I cannot"}]}
+    _write(tmp_path, "metrics/evaluate.json", ev)
+    gens = _section(html_report.render(tmp_path), "generations")
+    assert "Held-out SFT rows" in gens and "rows improved" in gens and "0.7" in gens
+    assert "write &lt;a loop&gt;" in gens and "I cannot" in gens and "for i in x:" in gens
+    ev["sft_heldout"] = {"rows": 0, "reason": "data/clean/sft_heldout.jsonl: empty"}
+    _write(tmp_path, "metrics/evaluate.json", ev)
+    gens = _section(html_report.render(tmp_path), "generations")
+    assert "none scored (data/clean/sft_heldout.jsonl: empty)" in gens
+
+
 def test_cli_writes_atomically(tmp_path):
     make_run(tmp_path)
     rc = html_report.main(["--root", str(tmp_path), "--out", "reports/report.html"])
