@@ -30,7 +30,8 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = ROOT.parent / "shared" / "data" / "sft" / "code_alpaca_2k.json.gz"
+SHARED = Path(os.environ.get("TEMPERING_SHARED_DATA") or ROOT.parent / "shared" / "data")
+DEFAULT_DATA = SHARED / "sft" / "code_alpaca_2k.json.gz"
 
 
 def configure(root: Path, data: Path) -> dict:

@@ -10,6 +10,7 @@ cheap: a copy of the session's reproduced tiny project, run up to the report.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -18,7 +19,8 @@ import yaml
 
 from tiny_project import ROOT, copy_project, dvc, git_commit
 
-ALPACA = ROOT.parent / "shared" / "data" / "sft" / "alpaca_first100.json.gz"
+SHARED = Path(os.environ.get("TEMPERING_SHARED_DATA") or ROOT.parent / "shared" / "data")
+ALPACA = SHARED / "sft" / "alpaca_first100.json.gz"
 
 
 def _rows(path: Path) -> list[dict]:
