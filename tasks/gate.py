@@ -392,28 +392,23 @@ def _reason(p: _Pending, passed: bool, adj: float | None, alpha: float, cfg: Gat
                     f"{p.threshold:.3f} on its own, but not after {cfg.multiplicity} correction: cannot certify it ({test})")
         return (f"{where}: {what} {p.delta:.3f} {unit}, interval up to {hi:.3f}: cannot certify the limit "
                 f"{p.threshold:.3f} ({test})")
-    if p.kind == "heldout_nll":
-        lo = p.ci[0]
-        scores = (f"answer NLL base {p.reference:.3f} -> candidate {p.candidate:.3f} nats/token, n {p.n} rows "
-                  "never trained on")
+    lo = p.ci[0]
+    if p.kind in ("gain", "heldout_nll"):  # superiority: the lower end must reach the threshold
+        if p.kind == "heldout_nll":
+            verb = "lowered by"
+            scores = (f"answer NLL base {p.reference:.3f} -> candidate {p.candidate:.3f} nats/token, n {p.n} rows "
+                      "never trained on")
+        else:
+            verb, scores = "gained", f"candidate {p.candidate:.3f} vs base {p.reference:.3f}, n {p.n}"
         if passed:
-            return f"{where}: lowered by {p.delta:+.3f}, lower end {lo:+.3f} >= {p.threshold:.3f} ({scores}; {test})"
+            return f"{where}: {verb} {p.delta:+.3f}, lower end {lo:+.3f} >= {p.threshold:.3f} ({scores}; {test})"
         if lo >= p.threshold:
-            return (f"{where}: lowered by {p.delta:+.3f}, lower end {lo:+.3f} clears {p.threshold:.3f} on its own, but "
+            return (f"{where}: {verb} {p.delta:+.3f}, lower end {lo:+.3f} clears {p.threshold:.3f} on its own, but "
                     f"not after {cfg.multiplicity} correction: not certified ({scores}; {test})")
-        return (f"{where}: lowered by {p.delta:+.3f}, lower end {lo:+.3f} < the required {p.threshold:.3f}: "
+        return (f"{where}: {verb} {p.delta:+.3f}, lower end {lo:+.3f} < the required {p.threshold:.3f}: "
                 f"not certified ({scores}; {test})")
     ref = {"champion": "production", "alignment": "SFT"}.get(p.kind, "base")
     scores = f"candidate {p.candidate:.3f} vs {ref} {p.reference:.3f}, n {p.n}"
-    lo = p.ci[0]
-    if p.kind == "gain":
-        if passed:
-            return f"{where}: gained {p.delta:+.3f}, lower end {lo:+.3f} >= {p.threshold:.3f} ({scores}; {test})"
-        if lo >= p.threshold:
-            return (f"{where}: gained {p.delta:+.3f}, lower end {lo:+.3f} clears {p.threshold:.3f} on its own, but "
-                    f"not after {cfg.multiplicity} correction: not certified ({scores}; {test})")
-        return (f"{where}: gained {p.delta:+.3f}, lower end {lo:+.3f} < the required {p.threshold:.3f}: "
-                f"not certified ({scores}; {test})")
     margin = f"{'budget' if p.kind == 'forgetting' else 'margin'} {p.threshold:.3f}"
     if p.powered is False:
         units = "held-out pairs" if p.kind == "alignment" else "items"
