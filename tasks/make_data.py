@@ -1,6 +1,6 @@
 """Stage ``make_data``: a deterministic synthetic domain the base model cannot already know.
 
-    python -m tasks.make_data --out data/generated
+    python -m tasks.make_data --out data/generated     # dvc.yaml: --out ${make_data.out}
 
 Fictional people of an invented valley, each with four facts whose values come from small closed
 sets (home town, profession, favourite colour, instrument: 8 values each). Everything comes from
@@ -740,9 +740,10 @@ def write_generated(cfg: MakeDataParams, folder: Path) -> dict:
     return manifest
 
 
-def run(params: Params, out: str) -> dict:
+def run(params: Params, out: str | None = None) -> dict:
     started = time.time()
     cfg = params.make_data
+    out = out or cfg.out
     with atomic_path(out) as tmp:
         manifest = write_generated(cfg, tmp)
         write_meta(tmp, stage="make_data", params=cfg, inputs={}, started=started)
@@ -751,7 +752,7 @@ def run(params: Params, out: str) -> dict:
 
 
 def _args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", default="data/generated", help="output folder (replaced atomically)")
+    parser.add_argument("--out", default=None, help="output folder, replaced atomically (default: make_data.out)")
 
 
 def main(argv=None) -> int:

@@ -45,6 +45,9 @@ class BaseModelParams(_Section):
 
 
 class MakeDataParams(_Section):
+    # The folder the stage writes (dvc.yaml names it as ${make_data.out}: its out, and the deps of
+    # the stages that read it). validate.sources and evaluate.benchmarks name files inside it.
+    out: str = "data/generated"
     seed: int = 1234
     # Fictional entities; each has one fact per attribute (4 attributes). More entities = more
     # facts to learn = longer SFT and a harder domain benchmark.

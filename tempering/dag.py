@@ -9,6 +9,7 @@ Flows call :func:`stage_order`; a test checks it against DVC's own graph so the 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -33,7 +34,35 @@ def _inside(dep: str, out: str) -> bool:
     return dep == out or dep.startswith(out + "/") or out.startswith(dep + "/")
 
 
-def load_stages(dvc_yaml: str | os.PathLike = "dvc.yaml") -> dict[str, dict]:
+_VAR = re.compile(r"\$\{\s*([\w.-]+)\s*\}")
+
+
+def _lookup(params: dict, key: str, where: str):
+    node = params
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            raise TemperingError(f"{where}: ${{{key}}} is not a key of params.yaml")
+        node = node[part]
+    if isinstance(node, (dict, list)) or node is None:
+        raise TemperingError(f"{where}: ${{{key}}} is not a single value in params.yaml")
+    return node
+
+
+def resolve(node, params: dict, where: str = "dvc.yaml"):
+    """``${section.key}`` in every string of ``node`` replaced from ``params`` (params.yaml), as
+    DVC's templating does for the values it reads by default; dict keys too (a metrics entry)."""
+    if isinstance(node, str):
+        return _VAR.sub(lambda m: str(_lookup(params, m.group(1), where)), node)
+    if isinstance(node, list):
+        return [resolve(x, params, where) for x in node]
+    if isinstance(node, dict):
+        return {resolve(k, params, where): resolve(v, params, where) for k, v in node.items()}
+    return node
+
+
+def load_stages(dvc_yaml: str | os.PathLike = "dvc.yaml", *, interpolate: bool = True) -> dict[str, dict]:
+    """The ``stages`` mapping of ``dvc.yaml``; with ``interpolate``, ``${...}`` resolved from the
+    ``params.yaml`` beside it (so ``${make_data.out}`` in a dep matches the out it names)."""
     path = Path(dvc_yaml)
     try:
         doc = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
@@ -42,6 +71,13 @@ def load_stages(dvc_yaml: str | os.PathLike = "dvc.yaml") -> dict[str, dict]:
     stages = doc.get("stages")
     if not isinstance(stages, dict) or not stages:
         raise TemperingError(f"{path}: no 'stages' mapping")
+    if interpolate and _VAR.search(path.read_text(encoding="utf-8")):
+        params_file = path.parent / "params.yaml"
+        try:
+            params = yaml.safe_load(params_file.read_text(encoding="utf-8")) or {}
+        except FileNotFoundError:
+            raise TemperingError(f"{path}: uses ${{...}} but {params_file} is not found") from None
+        stages = {name: resolve(stage, params, f"{path}: stages.{name}") for name, stage in stages.items()}
     return stages
 
 

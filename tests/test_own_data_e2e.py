@@ -10,16 +10,16 @@ cheap: a copy of the session's reproduced tiny project, run up to the report.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tiny_project import ROOT, copy_project, dvc, git_commit
+from tiny_project import copy_project, dvc, git_commit
 
-SHARED = Path(os.environ.get("TEMPERING_SHARED_DATA") or ROOT.parent / "shared" / "data")
+from shared_data import SHARED, need  # noqa: E402
+
 ALPACA = SHARED / "sft" / "alpaca_first100.json.gz"
 
 
@@ -29,8 +29,8 @@ def _rows(path: Path) -> list[dict]:
 
 @pytest.mark.parametrize("data", ["generated", "alpaca_first100"])
 def test_own_sft_data_without_a_domain_benchmark(tiny_project: Path, tmp_path: Path, data: str):
-    if data == "alpaca_first100" and not ALPACA.exists():
-        pytest.skip(f"{ALPACA} not present (real public SFT rows; see ../shared/data/README.md)")
+    if data == "alpaca_first100":
+        need(ALPACA)
     root = copy_project(tiny_project, tmp_path / data)
     params = yaml.safe_load((root / "params.yaml").read_text())
     sources = [s for s in params["validate"]["sources"] if s["kind"] != "sft" or s["path"].startswith("data/replay/")]

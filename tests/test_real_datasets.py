@@ -1,27 +1,24 @@
 """Ingest the real public datasets in shared/data (never copied into the repo) and check their counts.
 
 The folder is ``<repo>/../shared/data`` or ``$TEMPERING_SHARED_DATA``; every test skips when it is
-absent. Counts are the ones in that folder's README.
+absent, and fails instead where ``.ci/run`` requires it (``tests/shared_data.py``). Counts are the ones in that folder's README.
 """
 
 from __future__ import annotations
 
-import os
 from collections import Counter
-from pathlib import Path
 
 import pytest
 
 from tempering.config import SourceSpec, ValidateParams
 from tempering.formats import Accepted, iter_source
 
-SHARED = Path(os.environ.get("TEMPERING_SHARED_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
+from shared_data import SHARED, need
 
 
 def ingest(rel: str, kind: str, fmt: str) -> tuple[list[dict], Counter]:
     path = SHARED / rel
-    if not path.exists():
-        pytest.skip(f"{path} not present")
+    need(path)
     rows, rejected = [], Counter()
     for res in iter_source(SourceSpec(path=str(path), kind=kind, format=fmt)):
         if isinstance(res, Accepted):
@@ -91,8 +88,7 @@ def test_validate_stage_on_real_data(rel, kind, fmt, read, reasons):
     from tasks import validate
 
     path = SHARED / rel
-    if not path.exists():
-        pytest.skip(f"{path} not present")
+    need(path)
     vp = ValidateParams(sources=(SourceSpec(path=str(path), kind=kind, format=fmt),), max_reject_share=0.05)
     kept, quarantine, metrics, _ = validate.validate_sources(vp)
     s = metrics["sources"][str(path)]

@@ -21,10 +21,14 @@ import re
 from pathlib import Path
 
 import pytest
-import yaml
+
+from tempering.dag import load_stages
 
 ROOT = Path(__file__).resolve().parents[1]
-DVC = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+# ``${...}`` resolved from params.yaml as DVC does (make_data.out names a folder, not a literal);
+# the raw commands keep theirs (the registry is passed that way on purpose).
+DVC = load_stages(ROOT / "dvc.yaml")
+RAW = load_stages(ROOT / "dvc.yaml", interpolate=False)
 PACKAGES = ("tasks", "tempering")
 # Field names on Params (validate_ because `validate` is a pydantic method name) -> params.yaml keys.
 FIELD_TO_KEY = {"validate_": "validate"}
@@ -155,7 +159,7 @@ def test_every_path_on_the_command_line_is_a_dep_or_an_out(stage):
     spec = DVC[stage]
     declared = _names(spec.get("deps")) + _names(spec.get("outs")) + _names(spec.get("metrics")) + \
         _names(spec.get("plots"))
-    tokens = spec["cmd"].split()
+    tokens = RAW[stage]["cmd"].split()
     paths = [t for i, t in enumerate(tokens)
              if i and tokens[i - 1].startswith("--") and "${" not in t and not t.startswith("-")
              and ("/" in t or (ROOT / t).is_dir() or t in {"."})]
@@ -193,3 +197,27 @@ def test_the_contract_test_sees_a_missing_dep():
     files = _closure("tasks.validate")
     assert {"tempering/config.py", "tempering/io.py", "tempering/__init__.py"} <= files
     assert not _covered("tempering/config.py", ["tasks/validate.py", "data/generated"])
+
+
+def test_make_data_paths_are_params_not_literals():
+    """make_data's folder is named once (make_data.out): dvc.yaml interpolates it wherever a stage
+    writes or reads it, and resolving it gives the folder the params name."""
+    from tempering.config import load_params
+
+    out = load_params(ROOT / "params.yaml").make_data.out
+    text = (ROOT / "dvc.yaml").read_text()
+    assert out not in text, f"dvc.yaml names {out} literally; use ${{make_data.out}}"
+    assert _names(DVC["make_data"]["outs"]) == [out]
+    for stage in ("validate", "dedup", "evaluate", "export"):
+        assert _covered(f"{out}/benchmarks/domain.jsonl", _names(DVC[stage]["deps"])), stage
+
+
+def test_interpolation_names_a_missing_key(tmp_path):
+    from tempering import TemperingError
+
+    (tmp_path / "dvc.yaml").write_text("stages:\n  a:\n    cmd: echo ${nope.key}\n    outs: [x]\n")
+    (tmp_path / "params.yaml").write_text("make_data: {out: data/generated}\n")
+    with pytest.raises(TemperingError, match=r"stages.a: \$\{nope.key\} is not a key of params.yaml"):
+        load_stages(tmp_path / "dvc.yaml")
+    (tmp_path / "dvc.yaml").write_text("stages:\n  a:\n    cmd: gen --out ${make_data.out}\n    outs: ['${make_data.out}']\n")
+    assert load_stages(tmp_path / "dvc.yaml")["a"] == {"cmd": "gen --out data/generated", "outs": ["data/generated"]}
