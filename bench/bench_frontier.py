@@ -36,10 +36,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tempering.dag import run_dvc  # noqa: E402
+from tempering.io import read_json_or_none  # noqa: E402
 
 
-def _read(path: Path):
-    return json.loads(path.read_text()) if path.exists() else None
+_read = read_json_or_none  # the project's one lenient reader
 
 
 def one(share: float, target: str, root: Path) -> dict:

@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tempering import TemperingError
+from tempering.io import read_jsonl
 
 VERSION_RE = re.compile(r"^v(\d{4,})$")
 
@@ -154,7 +155,7 @@ class Registry:
         path = self.home / "history.jsonl"
         if not path.exists():
             return []
-        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        return read_jsonl(path)
 
     # ------------------------------------------------------------------ writing
     def _next_version(self) -> str:
