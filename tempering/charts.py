@@ -265,7 +265,8 @@ def bench_label_layout(rows: list[dict], *, width: int = 720, height: int = 280)
     height = int(mt + h + mb)
     for _ in range(4):  # widen the left margin until the first labels' tails fit (group shrinks)
         group = (width - ml - mr) / n
-        need = max(L * cos - (i + 0.5) * group for i, L in enumerate(lengths)) + 6
+        # A rotated label reaches left by its length along the baseline plus its ascent across it.
+        need = max(L * cos + LABEL_ASCENT_PX * sin - (i + 0.5) * group for i, L in enumerate(lengths)) + 2
         if need <= ml:
             break
         ml = int(math.ceil(need))

@@ -248,6 +248,32 @@ def test_self_contained_no_network_no_script(tmp_path):
     assert set(re.findall(r"https?://[^\s\"'<>]+", page)) <= {"http://www.w3.org/2000/svg"}
 
 
+def test_every_name_and_reason_from_the_files_is_escaped(tmp_path):
+    """Names and reasons come from files a user can edit (own benchmarks, own data): a benchmark
+    called ``<script>`` is drawn and tabled as text, never as markup."""
+    evil = "<script>alert(1)</script>"
+    make_run(tmp_path)
+    ev = json.loads((tmp_path / "metrics/evaluate.json").read_text())
+    ev["benchmarks"][evil] = ev["benchmarks"].pop("general_knowledge")
+    ev["generations"][evil] = ev["generations"]["domain"]
+    ev["skipped"] = {evil: evil}
+    _write(tmp_path, "metrics/evaluate.json", ev)
+    gate = json.loads((tmp_path / "metrics/gate.json").read_text())
+    gate["checks"][3].update(benchmark=evil, reason=f"{evil}: forgetting: fine")
+    gate["reasons"].append(evil)
+    _write(tmp_path, "metrics/gate.json", gate)
+    val = json.loads((tmp_path / "metrics/validate.json").read_text())
+    val["by_reason"][evil] = 2
+    _write(tmp_path, "metrics/validate.json", val)
+    page = html_report.render(tmp_path, generated_at=evil)
+    assert "<script" not in page.lower()
+    escaped = "&lt;script&gt;alert(1)&lt;/script&gt;"
+    for sid in ("verdict", "data", "benchmarks", "gate", "generations"):
+        assert escaped in _section(page, sid), sid
+    assert f"<header><h1>tempering run report</h1><p>{tmp_path.resolve()} · generated {escaped} · git abc1234</p>" in page
+    assert 'data-status="not run"' not in page and "not rendered" not in page
+
+
 def test_missing_inputs_say_not_run(tmp_path):
     page = html_report.render(tmp_path, generated_at="T")
     for sid in ("verdict", "data", "training", "benchmarks", "gate", "promotion", "generations"):
