@@ -401,6 +401,26 @@ def test_stage_in_dvc_yaml_after_promote():
     assert rep["outs"] == [{"reports/report.html": {"cache": False}}]
 
 
+def test_stages_rendering_templates_list_them_as_deps():
+    """A template is a file the stage reads: DVC must re-run the stage when it changes."""
+    import yaml
+
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    templates = ROOT / "tempering/templates"
+    wanted = {"report": {"tempering/templating.py", "tempering/charts.py", "tempering/records.py",
+                         "tempering/templates/report.html.j2", "tempering/templates/report.css",
+                         "tempering/templates/report"},
+              "validate": {"tempering/templating.py", "tempering/templates/data_validate.html.j2"}}
+    for stage, deps in wanted.items():
+        assert deps <= set(stages[stage]["deps"]), (stage, deps - set(stages[stage]["deps"]))
+    # Every template file is under some stage's deps.
+    all_deps = {d for s in stages.values() for d in s.get("deps", [])}
+    for f in templates.rglob("*"):
+        if f.is_file():
+            rel = f.relative_to(ROOT).as_posix()
+            assert any(rel == d or rel.startswith(d + "/") for d in all_deps), rel
+
+
 # ----------------------------------------------------------------------------- in a browser
 
 
