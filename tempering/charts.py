@@ -253,7 +253,7 @@ def bench_label_layout(rows: list[dict], *, width: int = 720, height: int = 280)
         for i, (name, sub) in enumerate(zip(names, subs)):
             cx = ml + i * group + group / 2
             labels.append(Label(name, cx, mt + h + 18, "middle", 0.0, len(name) * LABEL_CHAR_PX, "label"))
-            labels.append(Label(f"{sub}", cx, mt + h + 32, "middle", 0.0, len(sub) * SUBLABEL_CHAR_PX, "sublabel"))
+            labels.append(Label(sub, cx, mt + h + 32, "middle", 0.0, len(sub) * SUBLABEL_CHAR_PX, "sublabel"))
         return BenchLayout(width, height, ml, mr, mt, h, group, False, tuple(labels))
     lengths = [len(f"{a} · {b}") * LABEL_CHAR_PX for a, b in zip(names, subs)]
     rad = math.radians(LABEL_ANGLE)
@@ -347,15 +347,14 @@ def benchmark_bars(rows: list[dict], metric: str, *, width: int = 720, height: i
                 f'<line class="whisker" x1="{cx - 5:.1f}" x2="{cx + 5:.1f}" y1="{sy(lo):.1f}" y2="{sy(lo):.1f}"/>'
                 f'<text class="value" x="{cx:.1f}" y="{sy(hi) - 4:.1f}" text-anchor="middle">{v:.2f}</text>')
     names, subs = bench_axis_texts(rows)
-    for gi, lb in enumerate(lay.labels if lay.rotate else lay.labels[::2]):
-        if lay.rotate:
+    if lay.rotate:  # one label per benchmark: the name, then role and n in the sublabel's style
+        for lb, name, sub in zip(lay.labels, names, subs):
             parts.append(f'<text class="label" x="{lb.x:.1f}" y="{lb.y}" text-anchor="end" '
-                         f'transform="rotate({lb.angle:g} {lb.x:.1f} {lb.y})">{esc(names[gi])}'
-                         f'<tspan class="sublabel"> · {esc(subs[gi])}</tspan></text>')
-        else:
-            sub = lay.labels[2 * gi + 1]
-            parts.append(f'<text class="label" x="{lb.x:.1f}" y="{lb.y}" text-anchor="middle">{esc(lb.text)}</text>'
-                         f'<text class="sublabel" x="{sub.x:.1f}" y="{sub.y}" text-anchor="middle">{esc(sub.text)}</text>')
+                         f'transform="rotate({lb.angle:g} {lb.x:.1f} {lb.y})">{esc(name)}'
+                         f'<tspan class="sublabel"> · {esc(sub)}</tspan></text>')
+    else:           # two per benchmark: the name, and role and n below it
+        for lb in lay.labels:
+            parts.append(f'<text class="{lb.cls}" x="{lb.x:.1f}" y="{lb.y}" text-anchor="middle">{esc(lb.text)}</text>')
     parts.append(f'<line class="axis" x1="{ml}" x2="{ml + w}" y1="{mt + h}" y2="{mt + h}"/></svg>')
     return Markup("".join(parts))
 

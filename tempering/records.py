@@ -1,10 +1,11 @@
 """Typed metric records: the shape of each ``metrics/*.json`` file the run report reads, stated once.
 
-The stages that write these files (``gate``, ``evaluate``, ``export``, ``promote``, the training
-stages) pass their result through the record's :meth:`Record.from_dict` before writing, and the
-report (:mod:`tempering.html_report`) reads every file through the same record, so neither side
-guesses a shape: a file that does not match is rejected with a :class:`RecordError` naming the
-file and the field (``metrics/gate.json: checks[2].passed: expected a bool, got str 'yes'``).
+The stages ``gate``, ``evaluate``, ``export`` and ``promote`` pass their result through the
+record (:func:`validated`) before writing it, and the report (:mod:`tempering.html_report`) reads
+every file it shows through its record (also ``validate``, ``dedup`` and the training stages'
+files), so neither side guesses a shape: a file that does not match is rejected with a
+:class:`RecordError` naming the file and the field
+(``metrics/gate.json: checks[2].passed: expected a bool, got str 'yes'``).
 
 Records validate the fields the report reads and keep the whole dict they came from, so
 :meth:`Record.to_dict` gives back exactly the same keys and values (the JSON files stay
