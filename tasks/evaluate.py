@@ -59,6 +59,7 @@ from tempering.cli import stage_main
 from tempering.config import EvaluateParams, Params
 from tempering.io import (POINTER_FILE, atomic_path, content_id, dump_jsonl, hash_path, read_json, read_jsonl,
                           resolve_model_dir, write_json, write_meta)
+from tempering.records import EvaluateRecord, validated
 # The scoring library (tempering/scorecard.py); re-exported names keep `tasks.evaluate.<name>` working.
 from tempering.scorecard import (SCORING_VERSION, TASK_PREFIX, TASK_VERSION, _amp_dtype, _device,  # noqa: F401
                                  bundle, drift_records, drift_summary, generations, load_model,
@@ -482,7 +483,7 @@ def run(params: Params, model: str, base: str, samples: str, metrics: str, regis
                inputs={"candidate": cand_hash, "base": base_hash, "bundle": info["hash"],
                        **({"heldout": hash_path(align_source["path"])} if "path" in align_source else {}),
                        **({"sft_heldout": hash_path(heldout)} if held_rows is not None else {})})
-    write_json(metrics, result)
+    write_json(metrics, validated(EvaluateRecord, result, metrics))
     return {name: {"role": b["role"], "base": b["base"]["acc"], "candidate": b["candidate"]["acc"],
                    **({"production": b["production"]["acc"]} if "production" in b else {})}
             for name, b in benchmarks.items()}

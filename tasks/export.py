@@ -42,6 +42,7 @@ from tempering.cli import stage_main
 from tempering.config import Params
 from tempering.io import (POINTER_FILE, atomic_path, hash_path, read_json, read_jsonl, resolve_model_dir,
                           write_json, write_meta)
+from tempering.records import ExportRecord, validated
 
 # The params.yaml sections (or single keys) this stage reads, the stage contract: dvc.yaml
 # lists exactly these under its `params:` (tests/test_stage_contract.py).
@@ -357,7 +358,7 @@ def run(params: Params, base: str, sft: str, dpo: str, out: str, metrics: str, d
                "alpha": interp["chosen"] if interp else 1.0,
                "interpolation": interp if interp else {"enabled": False},
                "wall_time_s": round(time.time() - started, 2)}
-    write_json(metrics, summary)
+    write_json(metrics, validated(ExportRecord, summary, metrics))
     return {"out": out, **summary}
 
 

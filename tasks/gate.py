@@ -48,6 +48,7 @@ from tempering import TemperingError, stats
 from tempering.cli import stage_main
 from tempering.config import GateParams, Params
 from tempering.io import read_json, read_jsonl, write_json, write_text
+from tempering.records import GateRecord, validated
 
 # The params.yaml sections (or single keys) this stage reads, the stage contract: dvc.yaml
 # lists exactly these under its `params:` (tests/test_stage_contract.py).
@@ -619,7 +620,7 @@ def run(params: Params, evaluation: str, samples: str | None, report: str, metri
                   candidate=(record.get("models") or {}).get("candidate"),
                   production=(record.get("models") or {}).get("production"))
     write_text(report, to_markdown(verdict))
-    write_json(metrics, result)
+    write_json(metrics, validated(GateRecord, result, metrics))
     return {"passed": verdict.passed, "reasons": verdict.reasons}
 
 

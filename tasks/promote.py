@@ -31,6 +31,7 @@ from tempering import TemperingError
 from tempering.cli import stage_main
 from tempering.config import Params
 from tempering.io import git_sha, hash_path, read_json, resolve_model_dir, write_json
+from tempering.records import PromoteRecord, validated
 from tempering.registry import Registry, git_tag, mirror_wandb
 
 # The params.yaml sections (or single keys) this stage reads, the stage contract: dvc.yaml
@@ -61,7 +62,7 @@ def run(params: Params, model: str, gate: str, evaluation: str, metrics: str, da
     if not verdict.get("passed"):
         result["reasons"] = ["gate failed: " + r for r in verdict.get("reasons") or ["(no reason recorded)"]]
         result["production"] = reg.aliases().get(cfg.alias)
-        write_json(metrics, result)
+        write_json(metrics, validated(PromoteRecord, result, metrics))
         return {"promoted": False, "reasons": result["reasons"]}
 
     model_dir = resolve_model_dir(model)
@@ -92,7 +93,7 @@ def run(params: Params, model: str, gate: str, evaluation: str, metrics: str, da
                    "model_path": str(reg.model_path(version)), "model_hash": model_hash,
                    "aliases": reg.aliases(), "mirrors": mirrors,
                    "wall_time_s": round(time.time() - started, 2)})
-    write_json(metrics, result)
+    write_json(metrics, validated(PromoteRecord, result, metrics))
     return {"promoted": True, "version": version, "model_path": result["model_path"]}
 
 

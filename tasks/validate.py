@@ -680,52 +680,6 @@ def render_report(metrics: dict, examples: dict[str, list[str]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def markdown_to_html(md: str, title: str) -> str:
-    """A standalone HTML page for the markdown subset the reports use (headings, tables, lists)."""
-    import html as _html
-
-    def inline(text: str) -> str:
-        text = _html.escape(text, quote=False)
-        text = re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", text)
-        return re.sub(r"`([^`]*)`", r"<code>\1</code>", text)
-
-    out, table, in_list = [], None, 0
-    for line in md.splitlines() + [""]:
-        if line.startswith("|"):
-            cells = [c.strip() for c in line.strip().strip("|").split("|")]
-            if table is None:
-                table = [cells]
-            elif not all(set(c) <= set("-:") for c in cells):
-                table.append(cells)
-            continue
-        if table is not None:
-            out.append("<table><tr>" + "".join(f"<th>{inline(c)}</th>" for c in table[0]) + "</tr>")
-            out += ["<tr>" + "".join(f"<td>{inline(c)}</td>" for c in row) + "</tr>" for row in table[1:]]
-            out.append("</table>")
-            table = None
-        item = re.match(r"^( *)- (.*)$", line)
-        depth = len(item.group(1)) // 2 + 1 if item else 0
-        while in_list > depth:
-            out.append("</ul>")
-            in_list -= 1
-        while in_list < depth:
-            out.append("<ul>")
-            in_list += 1
-        if item:
-            out.append(f"<li>{inline(item.group(2))}</li>")
-        elif line.startswith("#"):
-            level = len(line) - len(line.lstrip("#"))
-            out.append(f"<h{level}>{inline(line[level:].strip())}</h{level}>")
-        elif line.strip():
-            out.append(f"<p>{inline(line)}</p>")
-    style = ("body{font-family:sans-serif;max-width:70em;margin:2em auto;color:#222}"
-             "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:.25em .6em;"
-             "text-align:left}th{background:#f3f3f3}code{background:#f6f6f6;padding:0 .2em}"
-             "strong{color:#a00}")
-    return (f"<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>{_html.escape(title)}</title>"
-            f"<style>{style}</style></head><body>\n" + "\n".join(out) + "\n</body></html>\n")
-
-
 def _length_stats(rows: list[dict], kind: str, long_chars: int) -> dict:
     import numpy as np
 
@@ -944,7 +898,10 @@ def run(params: Params, out: str, quarantine: str, report: str, metrics: str, to
     text = render_report(summary, examples)
     write_text(report, text)
     if html:
-        write_text(html, markdown_to_html(text, "tempering data validation report"))
+        from tempering import templating
+
+        write_text(html, templating.render("data_validate.html.j2", metrics=summary, examples=examples,
+                                           title="tempering data validation report"))
     write_json(metrics, summary)
     if summary["failed_sources"]:
         worst = max(summary["failed_sources"], key=lambda p: summary["sources"][p]["reject_share"])

@@ -1,5 +1,6 @@
 """Paired statistics for the gate and for sizing evaluation: intervals, one-sided tests, Holm / BH,
-power and the item counts a margin needs.
+power and the item counts a margin needs; and the Wilson interval of one proportion (the run
+report's whiskers).
 
 Everything here is about a *paired* comparison: two models scored on the same items (or texts),
 so each item gives one difference ``d_i = candidate_i - reference_i`` and the noise that matters
@@ -207,3 +208,19 @@ def adjust(p_values: list[float], alpha: float, method: str) -> tuple[list[bool]
     if method == "none":
         return [p <= alpha for p in p_values], list(p_values)
     raise ValueError(f"unknown multiplicity correction {method!r}")
+
+
+# ----------------------------------------------------------------------------- one proportion
+
+Z95 = 1.959963984540054  # the two-sided 95% normal quantile
+
+
+def wilson(p: float, n: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval of a proportion ``p`` measured on ``n`` items (the report's whiskers
+    around each model's benchmark score; unpaired, unlike everything above)."""
+    if n <= 0:
+        return (p, p)
+    denom = 1 + z * z / n
+    center = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(max(0.0, p * (1 - p) / n + z * z / (4 * n * n))) / denom
+    return (max(0.0, center - half), min(1.0, center + half))

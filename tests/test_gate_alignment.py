@@ -249,7 +249,7 @@ def test_the_html_report_lists_the_alignment_check(tmp_path):
     import html
     import re
 
-    from tempering import html_report
+    from tempering import charts, html_report
 
     from test_html_report import _section, make_run
 
@@ -265,5 +265,5 @@ def test_the_html_report_lists_the_alignment_check(tmp_path):
     assert f"{ALIGNMENT_NAME} · alignment" in section and html.escape(reason, quote=False) in section
     assert section.count('class="delta pass"') == 4
     assert "not applicable: dpo.enabled is false" in section
-    assert html_report._threshold_line("alignment", 0.05) == -0.05
+    assert charts.threshold_line("alignment", 0.05) == -0.05
     assert re.search(r"<title>threshold 0\.050</title>", section)

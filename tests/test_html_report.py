@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tempering import html_report
+from tempering import charts, html_report, stats
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -248,6 +248,32 @@ def test_self_contained_no_network_no_script(tmp_path):
     assert set(re.findall(r"https?://[^\s\"'<>]+", page)) <= {"http://www.w3.org/2000/svg"}
 
 
+def test_every_name_and_reason_from_the_files_is_escaped(tmp_path):
+    """Names and reasons come from files a user can edit (own benchmarks, own data): a benchmark
+    called ``<script>`` is drawn and tabled as text, never as markup."""
+    evil = "<script>alert(1)</script>"
+    make_run(tmp_path)
+    ev = json.loads((tmp_path / "metrics/evaluate.json").read_text())
+    ev["benchmarks"][evil] = ev["benchmarks"].pop("general_knowledge")
+    ev["generations"][evil] = ev["generations"]["domain"]
+    ev["skipped"] = {evil: evil}
+    _write(tmp_path, "metrics/evaluate.json", ev)
+    gate = json.loads((tmp_path / "metrics/gate.json").read_text())
+    gate["checks"][3].update(benchmark=evil, reason=f"{evil}: forgetting: fine")
+    gate["reasons"].append(evil)
+    _write(tmp_path, "metrics/gate.json", gate)
+    val = json.loads((tmp_path / "metrics/validate.json").read_text())
+    val["by_reason"][evil] = 2
+    _write(tmp_path, "metrics/validate.json", val)
+    page = html_report.render(tmp_path, generated_at=evil)
+    assert "<script" not in page.lower()
+    escaped = "&lt;script&gt;alert(1)&lt;/script&gt;"
+    for sid in ("verdict", "data", "benchmarks", "gate", "generations"):
+        assert escaped in _section(page, sid), sid
+    assert f"<header><h1>tempering run report</h1><p>{tmp_path.resolve()} · generated {escaped} · git abc1234</p>" in page
+    assert 'data-status="not run"' not in page and "not rendered" not in page
+
+
 def test_missing_inputs_say_not_run(tmp_path):
     page = html_report.render(tmp_path, generated_at="T")
     for sid in ("verdict", "data", "training", "benchmarks", "gate", "promotion", "generations"):
@@ -261,7 +287,7 @@ def test_partial_and_malformed_inputs(tmp_path):
     make_run(tmp_path)
     (tmp_path / "metrics/dedup.json").unlink()
     (tmp_path / "metrics/evaluate.json").write_text("{not json")
-    _write(tmp_path, "metrics/gate.json", {"passed": False, "checks": "garbage", "reasons": ["no domain benchmark"]})
+    _write(tmp_path, "metrics/gate.json", {"passed": False, "checks": [], "reasons": ["no domain benchmark"]})
     page = html_report.render(tmp_path, generated_at="T")
     data = _section(page, "data")
     assert "empty_field" in data and "<code>metrics/dedup.json</code> missing" in data
@@ -271,6 +297,15 @@ def test_partial_and_malformed_inputs(tmp_path):
     gate = _section(page, "gate")
     assert "no domain benchmark" in gate and "recorded no checks" in gate
     assert "Gate: FAILED" in _section(page, "verdict") and "not rendered" not in page
+    # A file whose shape is wrong is refused by its record: the sections reading it say which
+    # file and which field, and the rest of the report still renders.
+    _write(tmp_path, "metrics/gate.json", {"passed": False, "checks": "garbage", "reasons": ["no domain benchmark"]})
+    page = html_report.render(tmp_path, generated_at="T")
+    gate = _section(page, "gate")
+    assert re.search(r'<section id="gate" data-status="not run"', page)
+    assert "<code>metrics/gate.json</code> malformed (metrics/gate.json: checks: expected a list, got str" in gate
+    assert "Gate: NOT RUN" in _section(page, "verdict") and "empty_field" in _section(page, "data")
+    assert "not rendered" not in page
 
 
 def test_point_estimate_gate_and_wilson(tmp_path):
@@ -283,22 +318,30 @@ def test_point_estimate_gate_and_wilson(tmp_path):
     section = _section(html_report.render(tmp_path), "gate")
     assert "point estimates" in section
     assert section.count('class="delta ') == 4 and 'class="ci"' not in section
-    lo, hi = html_report.wilson(0.5, 100)
+    lo, hi = stats.wilson(0.5, 100)
     assert round(lo, 3) == 0.404 and round(hi, 3) == 0.596
-    assert html_report.wilson(1.0, 10)[1] == pytest.approx(1.0) and html_report.wilson(0.0, 10)[0] == 0.0
-    assert html_report.wilson(1.0, 10)[0] < 0.75 < html_report.wilson(0.5, 10)[1]
+    assert stats.wilson(1.0, 10)[1] == pytest.approx(1.0) and stats.wilson(0.0, 10)[0] == 0.0
+    assert stats.wilson(1.0, 10)[0] < 0.75 < stats.wilson(0.5, 10)[1]
 
 
-def test_generations_in_other_shapes(tmp_path):
+def test_generations_beyond_max_examples_and_other_shapes_refused(tmp_path):
     make_run(tmp_path, generations=False)
     ev = json.loads((tmp_path / "metrics/evaluate.json").read_text())
-    ev["generations"] = [{"question": "2+2?", "target": "4", "candidate": "four", "exact_match": 0.0}] * 12
+    ev["generations"] = {"arith": {"candidate": 0.5, "base": 0.25, "n": 12, "examples": [
+        {"id": "a", "answer": "four", "expected": "4", "match": 0.0, "question": "2+2?"}] * 12}}
     _write(tmp_path, "metrics/evaluate.json", ev)
     gens = _section(html_report.render(tmp_path, max_examples=3), "generations")
     assert gens.count("four") == 3 and "and 9 more" in gens
-    # The prompt comes first in each example.
+    # The prompt comes first in each example, the reference next, the id last.
     first = re.search(r'<table class="gen"><tr><th>([^<]+)</th>', gens).group(1)
     assert first == "question"
+    assert re.search(r"<th>question</th>.*?<th>expected</th>.*?<th>answer</th>.*?<th>id</th>", gens, re.S)
+    # The shape evaluate writes is the only one read: a bare list is refused, naming the field.
+    ev["generations"] = [{"question": "2+2?", "target": "4", "candidate": "four"}] * 12
+    _write(tmp_path, "metrics/evaluate.json", ev)
+    page = html_report.render(tmp_path)
+    assert "metrics/evaluate.json: generations: expected an object, got list" in _section(page, "generations")
+    assert re.search(r'<section id="benchmarks" data-status="not run"', page)
 
 
 def test_heldout_sft_rows_are_shown_with_their_nll_and_answers(tmp_path):
@@ -356,6 +399,26 @@ def test_stage_in_dvc_yaml_after_promote():
     assert {"tempering/html_report.py", "tasks/report.py", "metrics/gate.json", "metrics/promote.json",
             "metrics/evaluate.json", "metrics/validate.json", "metrics/dedup.json"} <= deps
     assert rep["outs"] == [{"reports/report.html": {"cache": False}}]
+
+
+def test_stages_rendering_templates_list_them_as_deps():
+    """A template is a file the stage reads: DVC must re-run the stage when it changes."""
+    import yaml
+
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    templates = ROOT / "tempering/templates"
+    wanted = {"report": {"tempering/templating.py", "tempering/charts.py", "tempering/records.py",
+                         "tempering/templates/report.html.j2", "tempering/templates/report.css",
+                         "tempering/templates/report"},
+              "validate": {"tempering/templating.py", "tempering/templates/data_validate.html.j2"}}
+    for stage, deps in wanted.items():
+        assert deps <= set(stages[stage]["deps"]), (stage, deps - set(stages[stage]["deps"]))
+    # Every template file is under some stage's deps.
+    all_deps = {d for s in stages.values() for d in s.get("deps", [])}
+    for f in templates.rglob("*"):
+        if f.is_file():
+            rel = f.relative_to(ROOT).as_posix()
+            assert any(rel == d or rel.startswith(d + "/") for d in all_deps), rel
 
 
 # ----------------------------------------------------------------------------- in a browser
@@ -472,24 +535,26 @@ LONG_NAMES = ["domain", "general_knowledge", "general_arithmetic", "arc_easy", "
 @pytest.mark.skipif(_chromium() is None and os.environ.get("CI") != "true",
                     reason="chromium is not installed (apt-get install chromium; CI installs it)")
 def test_benchmark_chart_axis_labels_never_overlap_in_a_browser(tmp_path, monkeypatch):
+    from tempering import templating
+
     chromium = _chromium()
     assert chromium, "CI must have chromium (.ci/run installs it with apt-get)"
 
     def rows(names):
         return [{"name": n, "role": "general", "n": 499, "base": 0.5, "candidate": 0.52} for n in names]
 
-    charts = {"eight": html_report.svg_benchmark_bars(rows(LONG_NAMES), "acc"),
-              "three": html_report.svg_benchmark_bars(rows(LONG_NAMES[:3]), "acc")}
+    svgs = {"eight": charts.benchmark_bars(rows(LONG_NAMES), "acc"),
+              "three": charts.benchmark_bars(rows(LONG_NAMES[:3]), "acc")}
     # Control: the same eight labels forced side by side (as the chart drew them before) overlap,
     # so the probe can see an overlap when there is one.
-    monkeypatch.setattr(html_report, "LABEL_CHAR_PX", 0.0)
-    monkeypatch.setattr(html_report, "SUBLABEL_CHAR_PX", 0.0)
-    charts["forced_flat"] = html_report.svg_benchmark_bars(rows(LONG_NAMES), "acc")
-    assert "rotate(" in charts["eight"] and "rotate(" not in charts["three"] + charts["forced_flat"]
-    body = "".join(svg.replace('<svg class="chart bench-chart"', f'<svg id="{k}" class="chart bench-chart"', 1)
-                   for k, svg in charts.items())
+    monkeypatch.setattr(charts, "LABEL_CHAR_PX", 0.0)
+    monkeypatch.setattr(charts, "SUBLABEL_CHAR_PX", 0.0)
+    svgs["forced_flat"] = charts.benchmark_bars(rows(LONG_NAMES), "acc")
+    assert "rotate(" in svgs["eight"] and "rotate(" not in svgs["three"] + svgs["forced_flat"]
+    body = "".join(str(svg).replace('<svg class="chart bench-chart"', f'<svg id="{k}" class="chart bench-chart"', 1)
+                   for k, svg in svgs.items())
     page = tmp_path / "charts.html"
-    page.write_text(f"<!doctype html><html><head><meta charset='utf-8'><style>{html_report.CSS}</style></head>"
+    page.write_text(f"<!doctype html><html><head><meta charset='utf-8'><style>{templating.read_static('report.css')}</style></head>"
                     f"<body>{body}{OVERLAP_PROBE}</body></html>", encoding="utf-8")
     flags = ["--headless", "--disable-gpu", "--no-sandbox", "--no-first-run", "--disable-extensions",
              "--user-data-dir=" + str(tmp_path / "profile"), "--window-size=1280,1600"]

@@ -303,6 +303,32 @@ def test_cli_with_tokenizer_folder(tmp_path, tok, capsys, monkeypatch):
     assert html.count("<table>") == html.count("</table>") >= 3 and "Token checks" in html
 
 
+def test_html_report_is_the_template_with_every_figure_and_data_as_text(tmp_path):
+    """The HTML report renders the same metrics and examples as the markdown one, from the
+    data_validate.html.j2 template (autoescaped: a row's text is never markup)."""
+    import re
+
+    from tempering import templating
+
+    assert not hasattr(validate, "markdown_to_html")
+    path = _sft_file(tmp_path, [(("user", "<script>alert(1)</script> **q**"), ("assistant", "a")),
+                                (("user", "q2"), ("assistant", ""))])
+    vp = ValidateParams(sources=[SourceSpec(path=str(path), kind="sft", format="messages")], max_reject_share=1.0)
+    _, _, metrics, examples = validate.validate_sources(vp)
+    assert examples and metrics["by_reason"]
+    examples = {r: [f"<b>{m}</b> `x`" for m in msgs] for r, msgs in examples.items()}
+    page = templating.render("data_validate.html.j2", metrics=metrics, examples=examples, title="t <&>")
+    assert page.startswith("<!doctype html>") and "<title>t &lt;&amp;&gt;</title>" in page
+    assert "<b>" not in page and "&lt;b&gt;" in page and "<code>x</code>" not in page
+    assert page.count("<table>") == page.count("</table>") >= 3 and f"<code>{path}</code>" in page
+    markdown = validate.render_report(metrics, examples)
+    text = re.sub(r"<[^>]+>", " ", page)
+    for number in re.findall(r"\b\d+(?:\.\d+)?%?", markdown):   # every figure of the markdown report
+        assert number in text, number
+    for heading in re.findall(r"^#+ (.+)$", markdown, re.M):
+        assert f">{heading}</h" in page, heading
+
+
 # ----------------------------------------------------------------------------- labelled preference data
 
 
