@@ -5,7 +5,7 @@
 
 Every assistant turn is trained and only assistant tokens (with the end-of-turn token) are in the
 loss: we render each conversation with the chat template ourselves and locate the assistant spans
-(see ``tempering.backend.tokenize_conversation``); the tokenized set is cached, so a re-run that
+(see ``tempering.train.data.tokenize_conversation``); the tokenized set is cached, so a re-run that
 only changes e.g. the learning rate does not tokenize again.
 
 ``sft.replay`` mixes general rows into training (``tempering.mixing.mix_replay``, shared with
