@@ -39,11 +39,12 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     from tasks.evaluate import bundle, load_model, multiple_choice
-    from tempering import backend, env
+    from tempering import env
+    from tempering.train.precision import setup_torch
     from tempering.config import load_params
 
     env.setup(offline=True)
-    backend.setup_torch()
+    setup_torch()
     params = load_params(args.params)
     cfg = params.evaluate
     specs = tuple(s.model_copy(update={"limit": None}) for s in cfg.benchmarks

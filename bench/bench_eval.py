@@ -197,14 +197,14 @@ def main(argv=None) -> int:
     import torch
 
     from tasks.evaluate import bundle, load_model
-    from tempering import backend
-    from tempering.backend import _causal_lm_parts
     from tempering.config import load_params
+    from tempering.train.models import causal_lm_parts
+    from tempering.train.precision import quiet_transformers, setup_torch
 
     load_start = os.getloadavg()
     started = time.time()
-    backend.quiet_transformers()
-    threads = backend.setup_torch()
+    quiet_transformers()
+    threads = setup_torch()
     folder = Path(a.model)
     if not (folder / "config.json").exists():
         ap.error(f"{a.model}: no model folder (python -m tasks.base_model --out {a.model})")
@@ -236,7 +236,7 @@ def main(argv=None) -> int:
     model, tok = load_model(folder)
     arms = build_arms(model, tok, cfg_hf, cfg_tl)
     work_tokens = request_tokens(arms["hf"], requests)
-    decoder, head = _causal_lm_parts(model)
+    decoder, head = causal_lm_parts(model)
     body = sum(m.weight.numel() for m in decoder.modules() if isinstance(m, torch.nn.Linear))
     flops = {"body": 2 * body, "head": 2 * head.weight.numel()}
     by_set: dict[str, list] = {}

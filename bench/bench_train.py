@@ -24,7 +24,7 @@ tuned_trl
     ``precompute_ref_batch_size=2 x batch`` (TRL's own precompute, timed); TRL's length-grouped
     sampler refuses DPO datasets, which does not matter here (see "same batches").
 tempering
-    The sft/dpo stages' own code path through ``tempering.backend`` with the ``params.yaml``
+    The sft/dpo stages' own code path through ``tempering.train`` with the ``params.yaml``
     settings (only the step count changed): our chat-template tokenization (every assistant turn
     in the loss), frozen base in bf16, no gradient checkpointing, LM-head logits only at target
     tokens (SFT), TRL's fused DPO head scoring only completion tokens, the reference log-probs
@@ -367,14 +367,14 @@ def prepare_sft(rows: list[dict], tokenizer, max_length: int) -> tuple[list[dict
     """The rows every SFT arm trains on: messages cut after their last assistant turn (the
     prompt/completion split needs it to be last), rows longer than ``max_length`` left out (so no
     arm truncates differently). Returns (rows, token lengths, counts)."""
-    from tempering import backend
+    from tempering.train.data import tokenize_conversation
 
     kept, lengths, too_long = [], [], 0
     for r in rows:
         msgs = r["messages"]
         last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
         msgs = msgs[:last + 1]
-        enc = backend.tokenize_conversation(tokenizer, msgs)
+        enc = tokenize_conversation(tokenizer, msgs)
         if len(enc["input_ids"]) > max_length:
             too_long += 1
             continue
@@ -388,11 +388,11 @@ def prepare_sft(rows: list[dict], tokenizer, max_length: int) -> tuple[list[dict
 def prepare_pref(rows: list[dict], tokenizer, max_length: int, max_prompt_length: int):
     """The pairs every DPO arm trains on: pairs whose prompt is over ``max_prompt_length`` or whose
     prompt + longer answer is over ``max_length`` left out. Lengths as tempering's sampler sees them."""
-    from tempering import backend
+    from tempering.train.data import tokenize_preference
 
     kept, lengths, too_long = [], [], 0
     for r in rows:
-        enc = backend.tokenize_preference(tokenizer, r["prompt"], r["chosen"], r["rejected"])
+        enc = tokenize_preference(tokenizer, r["prompt"], r["chosen"], r["rejected"])
         n = len(enc["prompt_ids"]) + max(len(enc["chosen_ids"]), len(enc["rejected_ids"]))
         if len(enc["prompt_ids"]) > max_prompt_length or n > max_length:
             too_long += 1
@@ -555,23 +555,26 @@ def _params(steps: int, batch: int, overrides=()):
 def tempering_sft(base: str, rows: list[dict], steps: int, batch: int, out: str, *, packing: bool = False,
                   selective_head: bool | None = None, overrides=(), **_):
     """The sft stage's code path (tasks/sft.py) without the file I/O around it."""
-    from tempering import backend
+    from tempering.train.data import load_tokenizer, pack_sft, tokenize_sft, tokenizer_hash
+    from tempering.train.models import apply_adapter, load_model
+    from tempering.train.precision import choose_precision
+    from tempering.train.sft import build_sft_trainer, sft_config
     from tempering.io import content_id
 
     p = _params(steps, batch, [f"sft.packing={str(packing).lower()}", *overrides])
     cfg = p.sft
-    precision = backend.choose_precision(cfg.precision)
-    tok = backend.load_tokenizer(base, cfg.chat_template)
-    ds, _stats = backend.tokenize_sft(rows, tok, max_length=cfg.max_length, data_hash=content_id(rows, 32),
-                                      tokenizer_id=backend.tokenizer_hash(base), chat_template=cfg.chat_template)
+    precision = choose_precision(cfg.precision)
+    tok = load_tokenizer(base, cfg.chat_template)
+    ds, _stats = tokenize_sft(rows, tok, max_length=cfg.max_length, data_hash=content_id(rows, 32),
+                              tokenizer_id=tokenizer_hash(base), chat_template=cfg.chat_template)
     if cfg.packing:
-        ds, _ = backend.pack_sft(ds, cfg.max_length)
-    model = backend.load_model(base, method=cfg.adapter.method, precision=precision, frozen=cfg.adapter.frozen_dtype)
-    model = backend.apply_adapter(model, cfg.adapter, seed=cfg.seed)
-    args = backend.training_config("sft", cfg, p.tracking, output_dir=out, precision=precision, run_name="bench",
-                                   disable_tqdm=True)
-    trainer = backend.build_sft_trainer(model, tok, ds, args, stage="sft", checkpoints=out, live_dir=None,
-                                        tracking=p.tracking, cfg=cfg, selective_head=selective_head)
+        ds, _ = pack_sft(ds, cfg.max_length)
+    model = load_model(base, method=cfg.adapter.method, precision=precision, frozen=cfg.adapter.frozen_dtype)
+    model = apply_adapter(model, cfg.adapter, seed=cfg.seed)
+    args = sft_config(cfg, p.tracking, output_dir=out, precision=precision, run_name="bench",
+                      disable_tqdm=True)
+    trainer = build_sft_trainer(model, tok, ds, args, stage="sft", checkpoints=out, live_dir=None,
+                                tracking=p.tracking, cfg=cfg, selective_head=selective_head)
     trainer._bench_cfg = cfg
     return trainer
 
@@ -579,24 +582,27 @@ def tempering_sft(base: str, rows: list[dict], steps: int, batch: int, out: str,
 def tempering_dpo(base: str, rows: list[dict], steps: int, batch: int, out: str, *, data_id: str,
                   compact_head: bool | None = None, **_):
     """The dpo stage's code path (tasks/dpo.py), the base standing in for the SFT model."""
-    from tempering import backend
+    from tempering.train.data import dpo_dataset, load_tokenizer, tokenizer_hash
+    from tempering.train.dpo import build_dpo_trainer, dpo_config, reference_cache_key
+    from tempering.train.models import cast_frozen, load_merged
+    from tempering.train.precision import choose_precision
 
     p = _params(steps, batch)
     cfg = p.dpo
-    precision = backend.choose_precision(cfg.precision)
-    tok = backend.load_tokenizer(base)
-    model = backend.load_merged(base, [])
+    precision = choose_precision(cfg.precision)
+    tok = load_tokenizer(base)
+    model = load_merged(base, [])
     model.config.use_cache = False
-    model = backend.cast_frozen(model, cfg.adapter, precision)
-    args = backend.training_config("dpo", cfg, p.tracking, output_dir=out, precision=precision, run_name="bench",
-                                   disable_tqdm=True)
-    key = backend.reference_cache_key(data=data_id, reference=backend.tokenizer_hash(base) + "-base",
-                                      tokenizer=backend.tokenizer_hash(base), max_length=cfg.max_length,
-                                      max_prompt_length=cfg.max_prompt_length, precision=precision.name)
-    trainer = backend.build_dpo_trainer(model, tok, backend.dpo_dataset([dict(r) for r in rows]), args,
-                                        adapter=cfg.adapter, max_prompt_length=cfg.max_prompt_length, stage="dpo",
-                                        checkpoints=out, live_dir=None, tracking=p.tracking, ref_cache_key=key,
-                                        compact_head=compact_head)
+    model = cast_frozen(model, cfg.adapter, precision)
+    args = dpo_config(cfg, p.tracking, output_dir=out, precision=precision, run_name="bench",
+                      disable_tqdm=True)
+    key = reference_cache_key(data=data_id, reference=tokenizer_hash(base) + "-base",
+                              tokenizer=tokenizer_hash(base), max_length=cfg.max_length,
+                              max_prompt_length=cfg.max_prompt_length, precision=precision.name)
+    trainer = build_dpo_trainer(model, tok, dpo_dataset([dict(r) for r in rows]), args,
+                                adapter=cfg.adapter, max_prompt_length=cfg.max_prompt_length, stage="dpo",
+                                checkpoints=out, live_dir=None, tracking=p.tracking, ref_cache_key=key,
+                                compact_head=compact_head)
     trainer._bench_cfg = cfg
     return trainer
 
@@ -621,7 +627,7 @@ SFT_SETTINGS = {
     "tuned_trl": "SFTConfig(gradient_checkpointing=False, bf16, model_init_kwargs dtype bf16, max_length as "
                  "tempering, train_sampling_strategy=group_by_length, completion_only_loss=True on prompt/"
                  "completion rows, loss_type=nll (chunked head), padding_free/packing off: FlashAttention only)",
-    "tempering": "params.yaml sft through tempering.backend (selective LM head, frozen base bf16, no gradient "
+    "tempering": "params.yaml sft through tempering.train (selective LM head, frozen base bf16, no gradient "
                  "checkpointing, every assistant turn in the loss)",
     "tempering_no_selective_head": "tempering with TRL's own loss head (build_sft_trainer(selective_head=False))",
     "tempering_packed": "tempering with sft.packing=true (best-fit decreasing blocks of max_length)",
@@ -631,7 +637,7 @@ DPO_SETTINGS = {
                     "reference forward (adapter disabled) on every step",
     "tuned_trl": "DPOConfig(gradient_checkpointing=False, bf16, model_init_kwargs dtype bf16, max_length as "
                  "tempering, precompute_ref_log_probs=True, precompute_ref_batch_size=2x batch)",
-    "tempering": "params.yaml dpo through tempering.backend (reference log-probs precomputed and cached by "
+    "tempering": "params.yaml dpo through tempering.train (reference log-probs precomputed and cached by "
                  "content, compact fused head on completion tokens, frozen base bf16)",
     "tempering_no_compact_head": "tempering with TRL's fused head as is (build_dpo_trainer(compact_head=False))",
 }
@@ -655,7 +661,7 @@ def _precompute_seconds(trainer) -> tuple[float | None, bool | None]:
     timed = getattr(trainer, "_bench_precompute_s", None)
     if timed:
         return float(timed.get("train", 0.0)), False  # TRL: in-memory datasets never hit its cache
-    cache = getattr(trainer, "_tempering_ref_cache", None)
+    cache = trainer.facts().ref_logps_cache if hasattr(trainer, "facts") else None
     if cache:
         return float(cache.get("seconds", 0.0)), bool(cache.get("hit"))
     return None, None
@@ -666,14 +672,14 @@ def run_method(kind: str, base: str, rows: list[dict], lengths: list[int], arms:
                data_id: str | None = None, plans: dict | None = None, builder_kw: dict | None = None,
                log=print) -> dict:
     """Race ``arms`` of SFT or DPO ``repeats`` times on the same batch plan; per-round results."""
-    from tempering import backend
+    from tempering.train.data import CACHE_ENV
 
     builders = SFT_BUILDERS if kind == "sft" else DPO_BUILDERS
     order = batch_plan(lengths, batch)
     rounds = []
     for r in range(repeats):
         names = arms[r % len(arms):] + arms[:r % len(arms)]  # rotate who goes first
-        os.environ[backend.CACHE_ENV] = tempfile.mkdtemp(prefix=f"bench-cache-{kind}{r}-", dir=work)
+        os.environ[CACHE_ENV] = tempfile.mkdtemp(prefix=f"bench-cache-{kind}{r}-", dir=work)
         start_load = loadavg()
         trainers, build_s = {}, {}
         for name in arms:  # build in a fixed order (the ablations reuse tempering's cache)
@@ -734,15 +740,16 @@ def packing_loss_check(trainer, rows: list[dict], batch: int, max_length: int) -
     import torch
     from datasets import Dataset
 
-    from tempering import backend
+    from tempering.train.data import pack_sft, packed_collator, tokenize_conversation
+    from tempering.train.losses import selective_lm_loss
 
     model = trainer.model
     tok = trainer.processing_class
     subset = rows[: 2 * batch]
-    encs = [backend.tokenize_conversation(tok, r["messages"], max_length) for r in subset]
+    encs = [tokenize_conversation(tok, r["messages"], max_length) for r in subset]
     ds = Dataset.from_dict({"input_ids": [e["input_ids"] for e in encs], "labels": [e["labels"] for e in encs],
                             "length": [len(e["input_ids"]) for e in encs]})
-    packed, stats = backend.pack_sft(ds, max_length)
+    packed, stats = pack_sft(ds, max_length)
     pad = tok.pad_token_id
     device = next(model.parameters()).device
 
@@ -762,13 +769,13 @@ def packing_loss_check(trainer, rows: list[dict], batch: int, max_length: int) -
         b = {k: v.to(device) for k, v in b.items()}
         with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16,
                                               enabled=bool(trainer.args.bf16)):
-            return float(backend.selective_lm_loss(model, b, num_items_in_batch=torch.tensor(1.0)))
+            return float(selective_lm_loss(model, b, num_items_in_batch=torch.tensor(1.0)))
 
     was = model.training
     model.eval()
     try:
         plain = summed(padded_batch([ds[i] for i in range(len(ds))]))
-        blocks = backend._packed_collator(pad)([packed[i] for i in range(len(packed))])
+        blocks = packed_collator(pad)([packed[i] for i in range(len(packed))])
         pk = summed(blocks)
     finally:
         model.train(was)
@@ -883,12 +890,12 @@ def summarize_method(kind: str, run: dict, arms: list[str], flops_tok: float | N
 
 def sft_flops_per_token(base: str) -> tuple[int, str]:
     """Model FLOPs per trained token of LoRA r16 all-linear on ``base`` (see the module docstring)."""
-    from tempering import backend
+    from tempering.train.models import apply_adapter, load_model, trainable_parameters
     from tempering.config import load_params
 
     cfg = load_params(ROOT / "params.yaml").sft
-    model = backend.apply_adapter(backend.load_model(base, method="full"), cfg.adapter, seed=cfg.seed)
-    trainable = backend.trainable_parameters(model)
+    model = apply_adapter(load_model(base, method="full"), cfg.adapter, seed=cfg.seed)
+    trainable = trainable_parameters(model)
     total = sum(p.numel() for p in model.parameters())
     del model
     _free()
@@ -942,20 +949,21 @@ def main(argv=None) -> int:
 
     import torch
 
-    from tempering import backend
+    from tempering.train.data import load_tokenizer
+    from tempering.train.precision import choose_precision, quiet_transformers, setup_torch
     from tempering.config import load_params
     from tempering.io import content_id
 
-    backend.quiet_transformers()
-    threads = backend.setup_torch()
+    quiet_transformers()
+    threads = setup_torch()
     base = str(Path(a.base).resolve())
     if not (Path(base) / "config.json").exists():
         ap.error(f"{a.base}: no model folder (python -m tasks.base_model --out {a.base})")
     started = time.time()
     load0 = loadavg()
     p = load_params(ROOT / "params.yaml")
-    precision = backend.choose_precision(p.sft.precision)
-    tok = backend.load_tokenizer(base)
+    precision = choose_precision(p.sft.precision)
+    tok = load_tokenizer(base)
     sft_raw, pref_raw, where = load_data(a.data)
     if a.max_rows:
         sft_raw, pref_raw = sft_raw[:a.max_rows], pref_raw[:a.max_rows]

@@ -182,12 +182,13 @@ def main(argv=None) -> int:
 
     from tasks.evaluate import (bundle, cached_scores, drift_records, drift_summary, drift_texts, load_model,
                                 multiple_choice)
-    from tempering import backend, env
+    from tempering import env
+    from tempering.train.precision import setup_torch
     from tempering.config import load_params
     from tempering.io import hash_path
 
     env.setup(offline=True)
-    backend.setup_torch()
+    setup_torch()
     started = time.time()
     params = load_params(args.params, [f"evaluate.limit={args.limit}"] if args.limit else [])
     cfg, gate = params.evaluate, params.gate

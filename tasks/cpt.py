@@ -53,10 +53,10 @@ def _base_meta(base_dir: Path) -> dict:
 
 def _pass_through(params: Params, base: str, base_dir: Path, out: str, checkpoints: str, metrics: str,
                   started: float, base_hash: str) -> dict:
-    from tempering import backend
+    from tempering.train.checkpoints import fingerprint, prepare_checkpoints
 
     # Old checkpoints of an enabled run are stale now: the fingerprint differs, so they go.
-    backend.prepare_checkpoints(checkpoints, backend.fingerprint(params.cpt, base=base_hash))
+    prepare_checkpoints(checkpoints, fingerprint(params.cpt, base=base_hash))
     target = os.path.relpath(Path(base).resolve(), Path(out).resolve())
     with atomic_path(out) as tmp:
         tmp.mkdir()
@@ -83,7 +83,12 @@ def run(params: Params, base: str, data: str, out: str, checkpoints: str, metric
 
     import torch
 
-    from tempering import backend
+    from tempering.train.checkpoints import checkpoint_step, fingerprint, prepare_checkpoints
+    from tempering.train.data import load_tokenizer, pack_text, split_eval
+    from tempering.train.loop import train
+    from tempering.train.models import apply_adapter, load_model, merged_float32, snapshot_trainable
+    from tempering.train.precision import choose_precision, quiet_transformers, setup_torch
+    from tempering.train.sft import build_sft_trainer, sft_config
 
     data_file = Path(data) / "text.jsonl"
     rows, replay_stats = mix_replay(read_jsonl(data_file), cfg.replay)
@@ -93,32 +98,33 @@ def run(params: Params, base: str, data: str, out: str, checkpoints: str, metric
                                 if replay_stats["available"] else ""))
     # The rows trained on, not just the file: the replay mix changes them (resume fingerprint).
     data_hash = content_id({"file": hash_path(data_file), "ids": [r["id"] for r in rows]})
-    fp = backend.fingerprint(cfg, data=data_hash, base=base_hash)
-    resume = backend.prepare_checkpoints(checkpoints, fp)
+    fp = fingerprint(cfg, data=data_hash, base=base_hash)
+    resume = prepare_checkpoints(checkpoints, fp)
 
-    threads = backend.setup_torch()
-    backend.quiet_transformers()
-    precision = backend.choose_precision(cfg.precision)
-    tokenizer = backend.load_tokenizer(base_dir)
-    dataset, data_stats = backend.pack_text(rows, tokenizer, cfg.block_size, source=str(data_file))
-    train_set, eval_set = backend.split_eval(dataset, cfg.eval_share, cfg.seed)
+    threads = setup_torch()
+    quiet_transformers()
+    precision = choose_precision(cfg.precision)
+    tokenizer = load_tokenizer(base_dir)
+    dataset, data_stats = pack_text(rows, tokenizer, cfg.block_size, source=str(data_file))
+    train_set, eval_set = split_eval(dataset, cfg.eval_share, cfg.seed)
     data_stats.update({"train_blocks": len(train_set), "eval_blocks": len(eval_set) if eval_set else 0,
                        "replay": replay_stats})
-    model = backend.load_model(base_dir, method=cfg.adapter.method, precision=precision, section="cpt",
-                               frozen=cfg.adapter.frozen_dtype)
-    model = backend.apply_adapter(model, cfg.adapter, seed=cfg.seed)
-    before = backend.snapshot_trainable(model)
-    args = backend.training_config("cpt", cfg, params.tracking, output_dir=checkpoints,
-                                   precision=precision, run_name="cpt", max_length=cfg.block_size)
-    resume_step = backend.checkpoint_step(resume)
-    trainer = backend.build_sft_trainer(model, tokenizer, train_set, args, stage="cpt",
-                                        checkpoints=checkpoints, live_dir=live,
-                                        tracking=params.tracking, resume_step=resume_step,
-                                        eval_dataset=eval_set, cfg=cfg)
-    summary = backend.train(trainer, resume, before)
+    model = load_model(base_dir, method=cfg.adapter.method, precision=precision, section="cpt",
+                       frozen=cfg.adapter.frozen_dtype)
+    model = apply_adapter(model, cfg.adapter, seed=cfg.seed)
+    before = snapshot_trainable(model)
+    args = sft_config(cfg, params.tracking, output_dir=checkpoints,
+                      precision=precision, run_name="cpt", max_length=cfg.block_size)
+    resume_step = checkpoint_step(resume)
+    trainer = build_sft_trainer(model, tokenizer, train_set, args, stage="cpt",
+                                checkpoints=checkpoints, live_dir=live,
+                                tracking=params.tracking, resume_step=resume_step,
+                                eval_dataset=eval_set, cfg=cfg)
+    summary = train(trainer, resume, before)
 
-    # Merge in float32 (the frozen base may be stored in bf16 while training: see backend.frozen_dtype).
-    merged = backend.merged_float32(trainer.model, base_dir)
+    # Merge in float32 (the frozen base may be stored in bf16 while training:
+    # see tempering.train.models.frozen_dtype).
+    merged = merged_float32(trainer.model, base_dir)
     merged = merged.to(getattr(torch, cfg.dtype))
     merged.config.dtype = cfg.dtype
     merged.config.use_cache = True

@@ -58,17 +58,17 @@ NOTE_ONE_PROMPT = "no preference pairs could be held out: the {pairs} pairs shar
 
 def _policy_base(base_dir: Path, sft: Path, method: str, precision):
     """The SFT model as a plain (merged) network; for qlora, merged then re-loaded in 4-bit."""
-    from tempering import backend
+    from tempering.train.models import check_qlora, load_merged, load_model
 
     if method != "qlora":
-        return backend.load_merged(base_dir, [sft])
-    backend._check_qlora(method, "dpo")  # one-line error without CUDA + bitsandbytes
+        return load_merged(base_dir, [sft])
+    check_qlora(method, "dpo")  # one-line error without CUDA + bitsandbytes
     tmp = Path(tempfile.mkdtemp(prefix="tempering-dpo-merged-"))
     try:
-        merged = backend.load_merged(base_dir, [sft])
+        merged = load_merged(base_dir, [sft])
         merged.save_pretrained(tmp)
         del merged
-        return backend.load_model(tmp, method="qlora", precision=precision, section="dpo")
+        return load_model(tmp, method="qlora", precision=precision, section="dpo")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -131,7 +131,8 @@ def _score_heldout(policy, tokenizer, heldout: list[dict], cfg, precision, base_
                    sft_dir: Path) -> tuple[dict, dict[str, list[tuple[float, float]]]]:
     """The held-out pairs through the DPO model, the SFT model (its reference) and the base:
     (the aggregate report, each model's per-pair log-probs)."""
-    from tempering import backend, preference
+    from tempering import preference
+    from tempering.train.models import load_merged
 
     def logps(model):
         return preference.completion_logps(model, tokenizer, heldout, max_length=cfg.max_length,
@@ -142,8 +143,8 @@ def _score_heldout(policy, tokenizer, heldout: list[dict], cfg, precision, base_
         with policy.disable_adapter():  # LoRA: the reference is the policy without its adapter
             scores["sft"] = logps(policy)
     else:
-        scores["sft"] = logps(backend.load_merged(base_dir, [sft_dir]))
-    scores["base"] = logps(backend.load_merged(base_dir, []))
+        scores["sft"] = logps(load_merged(base_dir, [sft_dir]))
+    scores["base"] = logps(load_merged(base_dir, []))
     report = heldout_report(scores, cfg.beta, seed=cfg.seed)
     report["prompts"] = len({_prompt_key(r) for r in heldout})
     return report, scores
@@ -152,10 +153,10 @@ def _score_heldout(policy, tokenizer, heldout: list[dict], cfg, precision, base_
 def _pass_through(params: Params, sft: str, out: str, checkpoints: str, metrics: str, started: float,
                   note: str, inputs: dict, live: str | None) -> dict:
     """No training: ``out`` points at the SFT model, the metrics and meta say why."""
-    from tempering import backend
+    from tempering.train.checkpoints import fingerprint, prepare_checkpoints
 
     # Old checkpoints of a trained run are stale now: the fingerprint differs, so they go.
-    backend.prepare_checkpoints(checkpoints, backend.fingerprint(params.dpo, passthrough="sft", **inputs))
+    prepare_checkpoints(checkpoints, fingerprint(params.dpo, passthrough="sft", **inputs))
     if live:  # a trained run's curves are stale too; an empty curve (header only) is what DVC plots
         shutil.rmtree(live, ignore_errors=True)
         curve = Path(live) / "plots" / "metrics" / "train" / "loss.tsv"
@@ -198,46 +199,51 @@ def run(params: Params, base: str, sft: str, data: str, out: str, checkpoints: s
         return _pass_through(params, sft, out, checkpoints, metrics, started, NOTE_NO_DATA.format(data=data_file),
                              {"base": base_hash, "sft": sft_hash, "data": data_hash}, live)
 
-    from tempering import backend
+    from tempering.train.checkpoints import checkpoint_step, fingerprint, prepare_checkpoints
+    from tempering.train.data import dpo_dataset, load_tokenizer, split_eval, tokenizer_hash
+    from tempering.train.dpo import build_dpo_trainer, dpo_config, reference_cache_key
+    from tempering.train.loop import save_trained, train
+    from tempering.train.models import apply_adapter, cast_frozen, frozen_dtype, snapshot_trainable
+    from tempering.train.precision import choose_precision, quiet_transformers, setup_torch
 
     rows, heldout = heldout_split(rows, cfg.heldout_share, cfg.seed)
-    dataset = backend.dpo_dataset(rows, source=str(data_file))
-    train_set, eval_set = backend.split_eval(dataset, cfg.eval_share, cfg.seed)
-    fp = backend.fingerprint(cfg, data=data_hash, base=base_hash, sft=sft_hash)
-    resume = backend.prepare_checkpoints(checkpoints, fp)
+    dataset = dpo_dataset(rows, source=str(data_file))
+    train_set, eval_set = split_eval(dataset, cfg.eval_share, cfg.seed)
+    fp = fingerprint(cfg, data=data_hash, base=base_hash, sft=sft_hash)
+    resume = prepare_checkpoints(checkpoints, fp)
 
-    threads = backend.setup_torch()
-    backend.quiet_transformers()
-    precision = backend.choose_precision(cfg.precision)
+    threads = setup_torch()
+    quiet_transformers()
+    precision = choose_precision(cfg.precision)
     tok_dir = sft_dir if (sft_dir / "tokenizer_config.json").exists() else base_dir
-    tokenizer = backend.load_tokenizer(tok_dir)
+    tokenizer = load_tokenizer(tok_dir)
     model = _policy_base(base_dir, sft_dir, cfg.adapter.method, precision)
     model.config.use_cache = False
     if cfg.adapter.method == "full":  # merging left the weights frozen (peft freezes the base)
-        backend.apply_adapter(model, cfg.adapter)
-    else:  # the frozen SFT model in the autocast dtype (see backend.frozen_dtype)
-        model = backend.cast_frozen(model, cfg.adapter, precision)
-    args = backend.training_config("dpo", cfg, params.tracking, output_dir=checkpoints,
-                                   precision=precision, run_name="dpo")
+        apply_adapter(model, cfg.adapter)
+    else:  # the frozen SFT model in the autocast dtype (see tempering.train.models.frozen_dtype)
+        model = cast_frozen(model, cfg.adapter, precision)
+    args = dpo_config(cfg, params.tracking, output_dir=checkpoints,
+                      precision=precision, run_name="dpo")
     # The reference is the SFT model: base + SFT adapter (and the frozen dtype they are run in).
-    ref_key = backend.reference_cache_key(
+    ref_key = reference_cache_key(
         data=data_hash, reference=content_id({"base": base_hash, "sft": sft_hash,
-                                              "frozen": str(backend.frozen_dtype(cfg.adapter.method, precision,
-                                                                                 cfg.adapter.frozen_dtype))}),
-        tokenizer=backend.tokenizer_hash(tok_dir), max_length=cfg.max_length,
+                                              "frozen": str(frozen_dtype(cfg.adapter.method, precision,
+                                                                         cfg.adapter.frozen_dtype))}),
+        tokenizer=tokenizer_hash(tok_dir), max_length=cfg.max_length,
         max_prompt_length=cfg.max_prompt_length, precision=precision.name)
-    resume_step = backend.checkpoint_step(resume)
+    resume_step = checkpoint_step(resume)
     if eval_set is not None or heldout:  # the reference log-probs are cached per split
         ref_key = content_id({"ref": ref_key, "eval_share": cfg.eval_share, "seed": cfg.seed,
                               **({"heldout_share": cfg.heldout_share} if heldout else {})}, 32)
-    trainer = backend.build_dpo_trainer(model, tokenizer, train_set, args, adapter=cfg.adapter,
-                                        max_prompt_length=cfg.max_prompt_length, stage="dpo",
-                                        checkpoints=checkpoints, live_dir=live,
-                                        tracking=params.tracking, resume_step=resume_step,
-                                        ref_cache_key=ref_key, eval_dataset=eval_set, cfg=cfg)
-    before = backend.snapshot_trainable(trainer.model)
-    summary = backend.train(trainer, resume, before)
-    backend.save_trained(trainer, tokenizer, out)
+    trainer = build_dpo_trainer(model, tokenizer, train_set, args, adapter=cfg.adapter,
+                                max_prompt_length=cfg.max_prompt_length, stage="dpo",
+                                checkpoints=checkpoints, live_dir=live,
+                                tracking=params.tracking, resume_step=resume_step,
+                                ref_cache_key=ref_key, eval_dataset=eval_set, cfg=cfg)
+    before = snapshot_trainable(trainer.model)
+    summary = train(trainer, resume, before)
+    save_trained(trainer, tokenizer, out)
     if heldout:
         summary["heldout"], scores = _score_heldout(trainer.model, tokenizer, heldout, cfg, precision, base_dir,
                                                     sft_dir)
@@ -248,7 +254,7 @@ def run(params: Params, base: str, sft: str, data: str, out: str, checkpoints: s
         heldout_meta = {"file": preference.HELDOUT_FILE, "pairs": len(heldout),
                         "prompts": summary["heldout"]["prompts"],
                         "scoring": {"max_length": cfg.max_length, "max_prompt_length": cfg.max_prompt_length,
-                                    "precision": precision.name, "tokenizer": backend.tokenizer_hash(out),
+                                    "precision": precision.name, "tokenizer": tokenizer_hash(out),
                                     "version": preference.SCORING_VERSION}}
     else:
         heldout_meta = {"file": None, "pairs": 0, "reason": NOTE_NO_HELDOUT.format(share=cfg.heldout_share) if

@@ -249,10 +249,11 @@ def alignment_scores(cand_dir: Path, rows: list[dict], scoring: dict) -> list[di
     """The candidate's log-probs on the held-out pairs, scored as the dpo stage scored the SFT
     model: :func:`tempering.preference.completion_logps` at the dpo stage's lengths and autocast
     precision; each row's token hash says whether the candidate's tokenizer encoded it alike."""
-    from tempering import backend, preference
+    from tempering import preference
+    from tempering.train.precision import Precision
 
     model, tok = load_model(cand_dir)
-    precision = backend.Precision(str(scoring["precision"]), _device(), "as the dpo stage scored the held-out pairs")
+    precision = Precision(str(scoring["precision"]), _device(), "as the dpo stage scored the held-out pairs")
     lengths = {"max_length": int(scoring["max_length"]), "max_prompt_length": int(scoring["max_prompt_length"])}
     logps = preference.completion_logps(model, tok, rows, precision=precision, **lengths)
     del model
@@ -377,11 +378,11 @@ def cached_heldout(cand_dir: Path, base_dir: Path, path: str | None, cfg: Evalua
 def run(params: Params, model: str, base: str, samples: str, metrics: str, registry: str | None = None,
         registry_name: str = "tempering-model", alias: str = "production", champion: str | None = None,
         dpo: str | None = None, heldout: str | None = None) -> dict:
-    from tempering import backend
+    from tempering.train.precision import setup_torch
 
     started = time.time()
     cfg = params.evaluate
-    backend.setup_torch()
+    setup_torch()
     info = bundle(cfg, params.gate)
     cand_dir, base_dir = resolve_model_dir(model), resolve_model_dir(base)
     for label, folder in (("--model", cand_dir), ("--base", base_dir)):

@@ -145,22 +145,20 @@ def dpo_passed_through(dpo: Path, sft: Path) -> bool:
 def _adapter_model(base_dir: Path, sft: Path, dpo: Path):
     """The model as trained: base + merged SFT, with the DPO adapter live (not merged). When DPO
     passed the SFT model through, base with the SFT adapter live."""
-    from peft import PeftModel
-
-    from tempering import backend
+    from tempering.train.models import is_adapter_dir, live_adapter, load_merged, merge_adapter
 
     if dpo_passed_through(dpo, sft):
-        model = backend.load_merged(base_dir, [])
+        model = load_merged(base_dir, [])
         peft_type = str(read_json(sft / "adapter_config.json").get("peft_type", "")) \
-            if backend.is_adapter_dir(sft) else ""
+            if is_adapter_dir(sft) else ""
         if peft_type and peft_type not in ("PREFIX_TUNING", "PROMPT_TUNING", "P_TUNING"):
-            return PeftModel.from_pretrained(model, sft)
+            return live_adapter(model, sft)
         # full SFT (the saved model is the policy); prefix/prompt adapters get merge_adapter's refusal
-        return backend.merge_adapter(model, sft)
-    model = backend.load_merged(base_dir, [sft])
-    if backend.is_adapter_dir(dpo):
-        return PeftModel.from_pretrained(model, dpo)
-    return backend.merge_adapter(model, dpo)  # full DPO: the saved model is the policy
+        return merge_adapter(model, sft)
+    model = load_merged(base_dir, [sft])
+    if is_adapter_dir(dpo):
+        return live_adapter(model, dpo)
+    return merge_adapter(model, dpo)  # full DPO: the saved model is the policy
 
 
 def _merged(adapter_model):
@@ -239,7 +237,9 @@ def _log(msg: str) -> None:
 def _interpolate(params: Params, merged, tokenizer, origin: str, prompts, reference) -> tuple[dict, dict | None]:
     """The dev sweep on ``merged`` (float32, as trained): leaves it at the kept alpha. Returns
     (the sweep record, the alpha-1 merge check when the kept alpha is below 1, else None)."""
-    from tempering import backend, interpolate
+    from tempering import interpolate
+    from tempering.train.data import load_tokenizer
+    from tempering.train.models import load_merged
 
     cfg = params.export
     origin_dir = resolve_model_dir(origin)
@@ -252,9 +252,9 @@ def _interpolate(params: Params, merged, tokenizer, origin: str, prompts, refere
     scores = [agreement(a, b) for a, b in zip(reference, as_trained)]
     merge_check = {"prompts": len(prompts), "matches": sum(a == b for a, b in zip(reference, as_trained)),
                    "token_agreement": (sum(scores) / len(scores)) if scores else 1.0}
-    base_model = backend.load_merged(origin_dir, [])
+    base_model = load_merged(origin_dir, [])
     base_model.eval()
-    record = interpolate.sweep(merged, tokenizer, base_model, backend.load_tokenizer(origin_dir), cfg.interpolation,
+    record = interpolate.sweep(merged, tokenizer, base_model, load_tokenizer(origin_dir), cfg.interpolation,
                                params.evaluate, params.gate, log=_log)
     record["origin"] = str(origin)
     record["origin_hash"] = hash_path(origin_dir)
@@ -267,7 +267,9 @@ def run(params: Params, base: str, sft: str, dpo: str, out: str, metrics: str, d
     import torch
     from transformers import AutoModelForCausalLM
 
-    from tempering import backend
+    from tempering.train.data import load_tokenizer
+    from tempering.train.models import model_meta
+    from tempering.train.precision import cpu_has_bf16, quiet_transformers, setup_torch
 
     started = time.time()
     cfg = params.export
@@ -275,10 +277,10 @@ def run(params: Params, base: str, sft: str, dpo: str, out: str, metrics: str, d
     for name, path in (("base", base_dir), ("sft", Path(sft)), ("dpo", Path(dpo))):
         if not Path(path).exists():
             raise TemperingError(f"{path}: {name} input not found")
-    threads = backend.setup_torch()
-    backend.quiet_transformers()
+    threads = setup_torch()
+    quiet_transformers()
     tok_dir = next(p for p in (Path(dpo), Path(sft), base_dir) if (p / "tokenizer_config.json").exists())
-    tokenizer = backend.load_tokenizer(tok_dir)
+    tokenizer = load_tokenizer(tok_dir)
     prompts = check_prompts(data, cfg.check_prompts)
 
     adapter_model = _adapter_model(base_dir, Path(sft), Path(dpo))
@@ -306,13 +308,13 @@ def run(params: Params, base: str, sft: str, dpo: str, out: str, metrics: str, d
     if gen_cfg.pad_token_id is None:
         gen_cfg.pad_token_id = tokenizer.pad_token_id
 
-    lineage = {"sft": _lineage(backend.model_meta(sft)), "dpo": _lineage(backend.model_meta(dpo))}
-    outer = backend.model_meta(base)  # models/cpt: a pointer's or a merged model's meta
+    lineage = {"sft": _lineage(model_meta(sft)), "dpo": _lineage(model_meta(dpo))}
+    outer = model_meta(base)  # models/cpt: a pointer's or a merged model's meta
     if outer.get("stage") == "cpt":
         lineage["cpt"] = _lineage(outer)
         passed_through = Path(base).resolve() != base_dir.resolve()
         lineage["base_model"] = outer.get("base_meta") or (
-            _lineage(backend.model_meta(base_dir)) if passed_through else {})
+            _lineage(model_meta(base_dir)) if passed_through else {})
     else:
         lineage["cpt"], lineage["base_model"] = {}, _lineage(outer)
 
@@ -322,9 +324,9 @@ def run(params: Params, base: str, sft: str, dpo: str, out: str, metrics: str, d
         del merged, adapter_model
         # Reload what was written, as a user would. bf16 weights are upcast to float32 for the
         # check on CPUs without native bf16 (exact; only the arithmetic differs).
-        load_dtype = dtype if (torch.cuda.is_available() or backend.cpu_has_bf16()) else torch.float32
+        load_dtype = dtype if (torch.cuda.is_available() or cpu_has_bf16()) else torch.float32
         exported = AutoModelForCausalLM.from_pretrained(tmp, dtype=load_dtype)
-        candidate = greedy(exported, backend.load_tokenizer(tmp), prompts, cfg.check_max_new_tokens)
+        candidate = greedy(exported, load_tokenizer(tmp), prompts, cfg.check_max_new_tokens)
         scores = [agreement(a, b) for a, b in zip(reference, candidate)]
         check = {"prompts": len(prompts), "matches": sum(a == b for a, b in zip(reference, candidate)),
                  "token_agreement": (sum(scores) / len(scores)) if scores else 1.0}

@@ -197,29 +197,31 @@ def run(params: Params, base: str, out: str, metrics: str | None = None) -> dict
 
     import torch
 
-    from tempering import backend
+    from tempering.train.data import cache_root
+    from tempering.train.models import load_for_inference
+    from tempering.train.precision import choose_precision, quiet_transformers, setup_torch
 
     base_dir = resolve_model_dir(base)
     if not (base_dir / "config.json").exists():
         raise TemperingError(f"{base}: base model folder not found (run the base_model stage)")
     prompts = load_prompts(cfg)
-    precision = backend.choose_precision("auto")
+    precision = choose_precision("auto")
     base_hash = hash_path(base_dir)
     loaded: list = []
 
     def model_and_tokenizer():
         """Loaded once, and only when something is not cached."""
         if not loaded:
-            backend.setup_torch()
-            backend.quiet_transformers()
-            model, tokenizer = backend.load_for_inference(base_dir, precision.device)
+            setup_torch()
+            quiet_transformers()
+            model, tokenizer = load_for_inference(base_dir, precision.device)
             loaded.extend([model, tokenizer])
         return loaded
 
     key = {"v": GENERATION_VERSION, "base": base_hash, "prompts": content_id(prompts, 32),
            "max_new_tokens": cfg.max_new_tokens, "batch_size": cfg.batch_size, "precision": precision.name,
            "torch": torch.__version__}
-    cache_file = backend.cache_root() / "replay" / f"answers-{content_id(key, 32)}.json"
+    cache_file = cache_root() / "replay" / f"answers-{content_id(key, 32)}.json"
     cached = read_json_or_none(cache_file)
     hit = isinstance(cached, dict) and cached.get("key") == key and len(cached.get("answers", [])) == len(prompts)
     if hit:
@@ -242,7 +244,7 @@ def run(params: Params, base: str, out: str, metrics: str | None = None) -> dict
         tk = cfg.text
         text_key = {"v": TEXT_GENERATION_VERSION, "base": base_hash, "text": tk.model_dump(mode="json"),
                     "batch_size": cfg.batch_size, "precision": precision.name, "torch": torch.__version__}
-        text_cache = backend.cache_root() / "replay" / f"text-{content_id(text_key, 32)}.json"
+        text_cache = cache_root() / "replay" / f"text-{content_id(text_key, 32)}.json"
         cached = read_json_or_none(text_cache)
         text_hit = isinstance(cached, dict) and cached.get("key") == text_key and len(cached.get("rows", [])) == tk.n
         if text_hit:

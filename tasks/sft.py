@@ -5,7 +5,7 @@
 
 Every assistant turn is trained and only assistant tokens (with the end-of-turn token) are in the
 loss: we render each conversation with the chat template ourselves and locate the assistant spans
-(see ``tempering.backend.tokenize_conversation``); the tokenized set is cached, so a re-run that
+(see ``tempering.train.data.tokenize_conversation``); the tokenized set is cached, so a re-run that
 only changes e.g. the learning rate does not tokenize again.
 
 ``sft.replay`` mixes general rows into training (``tempering.mixing.mix_replay``, shared with
@@ -45,7 +45,12 @@ PARAMS = ("sft", "tracking", "train")
 
 def run(params: Params, base: str, data: str, out: str, checkpoints: str, metrics: str,
         live: str | None = None) -> dict:
-    from tempering import backend
+    from tempering.train.checkpoints import checkpoint_step, fingerprint, prepare_checkpoints
+    from tempering.train.data import load_tokenizer, pack_sft, split_eval, tokenize_sft, tokenizer_hash
+    from tempering.train.loop import save_trained, train
+    from tempering.train.models import apply_adapter, load_model, snapshot_trainable
+    from tempering.train.precision import choose_precision, quiet_transformers, setup_torch
+    from tempering.train.sft import build_sft_trainer, sft_config
 
     started = time.time()
     cfg = params.sft
@@ -59,38 +64,38 @@ def run(params: Params, base: str, data: str, out: str, checkpoints: str, metric
     # The rows trained on, not just the file: the replay mix changes them (tokenize cache, resume).
     data_hash, base_hash = content_id({"file": hash_path(data_file), "ids": [r["id"] for r in rows]}), \
         hash_path(base_dir)
-    fp = backend.fingerprint(cfg, data=data_hash, base=base_hash)
-    resume = backend.prepare_checkpoints(checkpoints, fp)
+    fp = fingerprint(cfg, data=data_hash, base=base_hash)
+    resume = prepare_checkpoints(checkpoints, fp)
 
-    threads = backend.setup_torch()
-    backend.quiet_transformers()
-    precision = backend.choose_precision(cfg.precision)
-    tokenizer = backend.load_tokenizer(base_dir, cfg.chat_template)
-    dataset, data_stats = backend.tokenize_sft(
+    threads = setup_torch()
+    quiet_transformers()
+    precision = choose_precision(cfg.precision)
+    tokenizer = load_tokenizer(base_dir, cfg.chat_template)
+    dataset, data_stats = tokenize_sft(
         rows, tokenizer, max_length=cfg.max_length, data_hash=data_hash,
-        tokenizer_id=backend.tokenizer_hash(base_dir), chat_template=cfg.chat_template,
+        tokenizer_id=tokenizer_hash(base_dir), chat_template=cfg.chat_template,
         source=str(data_file))
-    train_set, eval_set = backend.split_eval(dataset, cfg.eval_share, cfg.seed)
+    train_set, eval_set = split_eval(dataset, cfg.eval_share, cfg.seed)
     data_stats.update({"train_examples": len(train_set), "eval_examples": len(eval_set) if eval_set else 0,
                        "replay": replay_stats})
     if cfg.packing:
-        train_set, pack_stats = backend.pack_sft(train_set, cfg.max_length)
+        train_set, pack_stats = pack_sft(train_set, cfg.max_length)
         if eval_set is not None:
-            eval_set, _ = backend.pack_sft(eval_set, cfg.max_length)
+            eval_set, _ = pack_sft(eval_set, cfg.max_length)
         data_stats["packing"] = pack_stats
-    model = backend.load_model(base_dir, method=cfg.adapter.method, precision=precision, section="sft",
-                               frozen=cfg.adapter.frozen_dtype)
-    model = backend.apply_adapter(model, cfg.adapter, seed=cfg.seed)
-    before = backend.snapshot_trainable(model)
-    args = backend.training_config("sft", cfg, params.tracking, output_dir=checkpoints,
-                                   precision=precision, run_name="sft")
-    resume_step = backend.checkpoint_step(resume)
-    trainer = backend.build_sft_trainer(model, tokenizer, train_set, args, stage="sft",
-                                        checkpoints=checkpoints, live_dir=live,
-                                        tracking=params.tracking, resume_step=resume_step,
-                                        eval_dataset=eval_set, cfg=cfg)
-    summary = backend.train(trainer, resume, before)
-    backend.save_trained(trainer, tokenizer, out)
+    model = load_model(base_dir, method=cfg.adapter.method, precision=precision, section="sft",
+                       frozen=cfg.adapter.frozen_dtype)
+    model = apply_adapter(model, cfg.adapter, seed=cfg.seed)
+    before = snapshot_trainable(model)
+    args = sft_config(cfg, params.tracking, output_dir=checkpoints,
+                      precision=precision, run_name="sft")
+    resume_step = checkpoint_step(resume)
+    trainer = build_sft_trainer(model, tokenizer, train_set, args, stage="sft",
+                                checkpoints=checkpoints, live_dir=live,
+                                tracking=params.tracking, resume_step=resume_step,
+                                eval_dataset=eval_set, cfg=cfg)
+    summary = train(trainer, resume, before)
+    save_trained(trainer, tokenizer, out)
 
     summary.update({"precision": precision.name, "device": precision.device, "threads": threads,
                     "data": data_stats, "method": cfg.adapter.method,

@@ -26,13 +26,13 @@
 3. PII (``validate.pii``): e-mail addresses, phone numbers and secret-looking tokens in kept rows
    are replaced by ``[REDACTED_*]`` (ids recomputed) and counted per kind and source.
 4. Token checks (``validate.tokens``, with ``--tokenizer``): every kept SFT row is tokenized with
-   :func:`tempering.backend.tokenize_conversation` at ``sft.max_length`` / ``sft.chat_template``
+   :func:`tempering.train.data.tokenize_conversation` at ``sft.max_length`` / ``sft.chat_template``
    (declared in ``dvc.yaml``); a second great-expectations suite quarantines rows whose supervised
    share is below ``min_supervised_share`` (``low_supervision``; ``chat_template_error`` when the
    template cannot render a row) and checks the truncation rate and the share of examples whose
    end-of-turn token is outside the loss mask against their limits. Preference rows
    (``validate.preference_tokens``) are tokenized the way DPO trains on them
-   (:func:`tempering.backend.tokenize_preference`, :func:`~tempering.backend.dpo_truncate`) at
+   (:func:`tempering.train.data.tokenize_preference`, :func:`~tempering.train.data.dpo_truncate`) at
    ``dpo.max_length`` / ``dpo.max_prompt_length`` (also declared in ``dvc.yaml``): a pair whose
    answers are identical once truncated is quarantined (``same_after_truncation``), and pairs whose
    prompt or an answer would be cut are either quarantined (``prompt_truncated``,
@@ -325,7 +325,7 @@ TOKEN_CHECKS = ("chat_template_error", "low_supervision")
 
 def end_of_turn_marker(tokenizer, chat_template: str | None) -> tuple[str, list[int]]:
     """What the template appends after an assistant reply inside the trained span (e.g. ``<|im_end|>``)."""
-    from tempering.backend import assistant_char_spans
+    from tempering.train.data import assistant_char_spans
 
     probe = [{"role": "user", "content": "ping"}, {"role": "assistant", "content": "pong"}]
     text, spans = assistant_char_spans(tokenizer, probe, chat_template)
@@ -340,9 +340,9 @@ def end_of_turn_marker(tokenizer, chat_template: str | None) -> tuple[str, list[
 def token_stats(rows: list[dict], tokenizer, *, max_length: int, chat_template: str | None) -> list[dict]:
     """Per SFT row: tokens, supervised share after truncation, truncation, end-of-turn in the mask.
 
-    Uses :func:`tempering.backend.tokenize_conversation`, the exact tokenization SFT trains on.
+    Uses :func:`tempering.train.data.tokenize_conversation`, the exact tokenization SFT trains on.
     """
-    from tempering.backend import tokenize_conversation
+    from tempering.train.data import tokenize_conversation
 
     _, eot = end_of_turn_marker(tokenizer, chat_template)
     out = []
@@ -441,7 +441,7 @@ def preference_token_stats(rows: list[dict], tokenizer, *, max_length: int, max_
                            chat_template: str | None) -> list[dict]:
     """Per preference row: prompt and answer tokens as DPO tokenizes them, and what truncation at
     ``max_prompt_length`` / ``max_length`` does to them."""
-    from tempering.backend import dpo_truncate, tokenize_preference
+    from tempering.train.data import dpo_truncate, tokenize_preference
 
     out = []
     for row in rows:
@@ -884,7 +884,8 @@ def run(params: Params, out: str, quarantine: str, report: str, metrics: str, to
     _check_sources(vp)
     tok = None
     if tokenizer and (vp.tokens.enabled or vp.preference_tokens.enabled):
-        from tempering.backend import load_tokenizer, quiet_transformers
+        from tempering.train.data import load_tokenizer
+        from tempering.train.precision import quiet_transformers
 
         quiet_transformers()
         tok = load_tokenizer(tokenizer, params.sft.chat_template)

@@ -1,4 +1,4 @@
-"""tempering: shared pieces of the pipeline (config, io, hashing, registry, training backend).
+"""tempering: shared pieces of the pipeline (config, io, hashing, registry, training in tempering.train).
 
 The pipeline stages live in ``tasks/`` (one module per DVC stage); Prefect composition in
 ``flows/``. Nothing in this package imports torch, transformers or great-expectations at import

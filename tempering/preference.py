@@ -3,10 +3,10 @@
 One owner for two stages. The dpo stage scores its held-out pairs (whole prompts never trained on)
 with the base, the SFT model (its reference) and the DPO policy, and writes them with
 :func:`write_heldout` to ``<dpo out>/heldout.jsonl``; ``evaluate`` scores the exported candidate on
-the same pairs with the same function, the same tokenization and truncation
-(``backend.tokenize_preference`` + ``backend.dpo_truncate`` at the dpo stage's lengths) and the
-same autocast precision, all read from that file's ``scoring`` record, so the candidate's margins
-pair with the SFT model's pair by pair. The gate's ``alignment`` check compares them.
+the same pairs with the same function, the same tokenization and truncation (``tempering.train.data``:
+``tokenize_preference`` + ``dpo_truncate`` at the dpo stage's lengths) and the same autocast precision,
+all read from that file's ``scoring`` record, so the candidate's margins pair with the SFT model's
+pair by pair. The gate's ``alignment`` check compares them.
 
 A row of the file::
 
@@ -35,10 +35,10 @@ def encode_pair(tokenizer, row: dict, max_length: int, max_prompt_length: int) -
     """``{"prompt_ids", "chosen_ids", "rejected_ids"}`` as DPO trains on the pair: TRL's
     conversational tokenization, the prompt's last ``max_prompt_length`` tokens, prompt + answer
     cut to ``max_length``."""
-    from tempering import backend
+    from tempering.train.data import dpo_truncate, tokenize_preference
 
-    return backend.dpo_truncate(backend.tokenize_preference(tokenizer, row["prompt"], row["chosen"], row["rejected"]),
-                                max_length, max_prompt_length)
+    return dpo_truncate(tokenize_preference(tokenizer, row["prompt"], row["chosen"], row["rejected"]),
+                        max_length, max_prompt_length)
 
 
 def tokens_id(enc: dict) -> str:
@@ -50,7 +50,7 @@ def completion_logps(model, tokenizer, rows: list[dict], *, max_length: int, max
                      precision) -> list[tuple[float, float]]:
     """Summed log p(chosen | prompt) and log p(rejected | prompt) per pair, tokenized and truncated
     exactly as DPO trains (:func:`encode_pair`), under ``precision``'s autocast (a
-    ``backend.Precision``); float32 log-softmax."""
+    ``tempering.train.precision.Precision``); float32 log-softmax."""
     import contextlib
 
     import torch

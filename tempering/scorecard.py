@@ -149,10 +149,10 @@ def bundle(cfg: EvaluateParams, gate: GateParams | None = None) -> dict:
 
 
 def load_model(model_dir: Path):
-    """(model, tokenizer) in float32 on the scoring device (:func:`tempering.backend.load_for_inference`)."""
-    from tempering import backend
+    """(model, tokenizer) in float32 on the scoring device (:func:`tempering.train.models.load_for_inference`)."""
+    from tempering.train.models import load_for_inference
 
-    return backend.load_for_inference(model_dir, _device())
+    return load_for_inference(model_dir, _device())
 
 
 def _device() -> str:
@@ -166,11 +166,11 @@ def _amp_dtype(cfg: EvaluateParams):
     else None (float32). Every model of a run is scored the same way, so paired deltas stay fair."""
     import torch
 
-    from tempering import backend
+    from tempering.train.precision import choose_precision
 
     if cfg.precision == "fp32":
         return None
-    return torch.bfloat16 if backend.choose_precision("auto").bf16 else None
+    return torch.bfloat16 if choose_precision("auto").bf16 else None
 
 
 @contextlib.contextmanager
@@ -414,9 +414,9 @@ def drift_summary(records: list[dict]) -> dict:
 
 
 def _heldout_encode(tok, row: dict, max_length: int) -> tuple[list[int], list[int]]:
-    from tempering import backend
+    from tempering.train.data import tokenize_conversation
 
-    enc = backend.tokenize_conversation(tok, row["messages"], max_length=max_length)
+    enc = tokenize_conversation(tok, row["messages"], max_length=max_length)
     return enc["input_ids"], enc["labels"]
 
 

@@ -279,9 +279,9 @@ def resolve_amp(value):
     if isinstance(value, str) and value.lower() in ("none", "float32", "fp32", ""):
         return None
     if value == "auto":
-        from tempering import backend
+        from tempering.train.precision import choose_precision
 
-        return "bfloat16" if backend.choose_precision("auto").bf16 else None
+        return "bfloat16" if choose_precision("auto").bf16 else None
     return value
 
 
@@ -302,7 +302,7 @@ def _define():
     from tqdm import tqdm
 
     from tempering import env
-    from tempering.backend import _causal_lm_parts
+    from tempering.train.models import causal_lm_parts
 
     class TemperingLM(HFLM):
         """lm-eval's HFLM with shared-context, head-only-where-needed loglikelihood scoring.
@@ -449,7 +449,7 @@ def _define():
 
         def _fast_parts(self):
             """(decoder, head) when the packed path applies to this model, else None (decided once)."""
-            parts = _causal_lm_parts(self.model) if self.backend == "causal" else None
+            parts = causal_lm_parts(self.model) if self.backend == "causal" else None
             if self._fast is None:
                 impl = getattr(self.model.config, "_attn_implementation", None)
                 if self.backend != "causal":

@@ -50,7 +50,7 @@ def train(folder: Path, out: Path, items, steps: int, lr: float, seed: int = 0) 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tempering.backend import tokenize_conversation
+    from tempering.train.data import tokenize_conversation
 
     torch.manual_seed(seed)
     tok = AutoTokenizer.from_pretrained(folder)

@@ -14,9 +14,11 @@ import pytest
 from tasks.evaluate import (ALIGNMENT_FILE, alignment_records, alignment_source, alignment_summary, cached_alignment,
                             run)
 from tasks.gate import decide, load_samples
-from tempering import TemperingError, backend, preference
+from tempering import TemperingError, preference
 from tempering.config import from_dict
 from tempering.io import hash_path
+from tempering.train.data import CACHE_ENV, load_tokenizer
+from tempering.train.models import load_merged
 
 from test_evaluate import DOMAIN, GENERAL, write_bench
 from test_training import make_params, run_sft, write_rows
@@ -29,7 +31,7 @@ def _one_thread(one_thread):
 
 def _save(model, tok_dir: Path, out: Path) -> Path:
     model.save_pretrained(out)
-    backend.load_tokenizer(tok_dir).save_pretrained(out)
+    load_tokenizer(tok_dir).save_pretrained(out)
     return out
 
 
@@ -42,7 +44,7 @@ def trained(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("align")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv(backend.CACHE_ENV, str(root / "cache"))
+        mp.setenv(CACHE_ENV, str(root / "cache"))
         mp.setenv("WANDB_MODE", "disabled")
         tiny = make_tiny_model(root / "tiny")
         data = write_rows(root / "clean")
@@ -50,8 +52,8 @@ def trained(tmp_path_factory):
         run_dpo(make_params(dpo={"heldout_share": 0.25, "precision": "fp32"}), base=str(tiny), sft=str(root / "sft"),
                 data=str(data), out=str(root / "dpo"), checkpoints=str(root / "ck_dpo"),
                 metrics=str(root / "dpo.json"))
-    dpo_candidate = _save(backend.load_merged(tiny, [root / "sft", root / "dpo"]), root / "dpo", root / "cand_dpo")
-    sft_candidate = _save(backend.load_merged(tiny, [root / "sft"]), root / "dpo", root / "cand_sft")
+    dpo_candidate = _save(load_merged(tiny, [root / "sft", root / "dpo"]), root / "dpo", root / "cand_dpo")
+    sft_candidate = _save(load_merged(tiny, [root / "sft"]), root / "dpo", root / "cand_sft")
     return {"root": root, "tiny": tiny, "data": data, "dpo": root / "dpo", "cand_dpo": dpo_candidate,
             "cand_sft": sft_candidate}
 
@@ -115,7 +117,7 @@ def test_the_sft_model_as_candidate_reproduces_the_sft_margins(trained, tmp_path
 def test_a_candidate_tokenized_differently_is_refused(trained, tmp_path):
     """Another chat template scores other tokens: the margins do not pair, and the gate refuses."""
     cand = Path(shutil.copytree(trained["cand_sft"], tmp_path / "cand"))
-    tok = backend.load_tokenizer(cand)
+    tok = load_tokenizer(cand)
     tok.chat_template = "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\n' }}{% endfor %}" \
                         "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"
     tok.save_pretrained(cand)

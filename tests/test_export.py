@@ -9,8 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from tempering import TemperingError, backend
+from tempering import TemperingError
 from tempering.config import from_dict, load_params
+from tempering.train.data import CACHE_ENV, load_tokenizer
+from tempering.train.models import load_merged
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,7 +41,7 @@ def trained(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("export")
     mp = pytest.MonkeyPatch()
-    mp.setenv(backend.CACHE_ENV, str(root / "cache"))
+    mp.setenv(CACHE_ENV, str(root / "cache"))
     base = make_tiny_model(root / "base")
     (base / "meta.json").write_text(json.dumps({"stage": "base_model", "source": "tiny-test-model", "n_params": 1}))
     data = root / "clean"
@@ -87,11 +89,11 @@ def test_export_is_standalone_and_matches_the_adapter_model(trained, tmp_path):
     assert metrics["match_rate"] == 1.0 and metrics["max_logit_diff"] < 1e-4  # float32 export: exact merge
     assert list(out.glob("*.safetensors")) and not (out / "adapter_config.json").exists()
     # Independent check: reload as a user would (no peft) and compare with base+SFT merged+DPO adapter.
-    tok = backend.load_tokenizer(out)
+    tok = load_tokenizer(out)
     assert tok.chat_template
     exported = AutoModelForCausalLM.from_pretrained(out)
     assert not any("lora" in k for k in exported.state_dict())
-    reference = PeftModel.from_pretrained(backend.load_merged(trained / "base", [trained / "sft"]), trained / "dpo")
+    reference = PeftModel.from_pretrained(load_merged(trained / "base", [trained / "sft"]), trained / "dpo")
     prompts = check_prompts(str(trained / "clean"), 3)
     assert prompts[0] == [{"role": "user", "content": "what is the colour of 0?"}]
     assert greedy(exported, tok, prompts, 8) == greedy(reference, tok, prompts, 8)
@@ -100,7 +102,7 @@ def test_export_is_standalone_and_matches_the_adapter_model(trained, tmp_path):
     import torch
 
     enc = tok.apply_chat_template(prompts[0], add_generation_prompt=True, return_tensors="pt", return_dict=True)
-    without_dpo = backend.load_merged(trained / "base", [trained / "sft"])
+    without_dpo = load_merged(trained / "base", [trained / "sft"])
     with torch.no_grad():
         got, want, sft_only = (m.eval()(**enc).logits for m in (exported, reference, without_dpo))
     assert torch.allclose(got, want, atol=1e-4)
@@ -167,7 +169,7 @@ def test_lineage_through_an_enabled_cpt(trained, tmp_path, monkeypatch):
 
     import shutil
 
-    monkeypatch.setenv(backend.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
     shutil.copytree(trained / "clean", tmp_path / "clean")
     text = tmp_path / "clean" / "text.jsonl"
     text.write_text("".join(json.dumps({"id": str(i), "text": "the quick brown fox jumps over the lazy dog " * 3})
@@ -208,13 +210,13 @@ def test_export_when_dpo_passed_the_sft_model_through(trained, tmp_path):
     summary = export(p, base=str(trained / "base"), sft=str(trained / "sft"), dpo=str(tmp_path / "dpo"),
                      data=str(trained / "clean"), out=str(out), metrics=str(tmp_path / "export.json"))
     assert summary["match_rate"] == 1.0 and summary["max_logit_diff"] < 1e-4
-    tok = backend.load_tokenizer(out)
+    tok = load_tokenizer(out)
     enc = tok.apply_chat_template(check_prompts(str(trained / "clean"), 1)[0], add_generation_prompt=True,
                                   return_tensors="pt", return_dict=True)
     exported = AutoModelForCausalLM.from_pretrained(out)
     with torch.no_grad():
         got = exported.eval()(**enc).logits
-        sft_only = backend.load_merged(trained / "base", [trained / "sft"]).eval()(**enc).logits
+        sft_only = load_merged(trained / "base", [trained / "sft"]).eval()(**enc).logits
         base = AutoModelForCausalLM.from_pretrained(trained / "base").eval()(**enc).logits
     assert torch.allclose(got, sft_only, atol=1e-4) and not torch.allclose(got, base, atol=1e-4)
     lineage = json.loads((out / "meta.json").read_text())["lineage"]

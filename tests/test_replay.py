@@ -10,9 +10,11 @@ from pathlib import Path
 import pytest
 
 from tasks import dedup, replay
-from tempering import TemperingError, backend
+from tempering import TemperingError
 from tempering.config import DedupParams, SftReplay, from_dict, load_params
 from tempering.mixing import mix_replay
+from tempering.train.data import CACHE_ENV, load_tokenizer
+from tempering.train.precision import choose_precision
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,7 +49,7 @@ def test_shipped_prompt_bank_is_clean_and_disjoint_from_every_benchmark():
 
 
 def test_replay_generates_the_bases_answers_once_then_hits_its_cache(tiny, tmp_path, monkeypatch):
-    monkeypatch.setenv(backend.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
     params = _params(tmp_path)
     first = replay.run(params, base=str(tiny), out=str(tmp_path / "r1"))
     assert first["enabled"] and first["rows"] == 5 and first["cache"] == "miss"
@@ -57,7 +59,7 @@ def test_replay_generates_the_bases_answers_once_then_hits_its_cache(tiny, tmp_p
     assert all(r["messages"][1]["role"] == "assistant" for r in rows)
     # The answers are the model's own greedy continuation (one prompt alone, no batching).
     answers = replay.generate(*_load(tiny), [bank[0]["prompt"]], max_new_tokens=4, batch_size=1,
-                              amp_dtype=backend.choose_precision("auto").autocast_dtype)
+                              amp_dtype=choose_precision("auto").autocast_dtype)
     assert rows[0]["messages"][1]["content"] == answers[0]
     second = replay.run(params, base=str(tiny), out=str(tmp_path / "r2"))
     assert second["cache"] == "hit"
@@ -71,7 +73,7 @@ def _load(folder: Path):
     import torch
     from transformers import AutoModelForCausalLM
 
-    return (AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval(), backend.load_tokenizer(folder))
+    return (AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval(), load_tokenizer(folder))
 
 
 def test_replay_disabled_writes_an_empty_source(tmp_path):
@@ -135,7 +137,7 @@ def test_an_empty_replay_source_is_allowed_only_where_declared(tmp_path):
 def test_sft_trains_on_the_replay_mix_and_records_it(tiny, tmp_path, monkeypatch):
     from tasks.sft import run
 
-    monkeypatch.setenv(backend.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
     data = tmp_path / "clean"
     data.mkdir()
     rows = [{"id": f"d{i}", "source": f"data/generated/sft.jsonl:{i + 1}", "messages": [

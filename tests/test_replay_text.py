@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 
 from tasks import replay
-from tempering import TemperingError, backend
+from tempering import TemperingError
 from tempering.config import CptReplay, DedupParams, ParamsError, from_dict, load_params
 from tempering.mixing import mix_replay
+from tempering.train.data import CACHE_ENV, load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,7 +45,7 @@ def _lines(path: Path) -> list[dict]:
 
 
 def test_text_replay_is_generated_when_cpt_reads_it_then_cached(tiny, tmp_path, monkeypatch):
-    monkeypatch.setenv(backend.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
     out = tmp_path / "r1"
     first = replay.run(_params(out), base=str(tiny), out=str(out), metrics=str(tmp_path / "m1.json"))
     text = first["text"]
@@ -75,7 +76,7 @@ def test_samples_do_not_depend_on_what_ran_before(tiny):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32).eval()
-    tok = backend.load_tokenizer(tiny)
+    tok = load_tokenizer(tiny)
     kw = dict(start_id=replay.start_token_id(tok, "<|endoftext|>"), starts=("The",), max_new_tokens=8,
               min_new_tokens=8, temperature=1.0, top_p=1.0, seed=3, batch_size=2)
     a = replay.sample_text(model, tok, 4, **kw)
@@ -100,7 +101,7 @@ def test_text_replay_is_skipped_when_cpt_will_not_read_it(tiny, tmp_path, monkey
     the model is not even loaded, text.jsonl is an empty (allow_empty) source, and the metrics say why."""
     import transformers
 
-    monkeypatch.setenv(backend.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
     replay.run(_params(tmp_path / "warm", cpt={"enabled": False}), base=str(tiny), out=str(tmp_path / "warm"))
 
     def no_model(*a, **k):
@@ -225,7 +226,7 @@ def test_shipped_cpt_replay_defaults_keep_the_default_run_unchanged():
 def test_cpt_trains_on_the_text_replay_mix_and_records_it(tiny, tmp_path, monkeypatch):
     from tasks.cpt import run
 
-    monkeypatch.setenv(backend.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
     data = tmp_path / "clean"
     data.mkdir()
     domain = [{"id": f"d{i}", "source": f"data/generated/corpus.txt:{i + 1}",

@@ -434,12 +434,12 @@ def test_real_model_parity_on_every_shipped_benchmark(smollm2, tmp_path):
     kept (one item of slack) and no larger a mean error."""
     import torch
 
-    from tempering import backend
+    from tempering.train.precision import physical_cores
 
     model, tok = smollm2
     n = int(os.environ.get("TEMPERING_PARITY_ITEMS", "60"))
     threads = torch.get_num_threads()
-    torch.set_num_threads(backend.physical_cores())  # a real model: every core (this module's default is 1)
+    torch.set_num_threads(physical_cores())  # a real model: every core (this module's default is 1)
     try:
         _real_parity(model, tok, tmp_path, n)
     finally:
@@ -448,7 +448,7 @@ def test_real_model_parity_on_every_shipped_benchmark(smollm2, tmp_path):
 
 def _real_parity(model, tok, tmp_path, n: int) -> None:
     from tasks.evaluate import bundle
-    from tempering import backend
+    from tempering.train.precision import choose_precision
 
     small = real_cfg(tmp_path, max(n // 4, 4), precision="fp32")
     info_small = bundle(small)
@@ -457,7 +457,7 @@ def _real_parity(model, tok, tmp_path, n: int) -> None:
     print("fp32 tempering vs hf", json.dumps(fp32, indent=1))
     for name, r in fp32.items():
         assert r["same_decision"] == r["items"] and r["max_diff"] <= REAL_FP32_TOL, (name, r)
-    if not backend.choose_precision("auto").bf16:
+    if not choose_precision("auto").bf16:
         return
     cfg = real_cfg(tmp_path, n)
     info = bundle(cfg)

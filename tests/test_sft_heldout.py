@@ -120,7 +120,7 @@ def tiny_models(tmp_path_factory, one_thread):
 
 
 def test_answer_nll_counts_the_answer_tokens_only(tiny_models):
-    from tempering import backend
+    from tempering.train.data import tokenize_conversation
 
     cfg = EvaluateParams(precision="fp32")
     model, tok = scorecard.load_model(tiny_models[0])
@@ -129,7 +129,7 @@ def test_answer_nll_counts_the_answer_tokens_only(tiny_models):
     recs = scorecard.heldout_nll(model, tok, rows, max_length=256, batch_size=2, cfg=cfg)
     alone = scorecard.heldout_nll(model, tok, rows[2:3], max_length=256, batch_size=1, cfg=cfg)
     for row, rec in zip(rows, recs):
-        labels = backend.tokenize_conversation(tok, row["messages"], max_length=256)["labels"]
+        labels = tokenize_conversation(tok, row["messages"], max_length=256)["labels"]
         assert rec["id"] == row["id"] and rec["tokens"] == sum(x != -100 for x in labels[1:]) > 0
         assert rec["nll"] > 0
     # Padding in a batch does not change a row's score.

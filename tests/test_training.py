@@ -19,9 +19,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tempering import TemperingError, backend, stats
+from tempering import TemperingError, stats
 from tempering.config import from_dict
 from tempering.io import resolve_model_dir
+from tempering.train.callbacks import EXTRA_CALLBACKS
+from tempering.train.checkpoints import checkpoint_step, valid_checkpoints
+from tempering.train.data import CACHE_ENV, dpo_dataset, dpo_truncate, load_tokenizer, tokenize_preference
+from tempering.train.dpo import build_dpo_trainer, dpo_config, reference_logps_path
+from tempering.train.models import load_merged
+from tempering.train.precision import choose_precision
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -83,7 +89,7 @@ def data(tmp_path_factory) -> Path:
 
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv(backend.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
     monkeypatch.setenv("WANDB_MODE", "disabled")
 
 
@@ -95,7 +101,7 @@ def _one_thread(one_thread):
 @pytest.fixture(autouse=True)
 def _no_injected_callbacks():
     yield
-    backend.EXTRA_CALLBACKS.clear()
+    EXTRA_CALLBACKS.clear()
 
 
 def run_sft(params, tiny, data, root: Path, **kw) -> dict:
@@ -109,7 +115,7 @@ def run_sft(params, tiny, data, root: Path, **kw) -> dict:
 def sft_done(tiny, data, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("sft_done")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv(backend.CACHE_ENV, str(root / "cache"))
+        mp.setenv(CACHE_ENV, str(root / "cache"))
         run_sft(make_params(), tiny, data, root)
     return root
 
@@ -183,17 +189,17 @@ def test_dpo_starts_from_the_sft_model_and_learns(sft_done, tiny, data, tmp_path
     # model's own, computed here independently, and not the base model's.
     cache = m["ref_logps_cache"]
     assert cache["hit"] is False and cache["key"]
-    blob = json.loads(backend._ref_logps_path(cache["key"]).read_text())
+    blob = json.loads(reference_logps_path(cache["key"]).read_text())
     rows = [json.loads(x) for x in (data / "preference.jsonl").read_text().splitlines()]
     assert blob["rows"] == len(rows)
     p = make_params().dpo
-    tok = backend.load_tokenizer(sft_done / "sft")
-    sft_model = backend.load_merged(tiny, [sft_done / "sft"])
-    base_model = backend.load_merged(tiny, [])
+    tok = load_tokenizer(sft_done / "sft")
+    sft_model = load_merged(tiny, [sft_done / "sft"])
+    base_model = load_merged(tiny, [])
     ours_sft, ours_base = [], []
     for row in rows:
-        enc = backend.dpo_truncate(backend.tokenize_preference(tok, row["prompt"], row["chosen"], row["rejected"]),
-                                   p.max_length, p.max_prompt_length)
+        enc = dpo_truncate(tokenize_preference(tok, row["prompt"], row["chosen"], row["rejected"]),
+                           p.max_length, p.max_prompt_length)
         ours_sft.append(_completion_logp(sft_model, enc["prompt_ids"], enc["chosen_ids"]))
         ours_base.append(_completion_logp(base_model, enc["prompt_ids"], enc["chosen_ids"]))
     gap_sft = max(abs(a - b) for a, b in zip(blob["chosen"], ours_sft))
@@ -230,12 +236,12 @@ def test_dpo_reference_is_the_policy_with_adapter_disabled(sft_done, tiny, data,
     from peft import PeftModel
 
     p = make_params()
-    tok = backend.load_tokenizer(sft_done / "sft")
-    model = backend.load_merged(tiny, [sft_done / "sft"])
-    args = backend.training_config("dpo", p.dpo, p.tracking, output_dir=str(tmp_path),
-                                   precision=backend.choose_precision("fp32"), run_name="dpo")
-    trainer = backend.build_dpo_trainer(
-        model, tok, backend.dpo_dataset([json.loads(x) for x in (data / "preference.jsonl").read_text().splitlines()]),
+    tok = load_tokenizer(sft_done / "sft")
+    model = load_merged(tiny, [sft_done / "sft"])
+    args = dpo_config(p.dpo, p.tracking, output_dir=str(tmp_path),
+                      precision=choose_precision("fp32"), run_name="dpo")
+    trainer = build_dpo_trainer(
+        model, tok, dpo_dataset([json.loads(x) for x in (data / "preference.jsonl").read_text().splitlines()]),
         args, adapter=p.dpo.adapter, max_prompt_length=5, stage="dpo", checkpoints=str(tmp_path),
         live_dir=None, tracking=p.tracking)
     assert trainer.ref_model is None and isinstance(trainer.model, PeftModel)
@@ -243,8 +249,8 @@ def test_dpo_reference_is_the_policy_with_adapter_disabled(sft_done, tiny, data,
     # validate's preference token checks see exactly what DPO trains on (tokenize_preference + dpo_truncate)
     rows = [json.loads(x) for x in (data / "preference.jsonl").read_text().splitlines()]
     for row, ex in zip(rows, trainer.train_dataset):
-        enc = backend.tokenize_preference(tok, row["prompt"], row["chosen"], row["rejected"])
-        cut = backend.dpo_truncate(enc, p.dpo.max_length, 5)
+        enc = tokenize_preference(tok, row["prompt"], row["chosen"], row["rejected"])
+        cut = dpo_truncate(enc, p.dpo.max_length, 5)
         assert (ex["prompt_ids"], ex["chosen_ids"], ex["rejected_ids"]) == \
             (cut["prompt_ids"], enc["chosen_ids"], enc["rejected_ids"])
         assert len(enc["prompt_ids"]) > 5  # the cut happened, and both sides agree on it
@@ -303,13 +309,13 @@ def _sft_cmd(params: Path, tiny: Path, data: Path, root: Path) -> list[str]:
 
 def test_resume_after_sigkill(tiny, data, tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT), CI="true", WANDB_MODE="disabled",
-               **{backend.CACHE_ENV: str(tmp_path / "cache")})
+               **{CACHE_ENV: str(tmp_path / "cache")})
     params = _write_params(tmp_path / "params.yaml", sft={"max_steps": 100, "save_steps": 5, "logging_steps": 1})
     cmd = _sft_cmd(params, tiny, data, tmp_path)
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 120
     try:
-        while not backend.valid_checkpoints(tmp_path / "ck"):
+        while not valid_checkpoints(tmp_path / "ck"):
             assert proc.poll() is None, f"sft exited before its first checkpoint: {proc.stderr.read()[-2000:]}"
             assert time.time() < deadline, "no checkpoint within 120 s"
             time.sleep(0.02)
@@ -317,7 +323,7 @@ def test_resume_after_sigkill(tiny, data, tmp_path):
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     assert not (tmp_path / "sft").exists(), "killed run must not leave a final output"
-    killed_at = backend.checkpoint_step(backend.valid_checkpoints(tmp_path / "ck")[-1])
+    killed_at = checkpoint_step(valid_checkpoints(tmp_path / "ck")[-1])
     assert killed_at < 100
 
     done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
@@ -327,7 +333,7 @@ def test_resume_after_sigkill(tiny, data, tmp_path):
     assert resumed >= killed_at
     assert m["steps"] == 100 and m["session_steps"] == 100 - resumed
     # The trainer state carried over: the loss log starts at step 1, from the killed run.
-    state = json.loads((backend.valid_checkpoints(tmp_path / "ck")[-1] / "trainer_state.json").read_text())
+    state = json.loads((valid_checkpoints(tmp_path / "ck")[-1] / "trainer_state.json").read_text())
     assert state["global_step"] == 100 and state["log_history"][0]["step"] == 1
     # Every step's exact loss, across the kill: steps 1..killed from the first process.
     curve = json.loads((tmp_path / "sft" / "meta.json").read_text())["loss_curve"]
@@ -374,12 +380,12 @@ def _poison(when: str, step: int):
 
 @pytest.mark.parametrize("when", ["loss", "grad"])
 def test_nan_stops_with_the_step_and_keeps_the_last_good_checkpoint(tiny, data, tmp_path, when):
-    backend.EXTRA_CALLBACKS.append(_poison(when, 3))
+    EXTRA_CALLBACKS.append(_poison(when, 3))
     with pytest.raises(TemperingError) as err:
         run_sft(make_params(sft={"max_steps": 6, "save_steps": 1}), tiny, data, tmp_path)
     msg = str(err.value)
     assert "step 3" in msg and "checkpoint-2" in msg and "\n" not in msg
-    good = backend.valid_checkpoints(tmp_path / "ck_sft")
+    good = valid_checkpoints(tmp_path / "ck_sft")
     assert good[-1].name == "checkpoint-2"  # the poisoned step was never saved
     from safetensors.torch import load_file
 
@@ -404,7 +410,7 @@ def test_prefix_and_prompt_tuning_train_and_refuse_to_merge(tiny, data, tmp_path
     assert cfg["peft_type"] == peft_type and cfg["num_virtual_tokens"] == 4
     # Virtual tokens cannot be folded into weights: dpo/export say so in one line.
     with pytest.raises(TemperingError, match="cannot be merged") as err:
-        backend.load_merged(tiny, [tmp_path / "sft"])
+        load_merged(tiny, [tmp_path / "sft"])
     assert "\n" not in str(err.value)
 
 
@@ -418,7 +424,7 @@ def test_rslora_and_dora_train(tiny, data, tmp_path, flag):
     assert json.loads((tmp_path / "sft" / "adapter_config.json").read_text())[flag] is True
     keys = load_file(tmp_path / "sft" / "adapter_model.safetensors").keys()
     assert any("lora_magnitude_vector" in k for k in keys) == (flag == "use_dora")
-    merged = backend.load_merged(tiny, [tmp_path / "sft"])  # both merge into plain weights
+    merged = load_merged(tiny, [tmp_path / "sft"])  # both merge into plain weights
     assert not any("lora" in k for k in merged.state_dict())
 
 
@@ -471,7 +477,7 @@ def _run_dpo(params, tiny, sft_done, data, root: Path) -> dict:
 
 
 def test_dpo_reference_logps_are_cached_by_content_and_reused(sft_done, tiny, data, tmp_path, monkeypatch):
-    monkeypatch.setenv(backend.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
     p = make_params(dpo={"max_steps": 2})
     first = _run_dpo(p, tiny, sft_done, data, tmp_path / "a")
     assert first["ref_logps_cache"]["hit"] is False
@@ -541,7 +547,7 @@ def test_dpo_without_a_preference_file_names_it(sft_done, tiny, tmp_path):
 
 
 def test_dpo_early_stopping_on_held_out_pairs(sft_done, tiny, data, tmp_path, monkeypatch):
-    monkeypatch.setenv(backend.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
     # A threshold no eval can beat: the first eval sets the best, the next one exhausts patience 1.
     p = make_params(dpo={"max_steps": 12, "save_steps": 2, "batch_size": 2, "eval_share": 0.25,
                          "early_stopping_patience": 1, "early_stopping_threshold": 100.0})
@@ -630,11 +636,11 @@ def test_dpo_scores_its_heldout_pairs_with_base_sft_and_dpo(sft_done, tiny, data
     assert meta["file"] == "heldout.jsonl" and meta["pairs"] == 3 and meta["scoring"]["precision"] == "fp32"
     assert (meta["scoring"]["max_length"], meta["scoring"]["max_prompt_length"]) == (96, 64)
     # The SFT log-probs are the SFT model's own, by hand, on DPO's truncated tokens.
-    tok = backend.load_tokenizer(tmp_path / "dpo")
-    sft_model = backend.load_merged(tiny, [sft_done / "sft"])
+    tok = load_tokenizer(tmp_path / "dpo")
+    sft_model = load_merged(tiny, [sft_done / "sft"])
     for row in rows:
-        enc = backend.dpo_truncate(backend.tokenize_preference(tok, row["prompt"], row["chosen"], row["rejected"]),
-                                   96, 64)
+        enc = dpo_truncate(tokenize_preference(tok, row["prompt"], row["chosen"], row["rejected"]),
+                           96, 64)
         assert row["tokens"] == preference.tokens_id(enc)
         assert row["logp"]["sft"]["chosen"] == pytest.approx(
             _completion_logp(sft_model, enc["prompt_ids"], enc["chosen_ids"]), abs=1e-3)

@@ -206,7 +206,7 @@ def _sft_file(tmp: Path, rows) -> Path:
 
 
 def test_token_checks_quarantine_unsupervised_rows(tmp_path, tok):
-    from tempering.backend import tokenize_conversation
+    from tempering.train.data import tokenize_conversation
 
     long_prompt = "the question " * 200  # fills max_length: no reply token survives truncation
     rows = [(("user", "What is the capital city?"), ("assistant", "It is Paris.")),
@@ -238,7 +238,7 @@ def test_truncation_rate_fails_the_stage_with_a_clear_message(tmp_path, tok, mon
     path = _sft_file(tmp_path, rows)
     params = params_for([(path, "sft", "messages")])
     params = params.model_copy(update={"sft": params.sft.model_copy(update={"max_length": 64})})
-    monkeypatch.setattr("tempering.backend.load_tokenizer", lambda folder, template=None: tok)
+    monkeypatch.setattr("tempering.train.data.load_tokenizer", lambda folder, template=None: tok)
     with pytest.raises(TemperingError) as exc:
         validate.run(params, out=str(tmp_path / "v"), quarantine=str(tmp_path / "q.jsonl"),
                      report=str(tmp_path / "r.md"), metrics=str(tmp_path / "m.json"), tokenizer="tiny")
@@ -438,7 +438,7 @@ PREF_ROWS = [
 
 
 def test_preference_token_checks_count_or_quarantine(tmp_path, tok):
-    from tempering.backend import dpo_truncate, tokenize_preference
+    from tempering.train.data import dpo_truncate, tokenize_preference
 
     path = _pref_file(tmp_path, PREF_ROWS)
     vp = ValidateParams(sources=(_spec(path, "pairs"),), max_reject_share=1.0)
@@ -484,7 +484,7 @@ def test_preference_truncation_rate_fails_the_stage(tmp_path, tok, monkeypatch):
     path = _pref_file(tmp_path, PREF_ROWS[:3])
     params = Params(validate_=ValidateParams(sources=(_spec(path, "pairs"),)),
                     dpo={"max_length": 64, "max_prompt_length": 32})
-    monkeypatch.setattr("tempering.backend.load_tokenizer", lambda folder, template=None: tok)
+    monkeypatch.setattr("tempering.train.data.load_tokenizer", lambda folder, template=None: tok)
     with pytest.raises(TemperingError) as exc:
         validate.run(params, out=str(tmp_path / "v"), quarantine=str(tmp_path / "q.jsonl"),
                      report=str(tmp_path / "r.md"), metrics=str(tmp_path / "m.json"), tokenizer="tiny")
