@@ -36,6 +36,7 @@ from tempering.config import Params
 from tempering.io import (POINTER_FILE, atomic_path, content_id, hash_path, read_json, read_jsonl,
                           resolve_model_dir, write_json, write_meta)
 from tempering.mixing import mix_replay
+from tempering.records import TrainRecord, validated
 
 # The params.yaml sections (or single keys) this stage reads, the stage contract: dvc.yaml
 # lists exactly these under its `params:` (tests/test_stage_contract.py).
@@ -66,7 +67,7 @@ def _pass_through(params: Params, base: str, base_dir: Path, out: str, checkpoin
                       "base_meta": _base_meta(base_dir)})
     summary = {"enabled": False, "steps": 0, "pointer": Path(target).as_posix(),
                "wall_time_s": round(time.time() - started, 2)}
-    write_json(metrics, summary)
+    write_json(metrics, validated(TrainRecord, summary, metrics))
     return {"out": out, **summary}
 
 
@@ -141,7 +142,7 @@ def run(params: Params, base: str, data: str, out: str, checkpoints: str, metric
                started=started, extra={"enabled": True, "base_model": str(base), "train": summary,
                                        "loss_curve": curve, "eval_loss_curve": eval_curve, "fingerprint": fp,
                                        "base_meta": _base_meta(base_dir)})
-    write_json(metrics, summary)
+    write_json(metrics, validated(TrainRecord, summary, metrics))
     return {"out": out, **{k: summary[k] for k in ("enabled", "steps", "train_loss_first", "train_loss_last",
                                                    "tokens_per_s", "weights_changed", "resumed_from")}}
 

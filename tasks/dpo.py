@@ -45,6 +45,7 @@ from tempering.cli import stage_main
 from tempering.config import Params
 from tempering.io import (POINTER_FILE, atomic_path, content_id, hash_path, read_jsonl, resolve_model_dir,
                           write_json, write_meta)
+from tempering.records import TrainRecord, validated
 
 # The params.yaml sections (or single keys) this stage reads, the stage contract: dvc.yaml
 # lists exactly these under its `params:` (tests/test_stage_contract.py).
@@ -171,7 +172,7 @@ def _pass_through(params: Params, sft: str, out: str, checkpoints: str, metrics:
                       "sft": str(sft)})
     summary = {"enabled": params.dpo.enabled, "trained": False, "steps": 0, "pairs": 0, "note": note,
                "pointer": target, "wall_time_s": round(time.time() - started, 2)}
-    write_json(metrics, summary)
+    write_json(metrics, validated(TrainRecord, summary, metrics))
     return {"out": out, **summary}
 
 
@@ -272,7 +273,7 @@ def run(params: Params, base: str, sft: str, data: str, out: str, checkpoints: s
                extra={"enabled": True, "trained": True, "base_model": str(base), "sft": str(sft), "train": summary,
                       "loss_curve": curve, "eval_loss_curve": eval_curve, "fingerprint": fp,
                       "heldout": heldout_meta})
-    write_json(metrics, summary)
+    write_json(metrics, validated(TrainRecord, summary, metrics))
     keys = ("steps", "train_loss_first", "train_loss_last", "rewards_accuracies_last",
             "rewards_margins_last", "tokens_per_s", "s_per_step", "weights_changed", "resumed_from")
     return {"out": out, **{k: summary.get(k) for k in keys}}

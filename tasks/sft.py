@@ -37,6 +37,7 @@ from tempering.cli import stage_main
 from tempering.config import Params
 from tempering.io import content_id, hash_path, read_jsonl, resolve_model_dir, write_json, write_meta
 from tempering.mixing import mix_replay
+from tempering.records import TrainRecord, validated
 
 # The params.yaml sections (or single keys) this stage reads, the stage contract: dvc.yaml
 # lists exactly these under its `params:` (tests/test_stage_contract.py).
@@ -105,7 +106,7 @@ def run(params: Params, base: str, data: str, out: str, checkpoints: str, metric
     write_meta(out, stage="sft", params=cfg, inputs={"base": base_hash, "data": data_hash},
                started=started, extra={"base_model": str(base), "train": summary, "loss_curve": curve,
                                        "eval_loss_curve": eval_curve, "fingerprint": fp})
-    write_json(metrics, summary)
+    write_json(metrics, validated(TrainRecord, summary, metrics))
     return {"out": out, **{k: summary[k] for k in ("steps", "train_loss_first", "train_loss_last",
                                                    "tokens_per_s", "s_per_step", "weights_changed",
                                                    "resumed_from", "precision")}}
