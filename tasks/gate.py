@@ -48,7 +48,7 @@ from tempering import TemperingError, stats
 from tempering.cli import stage_main
 from tempering.config import GateParams, Params
 from tempering.io import read_json, read_jsonl, write_json, write_text
-from tempering.records import GateRecord, validated
+from tempering.records import EvaluateRecord, GateRecord, validated
 
 # The params.yaml sections (or single keys) this stage reads, the stage contract: dvc.yaml
 # lists exactly these under its `params:` (tests/test_stage_contract.py).
@@ -613,7 +613,7 @@ def to_markdown(verdict: Verdict) -> str:
 
 
 def run(params: Params, evaluation: str, samples: str | None, report: str, metrics: str) -> dict:
-    record = read_json(evaluation)
+    record = validated(EvaluateRecord, read_json(evaluation), evaluation)  # its shape, checked: no guessing below
     per_item = load_samples(samples) if samples else None
     verdict = decide(record, per_item, params.gate)
     result = dict(verdict.to_dict(), bundle_hash=record.get("bundle_hash"),

@@ -414,6 +414,22 @@ def test_stage_writes_metrics_and_report(tmp_path):
     assert md.startswith("# Gate: PASSED") and "| g | forgetting |" in md and "| drift | kl |" in md
 
 
+def test_stage_refuses_a_malformed_evaluation_naming_file_and_field(tmp_path):
+    """The gate reads metrics/evaluate.json through its record: a wrong shape is a clear error
+    naming the file and the field, and no gate verdict is written from guessed data."""
+    from tasks.gate import run
+    from tempering import TemperingError
+    from tempering.config import from_dict
+
+    record, _ = _ok_record()
+    record["benchmarks"] = "garbage"
+    (tmp_path / "evaluate.json").write_text(json.dumps(record))
+    with pytest.raises(TemperingError, match=r"evaluate.json: benchmarks: expected"):
+        run(from_dict({}), evaluation=str(tmp_path / "evaluate.json"), samples=None,
+            report=str(tmp_path / "gate.md"), metrics=str(tmp_path / "gate.json"))
+    assert not (tmp_path / "gate.json").exists()
+
+
 def test_markdown_lists_every_failed_reason():
     record, samples = ladder_record(0.20, 500)
     verdict = decide(record, samples, GateParams(**BASIC))
