@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from tasks import dedup, replay
-from tempering import TemperingError, backend
+from tasks import replay
+from tempering import TemperingError, backend, dedup
 from tempering.config import DedupParams, SftReplay, from_dict, load_params
 from tempering.mixing import mix_replay
 
