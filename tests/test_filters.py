@@ -213,3 +213,39 @@ def test_dataset_suite_judges_aggregates_against_their_limits():
     assert failed == ["b", "d"]  # the limit itself passes; order as given
     assert broken == ["eot_missing_rate"]  # unmeasured rates are not judged
     assert dataset_suite({"a": 0.0}, 0.0, {}) == ([], [])
+
+
+# ----------------------------------------------------------------------------- streaming ingest of a JSON array
+
+
+def test_json_array_files_are_read_element_by_element(tmp_path, monkeypatch):
+    import gzip
+
+    from tempering import TemperingError, formats
+
+    monkeypatch.setattr(formats, "_JSON_CHUNK", 5)  # every element cut at some buffer boundary
+    rows = [{"instruction": f"q{i}", "output": "a" * (i % 13), "n": i * 1.5e3, "ok": i % 2 == 0} for i in range(50)]
+    for text in (json.dumps(rows), json.dumps(rows, indent=1), "\ufeff" + json.dumps(rows)):
+        path = tmp_path / "a.json"
+        path.write_text(text, encoding="utf-8")
+        assert list(formats.iter_records(path)) == list(enumerate(rows, 1))
+        gz = tmp_path / "a.json.gz"
+        gz.write_bytes(gzip.compress(text.encode("utf-8")))
+        assert list(formats.iter_records(gz)) == list(enumerate(rows, 1))
+    # rows come before the end of the file is read (the whole-file reader would fail first)
+    broken = tmp_path / "broken.json"
+    broken.write_text(json.dumps(rows * 20)[:-1] + ", {", encoding="utf-8")
+    it = formats.iter_records(broken)
+    assert next(it) == (1, rows[0])
+    with pytest.raises(TemperingError, match="invalid JSON"):
+        list(it)
+    # anything else gets the whole-file reader's exact error
+    for bad, message in [('[{"a": 1}, {"a": 2', "line 1 column 19: invalid JSON"),
+                         ("[1, 2,]", "invalid JSON"), ("[]", "file is empty (an empty JSON array)"),
+                         ('{"rows": [1]}', "expected a JSON array of rows (it is an object; the rows may be under 'rows')")]:
+        path = tmp_path / "b.json"
+        path.write_text(bad, encoding="utf-8")
+        with pytest.raises(TemperingError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            list(formats.iter_records(path))
+    path.write_text('{"a": 1}\n{"a": 2}\n', encoding="utf-8")  # JSON Lines named .json
+    assert list(formats.iter_records(path)) == [(1, {"a": 1}), (2, {"a": 2})]
