@@ -11,7 +11,10 @@ Owns the steps every row goes through, all configured by one :class:`~tempering.
   to decide;
 - the incremental earlier-snapshot index (``index``, ``snapshot``): :class:`DedupIndex`, which
   loads earlier snapshots' signatures, records this snapshot's kept rows and saves them;
-- :func:`dedup_kind` / :func:`dedup_rows`, the steps in order over one kind / every kind.
+- the steps, each a callable returning the row's quarantine record or None, in this order:
+  :class:`Decontamination`, :class:`ExactDedup`, :class:`NearDedup` (the last two also against the
+  earlier snapshots, :class:`Prior`); :func:`dedup_kind` / :func:`dedup_rows` run them over one
+  kind / every kind.
 
 ``tasks/dedup.py`` is the stage wiring (read, held-out split, write, report). See its docstring for
 the rules in words.
@@ -355,100 +358,155 @@ def _lsh_params(cfg: DedupParams) -> tuple[int, int]:
     return lsh.b, lsh.r
 
 
+class Decontamination:
+    """Step 1 (``dedup.decontam_ngram``): drop a row sharing an n-word sequence with a benchmark item."""
+
+    def __init__(self, index: ContaminationIndex | None, hasher: WordHasher) -> None:
+        self.index, self.hasher = index, hasher
+        self.by_benchmark: dict[str, int] = {}
+
+    def __call__(self, kind: str, row: dict, text: str, wh: np.ndarray) -> dict | None:
+        """The quarantine row when ``row`` is contaminated (preference rows: rejected read too)."""
+        if not self.index:
+            return None
+        dtext = row_text(kind, row, with_rejected=True) if kind == "preference" else text
+        dwh = wh if dtext is text else self.hasher(words(dtext))
+        hit = self.index.match(dwh)
+        if not hit:
+            return None
+        bench, item = hit
+        self.by_benchmark[bench] = self.by_benchmark.get(bench, 0) + 1
+        return _quarantine(row, "contaminated", f"shares a {self.index.n}-word sequence with benchmark {bench} "
+                           f"item {item}", None, benchmark=bench, benchmark_item=item)
+
+
+class Prior:
+    """The earlier snapshots' entries of one kind (from :class:`DedupIndex`), as the dedup steps see them."""
+
+    def __init__(self, prior: dict[str, np.ndarray] | None) -> None:
+        self.data = prior or {}
+        # first occurrence of each exact digest
+        self.exact: dict[bytes, int] = ({d.tobytes(): i for i, d in reversed(list(enumerate(self.data["exact"])))}
+                                        if self.data else {})
+
+    def __bool__(self) -> bool:
+        return bool(self.data)
+
+    def row(self, i: int) -> tuple[str, str, str]:
+        """(id, source, snapshot) of earlier entry ``i``."""
+        return str(self.data["id"][i]), str(self.data["source"][i]), str(self.data["snapshot"][i])
+
+
+class ExactDedup:
+    """Step 2: the same hash of the normalized text as an earlier row (this snapshot or an earlier one)."""
+
+    def __init__(self, prior: Prior) -> None:
+        self.prior = prior
+        self.seen: dict[bytes, dict] = {}
+
+    @staticmethod
+    def key(tokens: list[str], text: str) -> bytes:
+        norm = " ".join(tokens)  # == normalize(text), reusing the tokens
+        return hashlib.sha1((norm if norm else "raw:" + _SPACE.sub(" ", text).strip()).encode("utf-8")).digest()
+
+    def __call__(self, row: dict, key: bytes) -> dict | None:
+        """The quarantine row for a duplicate; otherwise ``key`` is remembered for ``row``."""
+        first = self.seen.get(key)
+        if first is not None:
+            return _quarantine(row, "exact_duplicate", f"exact duplicate of {first.get('source')} (id {first['id']})",
+                               first["id"])
+        if key in self.prior.exact:
+            pid, psrc, snap = self.prior.row(self.prior.exact[key])
+            return _quarantine(row, "exact_duplicate", f"exact duplicate of {psrc} (id {pid}) in earlier snapshot "
+                               f"{snap}", pid, of_snapshot=snap)
+        self.seen[key] = row
+        return None
+
+
+class NearDedup:
+    """Step 3 (``dedup.threshold``, ``num_perm``, ``shingle``): MinHash LSH candidates at
+    ``threshold - LSH_MARGIN``; within this snapshot the exact Jaccard of the shingle sets decides,
+    against an earlier snapshot (signatures only) the MinHash estimate."""
+
+    def __init__(self, cfg: DedupParams, minhasher: MinHasher, prior: Prior) -> None:
+        from datasketch import MinHashLSH
+
+        self.cfg, self.minhasher, self.prior = cfg, minhasher, prior
+        self.lsh = MinHashLSH(threshold=max(0.05, cfg.threshold - LSH_MARGIN), num_perm=cfg.num_perm,
+                              params=_lsh_params(cfg))
+        self.kept: list[dict] = []
+        self.kept_shingles: list[np.ndarray] = []
+        if prior:
+            with self.lsh.insertion_session() as session:
+                for i in np.flatnonzero(prior.data["has_sig"]).tolist():
+                    session.insert(-(i + 1), _Sketch(prior.data["sig"][i]))
+
+    def __call__(self, row: dict, shingles: np.ndarray) -> tuple[dict | None, "_Sketch | None"]:
+        """(the quarantine row or None, the row's MinHash or None when it has no shingle)."""
+        if not len(shingles):
+            return None, None
+        mh = self.minhasher.minhash(shingles)
+        best, best_j = None, 0.0
+        for cand in self.lsh.query(mh):
+            if cand >= 0:  # this snapshot: the exact Jaccard of the shingle sets decides
+                j = jaccard(shingles, self.kept_shingles[cand])
+            else:  # an earlier snapshot: only its signature is kept, so the MinHash estimate decides
+                j = float(np.mean(self.prior.data["sig"][-cand - 1] == mh.hashvalues))
+            if j >= self.cfg.threshold and (best is None or j > best_j or (j == best_j and cand < best)):
+                best, best_j = cand, j
+        if best is None:
+            return None, mh
+        if best >= 0:
+            orig = self.kept[best]
+            oid, osrc, extra, where = orig["id"], orig.get("source"), {}, ""
+        else:
+            oid, osrc, snap = self.prior.row(-best - 1)
+            extra, where = {"of_snapshot": snap}, f" in earlier snapshot {snap}"
+        return _quarantine(row, "near_duplicate", f"near duplicate (Jaccard {best_j:.3f}) of {osrc} (id {oid}){where}",
+                           oid, similarity=round(best_j, 4), **extra), mh
+
+    def keep(self, row: dict, shingles: np.ndarray, mh: "_Sketch | None") -> None:
+        if mh is not None:
+            self.lsh.insert(len(self.kept), mh)
+        self.kept.append(row)
+        self.kept_shingles.append(shingles)
+
+
 def dedup_kind(kind: str, rows: list[dict], cfg: DedupParams, index: ContaminationIndex | None,
                hasher: WordHasher, minhasher: MinHasher, prior: dict[str, np.ndarray] | None = None,
                ) -> tuple[list[dict], list[dict], dict, list]:
     """Decontaminate, exact- and near-dedup one kind's rows, also against ``prior`` (earlier snapshots'
     index entries). Returns (kept, quarantined, counts, index entries of the kept rows)."""
-    from datasketch import MinHashLSH
-
-    lsh = MinHashLSH(threshold=max(0.05, cfg.threshold - LSH_MARGIN), num_perm=cfg.num_perm,
-                     params=_lsh_params(cfg))
-    prior = prior or {}
-    prior_exact: dict[bytes, int] = {}
-    if prior:
-        prior_exact = {d.tobytes(): i for i, d in reversed(list(enumerate(prior["exact"])))}
-        with lsh.insertion_session() as session:
-            for i in np.flatnonzero(prior["has_sig"]).tolist():
-                session.insert(-(i + 1), _Sketch(prior["sig"][i]))
-    exact: dict[bytes, dict] = {}
-    kept: list[dict] = []
-    kept_shingles: list[np.ndarray] = []
+    earlier = Prior(prior)
+    decontaminate, exact, near = Decontamination(index, hasher), ExactDedup(earlier), NearDedup(cfg, minhasher, earlier)
     entries: list[tuple[bytes, np.ndarray | None, str, str]] = []
     removed: list[dict] = []
     counts = {"read": len(rows), "kept": 0, "exact_duplicate": 0, "near_duplicate": 0, "contaminated": 0,
               "of_earlier_snapshot": 0}
-    by_benchmark: dict[str, int] = {}
-
-    def earlier(i: int) -> tuple[str, str, str]:
-        return str(prior["id"][i]), str(prior["source"][i]), str(prior["snapshot"][i])
 
     for row in rows:
         text = row_text(kind, row)
         tokens = words(text)
         wh = hasher(tokens)
-        if index:
-            dtext = row_text(kind, row, with_rejected=True) if kind == "preference" else text
-            dwh = wh if dtext is text else hasher(words(dtext))
-            hit = index.match(dwh)
-            if hit:
-                bench, item = hit
-                removed.append(_quarantine(row, "contaminated",
-                                           f"shares a {index.n}-word sequence with benchmark {bench} item {item}",
-                                           None, benchmark=bench, benchmark_item=item))
-                counts["contaminated"] += 1
-                by_benchmark[bench] = by_benchmark.get(bench, 0) + 1
-                continue
-        norm = " ".join(tokens)  # == normalize(text), reusing the tokens
-        key = hashlib.sha1((norm if norm else "raw:" + _SPACE.sub(" ", text).strip()).encode("utf-8")).digest()
-        first = exact.get(key)
-        if first is not None:
-            removed.append(_quarantine(row, "exact_duplicate", f"exact duplicate of {first.get('source')} "
-                                       f"(id {first['id']})", first["id"]))
-            counts["exact_duplicate"] += 1
+        q = decontaminate(kind, row, text, wh)
+        if q is None:
+            key = ExactDedup.key(tokens, text)
+            q = exact(row, key)
+        if q is None:
+            shingles = shingle_hashes(wh, cfg.shingle)
+            q, mh = near(row, shingles)
+        if q is not None:
+            removed.append(q)
+            counts[q["reason"]] += 1
+            counts["of_earlier_snapshot"] += "of_snapshot" in q
             continue
-        if key in prior_exact:
-            pid, psrc, snap = earlier(prior_exact[key])
-            removed.append(_quarantine(row, "exact_duplicate", f"exact duplicate of {psrc} (id {pid}) in earlier "
-                                       f"snapshot {snap}", pid, of_snapshot=snap))
-            counts["exact_duplicate"] += 1
-            counts["of_earlier_snapshot"] += 1
-            continue
-        exact[key] = row
-        shingles = shingle_hashes(wh, cfg.shingle)
-        mh = None
-        if len(shingles):
-            mh = minhasher.minhash(shingles)
-            best, best_j = None, 0.0
-            for cand in lsh.query(mh):
-                if cand >= 0:  # this snapshot: the exact Jaccard of the shingle sets decides
-                    j = jaccard(shingles, kept_shingles[cand])
-                else:  # an earlier snapshot: only its signature is kept, so the MinHash estimate decides
-                    j = float(np.mean(prior["sig"][-cand - 1] == mh.hashvalues))
-                if j >= cfg.threshold and (best is None or j > best_j or (j == best_j and cand < best)):
-                    best, best_j = cand, j
-            if best is not None:
-                if best >= 0:
-                    orig = kept[best]
-                    oid, osrc, extra, where = orig["id"], orig.get("source"), {}, ""
-                else:
-                    oid, osrc, snap = earlier(-best - 1)
-                    extra, where = {"of_snapshot": snap}, f" in earlier snapshot {snap}"
-                    counts["of_earlier_snapshot"] += 1
-                removed.append(_quarantine(row, "near_duplicate",
-                                           f"near duplicate (Jaccard {best_j:.3f}) of {osrc} (id {oid}){where}",
-                                           oid, similarity=round(best_j, 4), **extra))
-                counts["near_duplicate"] += 1
-                continue
-            lsh.insert(len(kept), mh)
-        kept.append(row)
-        kept_shingles.append(shingles)
+        near.keep(row, shingles, mh)
         entries.append((key, None if mh is None else mh.hashvalues, str(row.get("id")), str(row.get("source"))))
-    counts["kept"] = len(kept)
+    counts["kept"] = len(near.kept)
     if counts["kept"] + len(removed) != counts["read"]:  # the bookkeeping invariant
         raise AssertionError(f"dedup {kind}: kept {counts['kept']} + removed {len(removed)} != read {counts['read']}")
-    counts["contaminated_by_benchmark"] = by_benchmark
-    return kept, removed, counts, entries
+    counts["contaminated_by_benchmark"] = decontaminate.by_benchmark
+    return near.kept, removed, counts, entries
 
 
 def dedup_rows(rows_by_kind: dict[str, list[dict]], cfg: DedupParams,
