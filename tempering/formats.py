@@ -270,7 +270,7 @@ def _iter_json(path: Path, name: str, gz: bool) -> Iterator[tuple[int, Any]]:
 
 
 _JSON_CHUNK = 1 << 20
-_WS = " \t\n\r"
+_WS = re.compile(r"[ \t\n\r]*")
 
 
 def _stream_json_array(path: Path, gz: bool) -> Iterator[tuple[int, Any]]:
@@ -297,8 +297,7 @@ def _stream_json_array(path: Path, gz: bool) -> Iterator[tuple[int, Any]]:
         def skip_ws() -> str:
             nonlocal pos
             while True:
-                while pos < len(buf) and buf[pos] in _WS:
-                    pos += 1
+                pos = _WS.match(buf, pos).end()
                 if pos < len(buf):
                     return buf[pos]
                 if not more():
