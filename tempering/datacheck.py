@@ -28,6 +28,7 @@ from tempering.io import jsonl_line
 from tempering.pii import redact_row
 
 EXAMPLES_PER_REASON = 3
+TOKEN_BATCH = 256  # rows waiting for the token filters at most
 PHASES = ("ingest", "content:sft", "content:preference", "content:text", "tokens:sft", "tokens:preference")
 
 
@@ -150,6 +151,26 @@ def run_checks(vp, sink, *, sft_tokens=None, preference_tokens=None,
         stats["by_reason"][codes[0]] += 1
         quarantined += 1
 
+    def keep(kind: str, row: dict, stats: dict) -> None:
+        sink.keep(kind, row)
+        stats["kept"] += 1
+        lengths[kind].add(row_chars(kind, row))
+
+    # Rows for the token filters wait in a small batch (TOKEN_BATCH rows, so memory stays bounded):
+    # tokenizing them in one tight loop is faster than interleaving with parsing and PII.
+    pending: list[tuple] = []
+
+    def token_pass() -> None:
+        for kind, res, row, stats in pending:
+            phase, group = token_groups[kind]
+            reasons = group.reasons(row)
+            if reasons:
+                drop(phase, res.file, res.index, res.original, [r.code for r in reasons],
+                     f"{res.file}:{res.index}: {reasons[0].message}", stats)
+            else:
+                keep(kind, row, stats)
+        pending.clear()
+
     for spec in vp.sources:
         stats = {"kind": spec.kind, "format": spec.format, "read": 0, "kept": 0, "quarantined": 0,
                  "by_reason": Counter(), "redacted": Counter()}
@@ -178,15 +199,12 @@ def run_checks(vp, sink, *, sft_tokens=None, preference_tokens=None,
                     pii_total.update(counts)
                     stats["redacted"].update(counts)
             if kind in token_groups:
-                phase, group = token_groups[kind]
-                reasons = group.reasons(row)
-                if reasons:
-                    drop(phase, res.file, res.index, res.original, [r.code for r in reasons],
-                         f"{res.file}:{res.index}: {reasons[0].message}", stats)
-                    continue
-            sink.keep(kind, row)
-            stats["kept"] += 1
-            lengths[kind].add(row_chars(kind, row))
+                pending.append((kind, res, row, stats))
+                if len(pending) >= TOKEN_BATCH:
+                    token_pass()
+                continue
+            keep(kind, row, stats)
+    token_pass()
 
     # per-source shares, then the dataset-level suite (great-expectations) on the aggregates
     for path, s in per_source.items():

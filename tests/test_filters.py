@@ -188,6 +188,38 @@ def test_runner_memory_does_not_grow_with_rows(tmp_path):
     assert large < small + 2_000_000, (small, large)  # 10x the rows; a held row costs ~1-2 KB
 
 
+def test_token_filters_hold_at_most_one_small_batch(tmp_path, monkeypatch):
+    """With the token filters on, a row waits for at most TOKEN_BATCH later rows to be read."""
+    from tempering.testing import make_tiny_tokenizer
+
+    path = _alpaca(tmp_path / "a.jsonl", 300)
+    read = []
+    real = datacheck.iter_source
+
+    def counting(*args, **kw):
+        for res in real(*args, **kw):
+            read.append(res)
+            yield res
+
+    lags = []
+
+    class Sink(datacheck.ListSink):
+        def keep(self, kind, row):
+            lags.append(len(read) - int(row["source"].rpartition(":")[2]))
+            super().keep(kind, row)
+
+    monkeypatch.setattr(datacheck, "iter_source", counting)
+    monkeypatch.setattr(datacheck, "TOKEN_BATCH", 16)
+    vp = ValidateParams(sources=(SourceSpec(path=str(path), kind="sft", format="alpaca"),), max_reject_share=1.0)
+    tok = filters.SFTTokenFilter(make_tiny_tokenizer(), max_length=64, chat_template=None, tp=vp.tokens)
+    sink = Sink()
+    metrics, _ = datacheck.run_checks(vp, sink, sft_tokens=tok, preference_skipped="off")
+    assert metrics["tokens"]["checked"] and metrics["tokens"]["examples"] == 270 == metrics["kept"]
+    assert [int(r["source"].rpartition(":")[2]) for r in sink.kept["sft"]] == [i for i in range(1, 301) if i % 10]
+    # 16 waiting rows, plus the quarantined rows (every 10th) read between them: at most 2 of them
+    assert 16 <= max(lags) <= 18 and min(lags) >= 0
+
+
 def test_file_sink_writes_kept_rows_and_quarantine_in_phase_order(tmp_path):
     with datacheck.FileSink(tmp_path / "out", tmp_path / "spill") as sink:
         sink.quarantine("tokens:sft", {"reason": "low_supervision", "row": 3})
