@@ -14,7 +14,7 @@ removed, which counts as correct: one of the pair goes).
 
 Methods, same rows, same process, 2 cores:
 
-- ``tempering``: ``tasks.dedup.dedup_rows`` (exact hash, then MinHash LSH candidates verified by
+- ``tempering``: ``tempering.dedup.dedup_rows`` (exact hash, then MinHash LSH candidates verified by
   exact Jaccard of the 5-word shingle sets, threshold 0.8; numpy-vectorised datasketch hashing).
 - ``datasketch``: the plain library recipe: per document ``MinHash(num_perm=128).update_batch`` of
   its 5-word shingles, ``MinHashLSH(threshold=0.8)``; query, remove on any hit, else insert.
@@ -149,7 +149,7 @@ def score(removed: set[str], pairs: dict[str, str], loose: dict[str, str], n_row
 
 
 def run_tempering(rows: list[dict]) -> tuple[set[str], float]:
-    from tasks import dedup
+    from tempering import dedup
     from tempering.config import DedupParams
 
     dedup.dedup_rows({"text": rows[:50]}, DedupParams(decontam_ngram=0))  # warm imports and LSH params
@@ -255,7 +255,7 @@ def main(argv=None) -> int:
 
     rows, pairs, loose, source = labelled_set(args.originals, args.dup_share, args.seed)
     chars = sum(len(r["text"]) for r in rows) / len(rows)
-    from tasks import dedup
+    from tempering import dedup
 
     hasher = dedup.WordHasher()
     by_id = {r["id"]: r for r in rows}

@@ -251,6 +251,93 @@ def _decode(data: bytes, name: str) -> str:
 
 
 def _iter_json(path: Path, name: str, gz: bool) -> Iterator[tuple[int, Any]]:
+    """A JSON array file, element by element. Streamed (:func:`_stream_json_array`: memory bounded
+    by the largest row, not the file); anything the streaming reader does not handle (not an array,
+    invalid JSON or UTF-8, a JSON Lines file named .json, ...) is read again by the whole-file
+    reader, which gives the exact error (rows already yielded are not repeated)."""
+    done = 0
+    try:
+        for index, item in _stream_json_array(path, gz):
+            done = index
+            yield index, item
+        if done:
+            return
+    except (ValueError, OSError, EOFError, RecursionError, zlib.error):
+        pass
+    for index, item in _iter_json_whole(path, name, gz):
+        if index > done:
+            yield index, item
+
+
+_JSON_CHUNK = 1 << 20
+_WS = re.compile(r"[ \t\n\r]*")
+
+
+def _stream_json_array(path: Path, gz: bool) -> Iterator[tuple[int, Any]]:
+    """Yield the elements of a top-level JSON array, reading ``_JSON_CHUNK`` characters at a time.
+    Raises ValueError on anything else (the caller falls back to the whole-file reader)."""
+    import io
+
+    decoder = json.JSONDecoder()
+    raw = gzip.open(path, "rb") if gz else open(path, "rb")
+    with raw, io.TextIOWrapper(raw, encoding="utf-8-sig", errors="strict") as fh:
+        buf, pos, eof = "", 0, False
+
+        def more() -> bool:
+            nonlocal buf, pos, eof
+            if eof:
+                return False
+            chunk = fh.read(_JSON_CHUNK)
+            if not chunk:
+                eof = True
+                return False
+            buf, pos = buf[pos:] + chunk, 0
+            return True
+
+        def skip_ws() -> str:
+            nonlocal pos
+            while True:
+                pos = _WS.match(buf, pos).end()
+                if pos < len(buf):
+                    return buf[pos]
+                if not more():
+                    return ""
+
+        if skip_ws() != "[":
+            raise ValueError("not a JSON array")
+        pos += 1
+        index = 0
+        if skip_ws() == "]":
+            raise ValueError("an empty JSON array")
+        while True:
+            while True:  # one element: decode, reading more while it may be cut at the buffer's end
+                try:
+                    item, end = decoder.raw_decode(buf, pos)
+                except json.JSONDecodeError:
+                    if more():
+                        continue
+                    raise
+                if end == len(buf) and more():
+                    continue
+                break
+            pos = end
+            index += 1
+            yield index, item
+            sep = skip_ws()
+            if sep == ",":
+                pos += 1
+                if skip_ws() in ("]", ""):
+                    raise ValueError("trailing comma")
+                continue
+            if sep != "]":
+                raise ValueError("expected , or ]")
+            pos += 1
+            if skip_ws() != "":
+                raise ValueError("data after the array")
+            return
+
+
+def _iter_json_whole(path: Path, name: str, gz: bool) -> Iterator[tuple[int, Any]]:
     text = _decode(_read_bytes(path, name), name)
     if not text.strip():
         raise TemperingError(f"{name}: file is empty")

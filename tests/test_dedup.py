@@ -11,6 +11,7 @@ import pytest
 
 from tasks import dedup, make_data, validate
 from tempering import TemperingError
+from tempering import dedup as dedup_lib
 from tempering.config import (BenchmarkSpec, DedupParams, DevParams, DriftParams, EvaluateParams, Params, SourceSpec,
                               ValidateParams)
 
@@ -86,8 +87,8 @@ def test_generated_data_only_planted_duplicates_removed(pipeline):
 def test_templated_rows_stay_below_threshold(pipeline):
     """The closest pair of clean generated SFT rows is far from the near-duplicate threshold."""
     clean = read_jsonl(pipeline["root"] / "clean" / "sft.jsonl")
-    hasher = dedup.WordHasher()
-    sets = [np.unique(dedup.shingle_hashes(hasher(dedup.words(dedup.row_text("sft", r))), 5)) for r in clean]
+    hasher = dedup_lib.WordHasher()
+    sets = [np.unique(dedup_lib.shingle_hashes(hasher(dedup_lib.words(dedup_lib.row_text("sft", r))), 5)) for r in clean]
     worst = 0.0
     for i in range(len(sets)):
         for j in range(i + 1, len(sets)):
@@ -115,20 +116,20 @@ def test_exact_and_near_duplicates():
     near = " ".join(words[:30] + ["changed"] + words[31:])  # one word changed: Jaccard ~0.85
     far = " ".join(words[:20] + [sentence(rng, 40)])  # a third shared
     rows = [row(1, base), row(2, base.upper() + " !!"), row(3, near), row(4, far), row(5, "..."), row(6, "?!")]
-    kept, removed, metrics = dedup.dedup_rows({"text": rows}, DedupParams())
+    kept, removed, metrics = dedup_lib.dedup_rows({"text": rows}, DedupParams())
     reasons = {q["row"]: (q["reason"], q["duplicate_of"]) for q in removed}
     assert reasons == {2: ("exact_duplicate", "id1"), 3: ("near_duplicate", "id1")}
     assert [r["id"] for r in kept["text"]] == ["id1", "id4", "id5", "id6"]  # punctuation-only rows differ
     assert metrics["kinds"]["text"]["near_duplicate"] == 1 and metrics["exact_duplicate"] == 1
     # a stricter threshold keeps the near duplicate
-    kept, removed, _ = dedup.dedup_rows({"text": rows}, DedupParams(threshold=0.95))
+    kept, removed, _ = dedup_lib.dedup_rows({"text": rows}, DedupParams(threshold=0.95))
     assert {q["row"] for q in removed} == {2}
 
 
 def test_dedup_is_per_kind_and_uses_message_text():
     text = sentence(random.Random(1), 30)
     rows = {"sft": [row(1, text, "sft"), row(2, text, "sft")], "text": [row(3, "q\n" + text)]}
-    kept, removed, _ = dedup.dedup_rows(rows, DedupParams())
+    kept, removed, _ = dedup_lib.dedup_rows(rows, DedupParams())
     assert [q["row"] for q in removed] == [2] and len(kept["text"]) == 1
 
 
@@ -142,7 +143,7 @@ def test_near_duplicate_recall_at_default_threshold():
         doc[rng.randrange(10, 90)] = "zz"
         rows.append(row(len(rows) + 1, " ".join(doc)))
         expected.add(len(rows))
-    _, removed, _ = dedup.dedup_rows({"text": rows}, DedupParams())
+    _, removed, _ = dedup_lib.dedup_rows({"text": rows}, DedupParams())
     assert {q["row"] for q in removed} == expected
 
 
@@ -156,21 +157,21 @@ def test_decontamination():
         row(3, "What is 2 + 2? It is 4."),  # too short to count
         row(4, "An unrelated sentence about rivers and cities and spring floods in general terms only."),
     ]
-    kept, removed, metrics = dedup.dedup_rows({"text": rows}, DedupParams(), bench)
+    kept, removed, metrics = dedup_lib.dedup_rows({"text": rows}, DedupParams(), bench)
     assert [(q["row"], q["reason"], q["benchmark"], q["benchmark_item"]) for q in removed] == \
         [(1, "contaminated", "quiz", "quiz-1")]
     assert metrics["contaminated_by_benchmark"] == {"quiz": 1}
     # a short whole item (8..12 words) counts when quoted whole
     short = {"s": [{"id": "s-1", "question": "Name the capital city of Freedonia today", "choices": ["A", "B", "C",
                                                                                                     "D"], "answer": 0}]}
-    _, removed, _ = dedup.dedup_rows({"text": [row(1, "so: name the capital city of freedonia today, a!")]},
+    _, removed, _ = dedup_lib.dedup_rows({"text": [row(1, "so: name the capital city of freedonia today, a!")]},
                                      DedupParams(), short)
     assert [q["reason"] for q in removed] == ["contaminated"]
     # decontam_ngram 0 disables it
-    _, removed, _ = dedup.dedup_rows({"text": rows}, DedupParams(decontam_ngram=0), bench)
+    _, removed, _ = dedup_lib.dedup_rows({"text": rows}, DedupParams(decontam_ngram=0), bench)
     assert not removed
     # contamination runs first: a duplicate of a contaminated row is contaminated too, never "of" it
-    _, removed, _ = dedup.dedup_rows({"text": [rows[0], rows[0]]}, DedupParams(), bench)
+    _, removed, _ = dedup_lib.dedup_rows({"text": [rows[0], rows[0]]}, DedupParams(), bench)
     assert [q["reason"] for q in removed] == ["contaminated", "contaminated"]
 
 
@@ -179,25 +180,25 @@ def test_preference_decontamination_reads_rejected():
                     "choices": ["x", "y", "z", "w"], "answer": 0}]}
     pref = {"id": "p1", "source": "p.jsonl:1", "prompt": [{"role": "user", "content": "hi"}], "chosen": "fine",
             "rejected": "one two three four five six seven eight nine ten eleven twelve x"}
-    _, removed, _ = dedup.dedup_rows({"preference": [pref]}, DedupParams(), bench)
+    _, removed, _ = dedup_lib.dedup_rows({"preference": [pref]}, DedupParams(), bench)
     assert removed and removed[0]["reason"] == "contaminated"
 
 
 def test_minhash_matches_datasketch():
     from datasketch import MinHash
 
-    hasher = dedup.WordHasher()
-    sh = dedup.shingle_hashes(hasher(dedup.words("the quick brown fox jumps over the lazy dog again and again")), 3)
-    ours = dedup.MinHasher(64).values(sh)
+    hasher = dedup_lib.WordHasher()
+    sh = dedup_lib.shingle_hashes(hasher(dedup_lib.words("the quick brown fox jumps over the lazy dog again and again")), 3)
+    ours = dedup_lib.MinHasher(64).values(sh)
     folded = [int(x) for x in ((sh ^ (sh >> np.uint64(32))) & np.uint64(0xFFFFFFFF))]
-    ref = MinHash(num_perm=64, seed=dedup.MINHASH_SEED, scheme="affine32", hashfunc=lambda v: v)
+    ref = MinHash(num_perm=64, seed=dedup_lib.MINHASH_SEED, scheme="affine32", hashfunc=lambda v: v)
     ref.update_batch(folded)
     assert np.array_equal(ours, ref.hashvalues)
 
 
 def test_normal_form():
     text = "Hello,   World! It's  a\tTEST-case."
-    assert dedup.normalize(text) == " ".join(dedup.words(text)) == "hello world it s a test case"
+    assert dedup_lib.normalize(text) == " ".join(dedup_lib.words(text)) == "hello world it s a test case"
 
 
 
@@ -271,7 +272,7 @@ def test_incremental_index_dedups_against_earlier_snapshots(tmp_path):
     meta = json.loads((tmp_path / "index" / "index.json").read_text())
     assert {k: v["rows"]["text"] for k, v in meta["snapshots"].items()} == {"w1": 4, "w2": 1}
     # without the index the same rows only lose their in-snapshot duplicate
-    _, removed, _ = dedup.dedup_rows({"text": week2}, DedupParams())
+    _, removed, _ = dedup_lib.dedup_rows({"text": week2}, DedupParams())
     assert [q["row"] for q in removed] == [4]
 
 
@@ -333,7 +334,7 @@ def test_dedup_decontaminates_against_exactly_evaluates_benchmarks(tmp_path):
     # The drift passages come from HellaSwag's WikiHow/ActivityNet pool: the first hit may name
     # the hellaswag set. Against the drift texts alone, the same row is caught by them.
     assert removed["leak-drift"]["benchmark"] in {"drift", "hellaswag"}
-    _, alone, _ = dedup.dedup_rows({"text": [text[1]]}, DedupParams(), {"drift": sets["drift"]})
+    _, alone, _ = dedup_lib.dedup_rows({"text": [text[1]]}, DedupParams(), {"drift": sets["drift"]})
     assert [q["benchmark"] for q in alone] == ["drift"]
     assert [r["id"] for r in read_jsonl(tmp_path / "o" / "text.jsonl")] == ["fine"]
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from tasks import dedup, replay
-from tempering import TemperingError
+from tasks import replay
+from tempering import TemperingError, dedup
 from tempering.config import DedupParams, SftReplay, from_dict, load_params
 from tempering.mixing import mix_replay
 from tempering.train.data import CACHE_ENV, load_tokenizer

@@ -120,7 +120,7 @@ def test_text_replay_is_skipped_when_cpt_will_not_read_it(tiny, tmp_path, monkey
 def test_text_replay_rows_go_through_validate_and_decontamination(tmp_path):
     """text.jsonl is read by validate's text format (allow_empty when empty), and dedup drops a
     sample that repeats a benchmark item, like any other text row."""
-    from tasks import dedup
+    from tempering import dedup
     from tempering.config import SourceSpec
     from tempering.formats import Accepted, iter_source
 

@@ -29,7 +29,7 @@ KINDS = ("sft", "preference", "text")
 
 def _row_adapter(kind: str):
     def adapter(self, data: dict, path: str, id_in_file: int | str) -> dict:
-        from tasks.dedup import row_text
+        from tempering.dedup import row_text
 
         return {"text": row_text(kind, data), "id": data.get("id", f"{path}/{id_in_file}"),
                 "metadata": {"row": data}}
