@@ -206,7 +206,7 @@ def _wire_snapshot(root: Path, source: Path) -> None:
     params["refresh"]["source"] = str(source)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     head, validate = (root / "dvc.yaml").read_text().split("\n  validate:\n", 1)
-    dep = "      - data/generated\n"
+    dep = "      - ${make_data.out}\n"
     assert dep in validate.split("\n  dedup:")[0], "the validate stage's deps changed: update this test"
     validate = validate.replace(dep, dep + "      - data/snapshot\n", 1)
     (root / "dvc.yaml").write_text(head + "\n  validate:\n" + validate)
