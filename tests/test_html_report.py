@@ -390,9 +390,9 @@ def test_report_stage_and_summary_mention(tmp_path, capsys):
 
 
 def test_stage_in_dvc_yaml_after_promote():
-    import yaml
+    from tempering.dag import load_stages
 
-    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    stages = load_stages(ROOT / "dvc.yaml")
     rep = stages["report"]
     assert list(stages)[-1] == "report" and "python -m tasks.report" in rep["cmd"]
     deps = set(rep["deps"])

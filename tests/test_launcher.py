@@ -10,6 +10,7 @@ import yaml
 
 from tempering import TemperingError
 from tempering.config import LaunchParams, ParamsError, load_params
+from tempering.dag import load_stages
 from tempering.launcher import CONFIG_FILES, build_command, main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,7 +83,7 @@ def test_unknown_launcher_is_rejected_by_the_schema(tmp_path: Path):
 
 def test_training_stages_go_through_the_launcher():
     """dvc.yaml is the one place stage commands live; the training ones are prefixed, not copied."""
-    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    stages = load_stages(ROOT / "dvc.yaml")
     for name in ("cpt", "sft", "dpo"):
         assert stages[name]["cmd"].startswith(f"python -m tempering.launcher tasks.{name} "), name
         assert "train" in stages[name]["params"], name
