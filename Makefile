@@ -40,7 +40,7 @@ flow: setup
 test: setup
 	$(BIN)/python -m pytest -m "not slow"
 
-# Only the slow end-to-end tests on the real SmolLM2 (CI runs them after `make test`).
+# Only the slow end-to-end tests: the real SmolLM2, and the own-data run on real rows (CI runs them after `make test`).
 test-e2e: setup
 	$(BIN)/python -m pytest -m slow
 

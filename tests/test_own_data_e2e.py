@@ -27,7 +27,9 @@ def _rows(path: Path) -> list[dict]:
     return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
 
 
-@pytest.mark.parametrize("data", ["generated", "alpaca_first100"])
+# The real-rows variant is a second whole `dvc repro`: `slow`, so it runs in `make test-e2e` (and in
+# CI) and keeps the default suite under its 10-minute budget.
+@pytest.mark.parametrize("data", ["generated", pytest.param("alpaca_first100", marks=pytest.mark.slow)])
 def test_own_sft_data_without_a_domain_benchmark(tiny_project: Path, tmp_path: Path, data: str):
     if data == "alpaca_first100":
         need(ALPACA)
