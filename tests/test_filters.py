@@ -129,9 +129,8 @@ def _alpaca(path: Path, n: int, bad_every: int = 10) -> Path:
     return path
 
 
-def test_runner_streams_rows_lazily(tmp_path, monkeypatch):
-    """Each row reaches the sink before the next is read: nothing collects all rows first."""
-    path = _alpaca(tmp_path / "a.jsonl", 500)
+def _count_reads(monkeypatch) -> list:
+    """The results the runner has read so far (it reads through ``datacheck.iter_source``)."""
     read = []
     real = datacheck.iter_source
 
@@ -139,6 +138,15 @@ def test_runner_streams_rows_lazily(tmp_path, monkeypatch):
         for res in real(*args, **kw):
             read.append(res)
             yield res
+
+    monkeypatch.setattr(datacheck, "iter_source", counting)
+    return read
+
+
+def test_runner_streams_rows_lazily(tmp_path, monkeypatch):
+    """Each row reaches the sink before the next is read: nothing collects all rows first."""
+    path = _alpaca(tmp_path / "a.jsonl", 500)
+    read = _count_reads(monkeypatch)
 
     class Sink(datacheck.ListSink):
         def keep(self, kind, row):
@@ -152,7 +160,6 @@ def test_runner_streams_rows_lazily(tmp_path, monkeypatch):
     def row_number(row):
         return int(row["source"].rpartition(":")[2])
 
-    monkeypatch.setattr(datacheck, "iter_source", counting)
     sink = Sink()
     vp = ValidateParams(sources=(SourceSpec(path=str(path), kind="sft", format="alpaca"),), max_reject_share=1.0)
     metrics, examples = datacheck.run_checks(vp, sink, tokens_skipped="off", preference_skipped="off")
@@ -193,13 +200,7 @@ def test_token_filters_hold_at_most_one_small_batch(tmp_path, monkeypatch):
     from tempering.testing import make_tiny_tokenizer
 
     path = _alpaca(tmp_path / "a.jsonl", 300)
-    read = []
-    real = datacheck.iter_source
-
-    def counting(*args, **kw):
-        for res in real(*args, **kw):
-            read.append(res)
-            yield res
+    read = _count_reads(monkeypatch)
 
     lags = []
 
@@ -208,7 +209,6 @@ def test_token_filters_hold_at_most_one_small_batch(tmp_path, monkeypatch):
             lags.append(len(read) - int(row["source"].rpartition(":")[2]))
             super().keep(kind, row)
 
-    monkeypatch.setattr(datacheck, "iter_source", counting)
     monkeypatch.setattr(datacheck, "TOKEN_BATCH", 16)
     vp = ValidateParams(sources=(SourceSpec(path=str(path), kind="sft", format="alpaca"),), max_reject_share=1.0)
     tok = filters.SFTTokenFilter(make_tiny_tokenizer(), max_length=64, chat_template=None, tp=vp.tokens)
