@@ -383,13 +383,14 @@ def unknown_pairs(entities: list[dict], cfg: MakeDataParams) -> list[dict]:
     exact style of the SFT answers (what an SFT model that learned to answer says)."""
     if not cfg.unknown_pairs:
         return []
-    n_people = -(-cfg.unknown_pairs // 2)  # two questions per unknown person
-    ghosts = make_entities(len(entities) + n_people, cfg.seed)[len(entities):]
+    # One question per unknown person: a held-out pair (dpo.heldout_share) is then about a name
+    # DPO never saw, so the held-out accuracy measures whether "no record" generalises to new names.
+    ghosts = make_entities(len(entities) + cfg.unknown_pairs, cfg.seed)[len(entities):]
     rng = random.Random(f"{cfg.seed}:unknown")
     out = []
     for k in range(cfg.unknown_pairs):
-        ghost = ghosts[k // 2]
-        attr = ATTRIBUTES[(k + k // 2) % len(ATTRIBUTES)]
+        ghost = ghosts[k]
+        attr = ATTRIBUTES[k % len(ATTRIBUTES)]
         q = SFT_QUESTIONS[attr][rng.randrange(len(SFT_QUESTIONS[attr]))].format(name=ghost["name"])
         out.append({"prompt": q, "chosen": unknown_answer(ghost["name"], rng),
                     "rejected": answer_for(ghost, attr)})

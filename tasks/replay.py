@@ -9,14 +9,16 @@ construction, what it already does. This stage writes two sources, each listed i
 ``validate.sources`` like any other file, so validated, deduplicated and decontaminated against
 the benchmarks like any other data:
 
-- ``--out/sft.jsonl`` (OpenAI ``messages`` rows): the base's greedy answers to a bank of general
+- ``--out/sft.jsonl`` (OpenAI ``messages`` rows): the base's own answers to a bank of general
   prompts. ``sft.replay`` mixes a share of it into SFT.
 
   - Prompts: ``replay.prompts``, JSON lines of ``{id, category, prompt}``. The shipped bank
     (``tempering/replay_prompts.jsonl``, 155 prompts written for tempering: explanations,
     how-tos, advice, short writing, reasoning, code) overlaps no benchmark, and a test checks it
     against every shipped set. ``replay.n`` takes the first N.
-  - Answers: greedy, at most ``replay.max_new_tokens`` new tokens, in left-padded batches of
+  - Answers: sampled from the base at ``replay.temperature`` (1.0: its own distribution, so SFT's
+    loss on them is the KL from the base plus a constant; 0 = greedy) and ``replay.top_p``, with
+    a fixed ``replay.seed``; at most ``replay.max_new_tokens`` new tokens, in left-padded batches of
     ``replay.batch_size``, under bf16 autocast where the CPU or GPU has it.
 
 - ``--out/text.jsonl`` (``{"text"}`` rows, validate's ``text`` format): plain text for
@@ -80,9 +82,11 @@ def load_prompts(cfg: ReplayParams) -> list[dict]:
 
 
 def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, batch_size: int,
-             amp_dtype=None) -> list[str]:
-    """Greedy chat answers, one per prompt. Left-padded batches give each row the tokens it gets
-    alone, up to float rounding; prompts are batched by length so padding stays small."""
+             amp_dtype=None, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0) -> list[str]:
+    """Chat answers, one per prompt: greedy at ``temperature`` 0, else sampled (each batch seeded
+    from ``seed`` and its position, so the same knobs give the same answers). Left-padded batches
+    give each row the tokens it gets alone, up to float rounding; prompts are batched by length so
+    padding stays small."""
     import torch
 
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
@@ -97,9 +101,13 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, batch
                                                    add_generation_prompt=True, tokenize=False) for i in idx]
             enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
             amp = torch.autocast(device_type=device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
+            sampling = ({"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
+                        if temperature > 0 else {"do_sample": False})
+            if temperature > 0:
+                torch.manual_seed(seed * 1_000_003 + start)
             with torch.no_grad(), amp:
-                out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                     pad_token_id=tokenizer.pad_token_id)
+                out = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                                     **sampling)
             for i, ids in zip(idx, out[:, enc["input_ids"].shape[1]:]):
                 answers[i] = tokenizer.decode(ids, skip_special_tokens=True).strip()
     finally:
@@ -220,7 +228,8 @@ def run(params: Params, base: str, out: str, metrics: str | None = None) -> dict
 
     key = {"v": GENERATION_VERSION, "base": base_hash, "prompts": content_id(prompts, 32),
            "max_new_tokens": cfg.max_new_tokens, "batch_size": cfg.batch_size, "precision": precision.name,
-           "torch": torch.__version__}
+           "torch": torch.__version__,
+           **({"temperature": cfg.temperature, "top_p": cfg.top_p, "seed": cfg.seed} if cfg.temperature > 0 else {})}
     cache_file = cache_root() / "replay" / f"answers-{content_id(key, 32)}.json"
     cached = read_json_or_none(cache_file)
     hit = isinstance(cached, dict) and cached.get("key") == key and len(cached.get("answers", [])) == len(prompts)
@@ -229,7 +238,8 @@ def run(params: Params, base: str, out: str, metrics: str | None = None) -> dict
     else:
         model, tokenizer = model_and_tokenizer()
         answers = generate(model, tokenizer, [p["prompt"] for p in prompts], max_new_tokens=cfg.max_new_tokens,
-                           batch_size=cfg.batch_size, amp_dtype=precision.autocast_dtype)
+                           batch_size=cfg.batch_size, amp_dtype=precision.autocast_dtype,
+                           temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed)
         write_json(cache_file, {"key": key, "answers": answers})
     rows = [{"id": p["id"], "category": p.get("category"),
              "messages": [{"role": "user", "content": p["prompt"]}, {"role": "assistant", "content": a}]}

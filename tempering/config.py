@@ -316,6 +316,10 @@ class ReplayParams(_Section):
     n: int | None = Field(None, ge=1)  # the first N prompts; null = all
     max_new_tokens: int = Field(96, ge=1, le=4096)
     batch_size: int = Field(16, ge=1)
+    # 0 = greedy answers; > 0 = sampled at this temperature / top_p with a fixed seed.
+    temperature: float = Field(0.0, ge=0.0, le=5.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    seed: int = 0
     text: ReplayTextParams = ReplayTextParams()
 
 

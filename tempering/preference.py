@@ -28,7 +28,7 @@ from tempering.io import content_id, read_jsonl, write_jsonl
 HELDOUT_FILE = "heldout.jsonl"
 MODELS = ("base", "sft", "dpo")
 # Bumped when what a score means changes (part of evaluate's alignment cache key).
-SCORING_VERSION = 1
+SCORING_VERSION = 2  # 2: batched, right-padded (bf16 rounding differs from 1's one-at-a-time)
 
 
 def encode_pair(tokenizer, row: dict, max_length: int, max_prompt_length: int) -> dict:
@@ -47,30 +47,46 @@ def tokens_id(enc: dict) -> str:
 
 
 def completion_logps(model, tokenizer, rows: list[dict], *, max_length: int, max_prompt_length: int,
-                     precision) -> list[tuple[float, float]]:
+                     precision, batch_size: int = 16) -> list[tuple[float, float]]:
     """Summed log p(chosen | prompt) and log p(rejected | prompt) per pair, tokenized and truncated
     exactly as DPO trains (:func:`encode_pair`), under ``precision``'s autocast (a
-    ``tempering.train.precision.Precision``); float32 log-softmax."""
+    ``tempering.train.precision.Precision``); float32 log-softmax.
+
+    Sequences (two per pair) run ``batch_size`` at a time, sorted by length and right-padded: a
+    causal model's logits at a real token do not depend on the padding after it, and the log-softmax
+    runs only at the answer positions, not at the prompt's."""
     import contextlib
 
     import torch
 
     device = next(model.parameters()).device
     amp = precision.autocast_dtype
-    out = []
-    model.eval()
-    for row in rows:
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    seqs = []  # (pair index, side, token ids, first answer position)
+    for i, row in enumerate(rows):
         enc = encode_pair(tokenizer, row, max_length, max_prompt_length)
-        pair = []
-        for side in ("chosen_ids", "rejected_ids"):
-            ids = torch.tensor([enc["prompt_ids"] + enc[side]], device=device)
-            ctx = torch.autocast(device_type=device.type, dtype=amp) if amp else contextlib.nullcontext()
-            with torch.no_grad(), ctx:
-                logits = model(input_ids=ids).logits[0, :-1].float()
-            logp = torch.log_softmax(logits, -1).gather(-1, ids[0, 1:, None])[:, 0]
-            pair.append(float(logp[len(enc["prompt_ids"]) - 1:].sum()))
-        out.append((pair[0], pair[1]))
-    return out
+        for side, key in enumerate(("chosen_ids", "rejected_ids")):
+            seqs.append((i, side, enc["prompt_ids"] + enc[key], len(enc["prompt_ids"])))
+    sums = [[0.0, 0.0] for _ in rows]
+    order = sorted(range(len(seqs)), key=lambda k: len(seqs[k][2]))
+    model.eval()
+    for start in range(0, len(order), max(1, batch_size)):
+        batch = [seqs[k] for k in order[start:start + max(1, batch_size)]]
+        width = max(len(ids) for _, _, ids, _ in batch)
+        ids = torch.full((len(batch), width), pad, dtype=torch.long, device=device)
+        mask = torch.zeros((len(batch), width), dtype=torch.long, device=device)
+        for b, (_, _, row_ids, _) in enumerate(batch):
+            ids[b, :len(row_ids)] = torch.tensor(row_ids, device=device)
+            mask[b, :len(row_ids)] = 1
+        ctx = torch.autocast(device_type=device.type, dtype=amp) if amp else contextlib.nullcontext()
+        with torch.no_grad(), ctx:
+            logits = model(input_ids=ids, attention_mask=mask).logits
+        for b, (pair, side, row_ids, first) in enumerate(batch):
+            # The logits at position t predict token t + 1: answer tokens first..len-1.
+            rows_logits = logits[b, first - 1:len(row_ids) - 1].float()
+            targets = ids[b, first:len(row_ids)]
+            sums[pair][side] = float(torch.log_softmax(rows_logits, -1).gather(-1, targets[:, None]).sum())
+    return [(c, r) for c, r in sums]
 
 
 def pair_id(row: dict, index: int) -> str:

@@ -170,3 +170,35 @@ def test_a_broken_heldout_file_names_file_line_and_field(trained, tmp_path):
     (dpo / "heldout.jsonl").unlink()
     with pytest.raises(TemperingError, match=r"heldout.jsonl: held-out pairs named by .*meta.json not found"):
         alignment_source(str(dpo))
+
+
+def test_batched_pair_scores_equal_one_sequence_at_a_time(trained):
+    """completion_logps batches right-padded sequences and runs the log-softmax at answer positions
+    only; in fp32 every pair's two sums equal a plain one-sequence forward over the whole row."""
+    import torch
+
+    from tempering.train.precision import choose_precision
+
+    rows = preference.read_heldout(trained["dpo"] / preference.HELDOUT_FILE)
+    rows += [{"prompt": [{"role": "user", "content": "Who is here?"}], "chosen": "Nobody at all, I think.",
+              "rejected": "Me."}]
+    tok = load_tokenizer(trained["cand_dpo"])
+    model = load_merged(trained["tiny"], [trained["root"] / "sft", trained["dpo"]])
+    fp32 = choose_precision("fp32")
+    batched = preference.completion_logps(model, tok, rows, max_length=64, max_prompt_length=48,
+                                          precision=fp32, batch_size=3)
+    expected = []
+    for row in rows:
+        enc = preference.encode_pair(tok, row, 64, 48)
+        pair = []
+        for side in ("chosen_ids", "rejected_ids"):
+            ids = torch.tensor([enc["prompt_ids"] + enc[side]])
+            with torch.no_grad():
+                logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
+            pair.append(float(logp.gather(-1, ids[0, 1:, None])[len(enc["prompt_ids"]) - 1:].sum()))
+        expected.append(tuple(pair))
+    assert len(batched) == len(rows)
+    for got, want in zip(batched, expected):
+        assert got == pytest.approx(want, abs=1e-3)
+    # The two sides of a pair differ, and the short pair was batched beside longer ones.
+    assert any(abs(c - r) > 1e-3 for c, r in batched)
