@@ -69,6 +69,31 @@ def test_replay_generates_the_bases_answers_once_then_hits_its_cache(tiny, tmp_p
     assert replay.run(_params(tmp_path, max_new_tokens=3), base=str(tiny), out=str(tmp_path / "r3"))["cache"] == "miss"
 
 
+def test_sampled_answers_are_seeded_and_cached_by_their_knobs(tiny, tmp_path, monkeypatch):
+    """temperature > 0 samples from the base (top_k off): the same seed gives the same answers,
+    another seed other answers, and temperature / top_p / seed are part of the cache key."""
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    model, tok = _load(tiny)
+    prompts = [r["prompt"] for r in replay.load_prompts(_params(tmp_path).replay)]
+
+    def draw(seed, **kw):
+        return replay.generate(model, tok, prompts, max_new_tokens=8, batch_size=2, temperature=1.0,
+                               seed=seed, **kw)
+
+    greedy = replay.generate(model, tok, prompts, max_new_tokens=8, batch_size=2)
+    assert draw(0) == draw(0)
+    assert draw(0) != draw(1)
+    assert draw(0) != greedy  # a random tiny model's samples are not its argmax
+    cfg = {"temperature": 1.0, "max_new_tokens": 8}
+    assert replay.run(_params(tmp_path, **cfg), base=str(tiny), out=str(tmp_path / "s1"))["cache"] == "miss"
+    assert replay.run(_params(tmp_path, **cfg), base=str(tiny), out=str(tmp_path / "s2"))["cache"] == "hit"
+    for change in ({"seed": 1}, {"top_p": 0.9}, {"temperature": 0.7}):
+        assert replay.run(_params(tmp_path, **{**cfg, **change}), base=str(tiny),
+                          out=str(tmp_path / "s3"))["cache"] == "miss", change
+    with pytest.raises(Exception, match=r"replay\.top_p"):
+        _params(tmp_path, top_p=0.0)
+
+
 def _load(folder: Path):
     import torch
     from transformers import AutoModelForCausalLM
