@@ -14,10 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from tasks.evaluate import bundle, load_items
 from tasks.gate import decide, load_samples
 from tempering import TemperingError
+from tempering.benchmarks import load_items
 from tempering.config import from_dict
+from tempering.scorecard import bundle
 
 SHIPPED = Path(__file__).resolve().parents[1] / "benchmarks"  # the real benchmarks, in the repo
 
@@ -244,7 +245,7 @@ def test_scoring_key_covers_what_changes_a_score(tmp_path):
 
 
 def test_power_sized_item_counts():
-    from tasks.evaluate import planned_limits
+    from tempering.scorecard import planned_limits
     from tasks.gate import required_items
 
     p = from_dict({"evaluate": {"benchmarks": [
