@@ -374,13 +374,12 @@ def test_a_a_calibration_command_on_a_real_bundle(lab, tmp_path):
     """bench/calibrate_gate.py, as a user runs it: the lab model judged against itself (scored twice,
     at two batch sizes) on the shipped benchmarks, 20 seeds x 2 tests: 0 rejections in the
     no-forgetting and champion families; its sabotage ladder refuses the large drops."""
-    import importlib.util
     import yaml
 
+    from bench_loader import load_bench
+
     root = Path(__file__).resolve().parents[1]
-    spec = importlib.util.spec_from_file_location("calibrate_gate", root / "bench" / "calibrate_gate.py")
-    calibrate = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(calibrate)
+    calibrate = load_bench("calibrate_gate")
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["evaluate"]["benchmarks"][0]["path"] = str(lab["domain"])   # the domain set: the lab's
     params["evaluate"]["cache_dir"] = str(tmp_path / "cache")
