@@ -31,7 +31,7 @@ def main(argv=None) -> int:
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
 
-    from tasks.evaluate import bundle, load_model, multiple_choice
+    from tempering.scorecard import bundle, load_model, multiple_choice
     from tempering import env
     from tempering.train.precision import setup_torch
     from tempering.config import load_params

@@ -5,11 +5,11 @@
         [--repeats 2] [--per-set] [--json bench/results-eval.json]
 
 The requests are exactly those the ``evaluate`` stage sends: the shipped benchmarks as
-``params.yaml`` lists them (files in ``benchmarks/``; only the item counts changed) go through ``tasks.evaluate.bundle`` and lm-eval's ``simple_evaluate`` with the
+``params.yaml`` lists them (files in ``benchmarks/``; only the item counts changed) go through ``tempering.scorecard.bundle`` and lm-eval's ``simple_evaluate`` with the
 pipeline's own task definitions (plain prompts, zero-shot), recorded once by a stand-in model,
 then replayed through both arms' ``loglikelihood`` (tokenization included, as lm-eval calls it):
 
-(a) hf: ``tasks.evaluate.scoring_lm`` with ``evaluate.backend: hf``: lm-eval's HFLM around the
+(a) hf: ``tempering.scorecard.scoring_lm`` with ``evaluate.backend: hf``: lm-eval's HFLM around the
     loaded model, ``batch_size`` from params.yaml (16), bf16 autocast where the CPU has it,
     float32 log-softmax;
 (b) tempering: the same with ``evaluate.backend: tempering`` (tempering/scoring.py), the
@@ -80,7 +80,7 @@ def record_requests(info: dict) -> list:
     """The loglikelihood requests lm-eval builds for the bundle's tasks (pipeline definitions)."""
     from lm_eval.api.model import LM
 
-    from tasks.evaluate import run_lm_eval
+    from tempering.scorecard import run_lm_eval
 
     class Recorder(LM):
         def __init__(self):
@@ -117,7 +117,7 @@ def request_tokens(lm, requests: list) -> int:
 
 
 def build_arms(model, tok, cfg_hf, cfg_tl) -> dict:
-    from tasks.evaluate import scoring_lm
+    from tempering.scorecard import scoring_lm
 
     hf = scoring_lm(model, tok, cfg_hf)
     counter = {"executed": 0}
@@ -196,7 +196,7 @@ def main(argv=None) -> int:
 
     import torch
 
-    from tasks.evaluate import bundle, load_model
+    from tempering.scorecard import bundle, load_model
     from tempering.config import load_params
     from tempering.train.models import causal_lm_parts
     from tempering.train.precision import quiet_transformers, setup_torch

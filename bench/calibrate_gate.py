@@ -180,8 +180,9 @@ def main(argv=None) -> int:
     if args.ladder_only:
         return _ladder_only(args)
 
-    from tasks.evaluate import (bundle, cached_scores, drift_records, drift_summary, drift_texts, load_model,
-                                multiple_choice)
+    from tasks.evaluate import cached_scores
+    from tempering.benchmarks import drift_texts
+    from tempering.scorecard import bundle, drift_records, drift_summary, load_model, multiple_choice
     from tempering import env
     from tempering.train.precision import setup_torch
     from tempering.config import load_params

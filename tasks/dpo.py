@@ -244,7 +244,8 @@ def run(params: Params, base: str, sft: str, data: str, out: str, checkpoints: s
                                 ref_cache_key=ref_key, eval_dataset=eval_set, cfg=cfg)
     before = snapshot_trainable(trainer.model)
     summary = train(trainer, resume, before)
-    save_trained(trainer, tokenizer, out)
+    # The adapter goes on base + SFT merged: both content hashes name it (see save_trained).
+    save_trained(trainer, tokenizer, out, base=f"{base_hash}+{sft_hash}")
     if heldout:
         summary["heldout"], scores = _score_heldout(trainer.model, tokenizer, heldout, cfg, precision, base_dir,
                                                     sft_dir)

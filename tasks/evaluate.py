@@ -12,7 +12,7 @@ fully offline; ``evaluate.backend`` picks the lm-eval model that computes the lo
 user turn, each choice scored as the start of the assistant's reply: how the model was tuned).
 The task files written are part of the bundle hash, with the data files, so a result always says
 exactly what it measured. ``limit: power`` benchmarks get as many items as the gate needs to
-certify their forgetting budget (:func:`planned_limits`).
+certify their forgetting budget (:func:`tempering.scorecard.planned_limits`).
 
 Three models are scored on the same items: the candidate (``--model``), the base (``--base``) and
 the current production model (champion / challenger), named by ``--champion`` (the ``champion``
@@ -54,17 +54,15 @@ import time
 from pathlib import Path
 
 from tempering import TemperingError
-from tempering.benchmarks import drift_texts, hellaswag_preprocess, load_items  # noqa: F401 (re-exported)
+from tempering.benchmarks import drift_texts
 from tempering.cli import stage_main
 from tempering.config import EvaluateParams, Params
 from tempering.io import (POINTER_FILE, atomic_path, content_id, dump_jsonl, hash_path, read_json, read_jsonl,
                           resolve_model_dir, write_json, write_meta)
 from tempering.records import EvaluateRecord, validated
-# The scoring library (tempering/scorecard.py); re-exported names keep `tasks.evaluate.<name>` working.
-from tempering.scorecard import (SCORING_VERSION, TASK_PREFIX, TASK_VERSION, _amp_dtype, _device,  # noqa: F401
-                                 bundle, drift_records, drift_summary, generations, load_model,
-                                 multiple_choice, planned_limits, run_lm_eval, score_all, scoring_lm,
-                                 task_config)
+# The scoring library (tempering/scorecard.py) owns the scoring names: import them from there.
+from tempering.scorecard import (SCORING_VERSION, TASK_VERSION, _amp_dtype, _device, bundle, drift_records,
+                                 drift_summary, generations, load_model, multiple_choice)
 
 # The params.yaml sections (or single keys) this stage reads, the stage contract: dvc.yaml
 # lists exactly these under its `params:` (tests/test_stage_contract.py).

@@ -96,7 +96,7 @@ def run(params: Params, base: str, data: str, out: str, checkpoints: str, metric
                                 tracking=params.tracking, resume_step=resume_step,
                                 eval_dataset=eval_set, cfg=cfg)
     summary = train(trainer, resume, before)
-    save_trained(trainer, tokenizer, out)
+    save_trained(trainer, tokenizer, out, base=base_hash)
 
     summary.update({"precision": precision.name, "device": precision.device, "threads": threads,
                     "data": data_stats, "method": cfg.adapter.method,

@@ -158,20 +158,36 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+# A model folder's cards: prose for people (export's ``model_card.md`` quotes each stage's
+# timings, a Hugging Face ``README.md`` may name the folder a base was loaded from), never read by
+# a loader. Two folders with the same weights, config and tokenizer are the same model.
+MODEL_CARDS = frozenset({"README.md", "model_card.md"})
+
+
+def is_model_folder(path: str | os.PathLike) -> bool:
+    """A Hugging Face model (``config.json``) or peft adapter (``adapter_config.json``) folder."""
+    path = Path(path)
+    return (path / "config.json").is_file() or (path / "adapter_config.json").is_file()
+
+
 def hash_path(path: str | os.PathLike) -> str:
     """sha256 over a file, or over a directory's relative paths and file contents (sorted).
 
-    ``meta.json`` files and hidden temp files are left out, so the hash names the content only.
+    ``meta.json`` files and hidden temp files are left out, so the hash names the content only;
+    so are a model folder's cards (:data:`MODEL_CARDS`, top level): a model's hash, which keys
+    the DPO reference and evaluate score caches and the registry's "same weights" check, is its
+    weights, config and tokenizer.
     """
     path = Path(path)
     if not path.exists():
         raise TemperingError(f"{path}: not found")
     if path.is_file():
         return sha256_file(path)
+    skip = {"meta.json"} | (MODEL_CARDS if is_model_folder(path) else set())
     h = hashlib.sha256()
     for file in sorted(p for p in path.rglob("*") if p.is_file()):
         rel = file.relative_to(path).as_posix()
-        if rel == "meta.json" or any(part.startswith(".tmp-") for part in file.parts):
+        if rel in skip or any(part.startswith(".tmp-") for part in file.parts):
             continue
         h.update(rel.encode())
         h.update(b"\0")

@@ -2,21 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from bench_loader import load_bench
 
 
 @pytest.fixture
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_frontier", ROOT / "bench" / "bench_frontier.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_bench("bench_frontier")
 
 
 def test_each_share_is_an_experiment_and_the_table_has_every_alpha(bench, tmp_path, monkeypatch):

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import json
 import shutil
 from pathlib import Path
 
 import pytest
 
+from bench_loader import load_bench
 from tempering.config import load_params
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -17,10 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_own_data", ROOT / "bench" / "bench_own_data.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_bench("bench_own_data")
 
 
 def test_configure_leaves_no_domain_benchmark_and_a_valid_config(bench, tmp_path):

@@ -4,7 +4,6 @@ refusal on a machine without CUDA."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -13,19 +12,14 @@ from pathlib import Path
 
 import pytest
 
+from bench_loader import load_bench
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @pytest.fixture(scope="module")
 def bench():
-    return _load("bench_train")
+    return load_bench("bench_train")
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -95,7 +89,7 @@ def test_gpu_check_refuses_cleanly_without_a_gpu(tmp_path):
 
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    gpu = _load("gpu_check")
+    gpu = load_bench("gpu_check")
     assert gpu.main(["--out", str(tmp_path / "py")]) == gpu.REFUSED
     doc = json.loads((tmp_path / "py" / "gpu_check.json").read_text())
     assert doc["status"] == "refused" and "no CUDA GPU" in doc["reason"] and doc["steps"] == {}
@@ -110,7 +104,7 @@ def test_gpu_check_refuses_cleanly_without_a_gpu(tmp_path):
 
 
 def test_gpu_check_plans_every_step(tmp_path):
-    gpu = _load("gpu_check")
+    gpu = load_bench("gpu_check")
     args = gpu.argparse.Namespace(out=str(tmp_path), base="b", data="d", batch=8, repeats=3, sft_steps=10,
                                   dpo_steps=6, ddp_steps=10)
     one = {name: (cmd, reason) for name, cmd, _, reason in gpu.steps(args, 1)}

@@ -201,7 +201,7 @@ def lm_eval_tasks():
 def test_prompts_match_lm_eval_own_task(lm_eval_tasks, name, tmp_path):
     from lm_eval.tasks import TaskManager
 
-    from tasks.evaluate import TASK_PREFIX, bundle, task_config
+    from tempering.scorecard import TASK_PREFIX, bundle, task_config
     from tempering.config import EvaluateParams
 
     specs, theirs_tasks = lm_eval_tasks
@@ -232,7 +232,7 @@ def test_hellaswag_preprocess_is_lm_evals():
     """Our copy of lm-eval's HellaSwag preprocess gives its output on WikiHow-style raw text."""
     from lm_eval.tasks.hellaswag.utils import preprocess
 
-    from tasks.evaluate import hellaswag_preprocess
+    from tempering.benchmarks import hellaswag_preprocess
 
     samples = ["Home and Garden: [header] How to paint a fence [title] Sand it. [step] Use  a block.",
                " Sports: a man [substeps] runs [title] fast  [step] ", "plain text", "[a [b] c] d"]
@@ -242,7 +242,7 @@ def test_hellaswag_preprocess_is_lm_evals():
 
 def test_boolq_prompt_differs_from_llm_foundry_query_only_by_the_passage_label(tmp_path):
     """The old prompt was the llm-foundry query + "\\nAnswer:"; lm-eval's has no "Passage: "."""
-    from tasks.evaluate import load_items
+    from tempering.benchmarks import load_items
     from tempering.config import BenchmarkSpec
 
     items = load_items(BenchmarkSpec(name="boolq", path=str(SHIPPED / "boolq_val.llmfoundry.jsonl.gz"),

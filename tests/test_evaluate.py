@@ -14,10 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from tasks.evaluate import bundle, load_items
 from tasks.gate import decide, load_samples
 from tempering import TemperingError
+from tempering.benchmarks import load_items
 from tempering.config import from_dict
+from tempering.scorecard import bundle
 
 SHIPPED = Path(__file__).resolve().parents[1] / "benchmarks"  # the real benchmarks, in the repo
 
@@ -244,7 +245,7 @@ def test_scoring_key_covers_what_changes_a_score(tmp_path):
 
 
 def test_power_sized_item_counts():
-    from tasks.evaluate import planned_limits
+    from tempering.scorecard import planned_limits
     from tasks.gate import required_items
 
     p = from_dict({"evaluate": {"benchmarks": [
@@ -373,13 +374,12 @@ def test_a_a_calibration_command_on_a_real_bundle(lab, tmp_path):
     """bench/calibrate_gate.py, as a user runs it: the lab model judged against itself (scored twice,
     at two batch sizes) on the shipped benchmarks, 20 seeds x 2 tests: 0 rejections in the
     no-forgetting and champion families; its sabotage ladder refuses the large drops."""
-    import importlib.util
     import yaml
 
+    from bench_loader import load_bench
+
     root = Path(__file__).resolve().parents[1]
-    spec = importlib.util.spec_from_file_location("calibrate_gate", root / "bench" / "calibrate_gate.py")
-    calibrate = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(calibrate)
+    calibrate = load_bench("calibrate_gate")
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["evaluate"]["benchmarks"][0]["path"] = str(lab["domain"])   # the domain set: the lab's
     params["evaluate"]["cache_dir"] = str(tmp_path / "cache")

@@ -1,4 +1,4 @@
-"""tempering.io: the one JSONL writer and the lenient JSON reader."""
+"""tempering.io: the one JSONL writer, the lenient JSON reader and what a content hash covers."""
 
 from __future__ import annotations
 
@@ -31,3 +31,27 @@ def test_lenient_reader_gives_none_and_the_strict_one_names_the_file(tmp_path):
     assert read_json_or_none(tmp_path / "latin.json") is None
     with pytest.raises(TemperingError, match=r"b\.json: line 1: invalid JSON"):
         read_json(bad)
+
+
+def test_a_model_folders_hash_is_its_weights_config_and_tokenizer(tmp_path):
+    """Model cards (prose for people: export's quotes timings) and meta.json are not a model's
+    content; in any other folder a README.md is."""
+    from tempering.io import hash_path
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text('{"a": 1}')
+    (model / "model.safetensors").write_bytes(b"weights")
+    before = hash_path(model)
+    (model / "README.md").write_text("---\nbase_model: /some/clone/models/base\n---\n")
+    (model / "model_card.md").write_text("tokens_per_s: 1234.5\n")
+    (model / "meta.json").write_text("{}")
+    assert hash_path(model) == before
+    (model / "model.safetensors").write_bytes(b"other weights")
+    assert hash_path(model) != before
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "rows.jsonl").write_text("{}\n")
+    plain = hash_path(data)
+    (data / "README.md").write_text("notes\n")
+    assert hash_path(data) != plain

@@ -322,7 +322,7 @@ def evaluate_cfg(tmp_path, items: Path, **evaluate):
 def test_evaluate_backends_agree_item_by_item_with_and_without_chat_template(tiny, tmp_path):
     """The pipeline's own tasks through lm-eval: same per-item rows, chat template or not, with
     truncation (max_length 24 cuts the longer prompts), per-request log-likelihoods within FP32_TOL."""
-    from tasks.evaluate import bundle, multiple_choice, run_lm_eval, scoring_lm
+    from tempering.scorecard import bundle, multiple_choice, run_lm_eval, scoring_lm
 
     _, model, tok = tiny
     items = write_items(tmp_path / "items.jsonl", 24)
@@ -348,7 +348,8 @@ def test_evaluate_backends_agree_item_by_item_with_and_without_chat_template(tin
 
 
 def test_backend_and_token_budget_are_part_of_the_scoring_key(tmp_path):
-    from tasks.evaluate import bundle, scoring_key
+    from tasks.evaluate import scoring_key
+    from tempering.scorecard import bundle
 
     items = write_items(tmp_path / "items.jsonl", 3)
     info = bundle(evaluate_cfg(tmp_path, items))
@@ -366,7 +367,7 @@ SETS = ("arc_easy", "arc_challenge", "hellaswag", "piqa", "boolq")  # shipped in
 @pytest.fixture(scope="module")
 def smollm2(smollm2_dir):
     """SmolLM2-135M-Instruct as the pipeline has it (conftest's ``smollm2_dir``), loaded by evaluate."""
-    from tasks.evaluate import load_model
+    from tempering.scorecard import load_model
 
     return load_model(Path(smollm2_dir))
 
@@ -391,7 +392,7 @@ def real_cfg(tmp_path, n: int, **evaluate):
 
 
 def lm_eval_runs(model, tok, cfg, info) -> dict:
-    from tasks.evaluate import run_lm_eval, scoring_lm
+    from tempering.scorecard import run_lm_eval, scoring_lm
 
     return {spec.name: samples for spec, _, samples in run_lm_eval(scoring_lm(model, tok, cfg), info)}
 
@@ -447,7 +448,7 @@ def test_real_model_parity_on_every_shipped_benchmark(smollm2, tmp_path):
 
 
 def _real_parity(model, tok, tmp_path, n: int) -> None:
-    from tasks.evaluate import bundle
+    from tempering.scorecard import bundle
     from tempering.train.precision import choose_precision
 
     small = real_cfg(tmp_path, max(n // 4, 4), precision="fp32")

@@ -256,6 +256,46 @@ def test_dpo_reference_is_the_policy_with_adapter_disabled(sft_done, tiny, data,
         assert len(enc["prompt_ids"]) > 5  # the cut happened, and both sides agree on it
 
 
+# ----------------------------------------------------------------------------- the same run in another folder
+
+
+def test_saved_models_name_no_folder_and_hash_the_same_in_any_clone(tmp_path, monkeypatch):
+    """The same run in two clones (two folders) saves the same SFT and DPO adapters: no saved file
+    names the folder (peft wrote the base's absolute path into adapter_config.json and README.md),
+    so their content hashes, and DPO's fingerprint and reference log-prob cache key built on the
+    SFT adapter's hash, agree. meta.json is provenance (it records the arguments as given) and is
+    not part of a hash."""
+    from tasks.dpo import run as run_dpo
+    from tempering.io import hash_path
+    from tempering.testing import make_tiny_model
+
+    params = make_params(sft={"max_steps": 2, "save_steps": 2}, dpo={"max_steps": 2, "save_steps": 2})
+    seen = []
+    for clone in (tmp_path / "a" / "clone", tmp_path / "b" / "elsewhere" / "clone"):
+        monkeypatch.setenv(CACHE_ENV, str(clone / "cache"))  # each clone computes its own
+        base, data, models = make_tiny_model(clone / "models" / "base"), write_rows(clone / "data" / "clean"), \
+            clone / "models"
+        run_sft(params, base, data, models)
+        run_dpo(params, base=str(base), sft=str(models / "sft"), data=str(data), out=str(models / "dpo"),
+                checkpoints=str(models / "ck_dpo"), metrics=str(models / "dpo.json"))
+        for stage in ("sft", "dpo"):
+            folder = models / stage
+            assert not (folder / "README.md").exists()
+            leaks = [f.name for f in folder.iterdir() if f.name != "meta.json" and str(clone).encode() in f.read_bytes()]
+            assert leaks == [], f"{stage}: {leaks} name the folder {clone}"
+        base_hash, sft_hash = hash_path(base), hash_path(models / "sft")
+        named = {stage: json.loads((models / stage / "adapter_config.json").read_text())["base_model_name_or_path"]
+                 for stage in ("sft", "dpo")}
+        assert named == {"sft": base_hash, "dpo": f"{base_hash}+{sft_hash}"}
+        seen.append({"base": base_hash, "sft": sft_hash, "dpo": hash_path(models / "dpo"),
+                     "sft_fingerprint": json.loads((models / "sft" / "meta.json").read_text())["fingerprint"],
+                     "dpo_fingerprint": json.loads((models / "dpo" / "meta.json").read_text())["fingerprint"],
+                     "ref_logps_key": json.loads((models / "dpo.json").read_text())["ref_logps_cache"]["key"]})
+    assert seen[0] == seen[1]
+    # ...and the adapters still load onto the base tempering passes them.
+    assert load_merged(base, [models / "sft", models / "dpo"]) is not None
+
+
 # ----------------------------------------------------------------------------- cpt
 
 

@@ -13,6 +13,7 @@ pinned by ``tests/test_train_boundaries.py``.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -219,12 +220,36 @@ def train(trainer, resume_from: Path | None, before: dict) -> dict:
     return metrics
 
 
-def save_trained(trainer, tokenizer, out: str | os.PathLike) -> None:
-    """Adapter (or full model) + tokenizer, written atomically."""
+def save_trained(trainer, tokenizer, out: str | os.PathLike, *, base: str) -> None:
+    """Adapter (or full model) + tokenizer, written atomically; the folder names no path.
+
+    peft writes where the base model was loaded from (an absolute path, so wherever this clone
+    sits) into ``adapter_config.json`` (``base_model_name_or_path``) and into the ``README.md``
+    model card it generates. The folder's content hash (:func:`tempering.io.hash_path`) then
+    differed between clones of the same run, and with it every key built on it (DPO's reference
+    log-prob cache, the checkpoint fingerprints, evaluate's score cache through export). So:
+
+    - the generated ``README.md`` is not kept: it is peft's blank template ("More Information
+      Needed") holding only that path, tags and peft's version; the stage's ``meta.json``
+      records the lineage, and export writes the model card of what a user gets.
+    - ``base_model_name_or_path`` becomes ``base``: the content hash of the model the adapter goes
+      on, as the stage's ``meta.json`` records it under ``inputs`` (DPO's: ``<base>+<sft>``, the
+      SFT adapter merged into the base). A hash and not a path,
+      because a path is only right in one clone (and for DPO no folder holds the model its
+      adapter goes on: base + SFT merged). tempering never reads the field: it loads an adapter
+      onto a base it passes itself (:func:`~tempering.train.models.merge_adapter`).
+    """
     model = trainer.model
-    if not hasattr(model, "peft_config"):  # a full model: readers generate with it
+    is_peft = hasattr(model, "peft_config")
+    if not is_peft:  # a full model: readers generate with it
         model.config.use_cache = True
     with atomic_path(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        if is_peft:
+            (tmp / "README.md").unlink(missing_ok=True)
+            config_file = tmp / "adapter_config.json"
+            config = json.loads(config_file.read_text(encoding="utf-8"))
+            config["base_model_name_or_path"] = base
+            config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
