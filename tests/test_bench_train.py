@@ -117,3 +117,38 @@ def test_gpu_check_plans_every_step(tmp_path):
     # --allow-cpu on a folder without a model: refused with the model's reason, nothing run.
     assert gpu.main(["--out", str(tmp_path / "o"), "--base", str(tmp_path / "nomodel"), "--allow-cpu"]) == gpu.REFUSED
     assert "no model folder" in json.loads((tmp_path / "o" / "gpu_check.json").read_text())["reason"]
+
+
+def test_gpu_check_random_base_has_the_smollm2_shape(tmp_path):
+    """--base random: SmolLM2-135M's config (134,515,008 parameters, counted on the meta device,
+    nothing allocated) and a scaled-down build of the same folder that loads and runs."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    gpu = load_bench("gpu_check")
+    assert gpu.random_shape("random") == gpu.random_shape("random:SmolLM2-135M") == "SmolLM2-135M"
+    assert gpu.random_shape(str(tmp_path)) is None
+    with pytest.raises(SystemExit):   # an unknown shape is refused before anything runs
+        gpu.main(["--out", str(tmp_path / "o"), "--base", "random:Nope"])
+    config = AutoConfig.from_pretrained(gpu.SHAPES["SmolLM2-135M"])
+    assert (config.model_type, config.hidden_size, config.num_hidden_layers, config.vocab_size) == ("llama", 576, 30,
+                                                                                                    49152)
+    with torch.device("meta"):
+        full = AutoModelForCausalLM.from_config(config)
+    assert sum(p.numel() for p in full.parameters()) == 134_515_008   # what tasks.base_model reports
+
+    small = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=16)
+    meta = gpu.make_random_base(tmp_path / "rb", overrides=small)
+    assert meta["random_weights"] is True and meta["source"] == "random:SmolLM2-135M" and "mean nothing" in meta["note"]
+    assert json.loads((tmp_path / "rb" / "meta.json").read_text()) == meta
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "rb")
+    tok = AutoTokenizer.from_pretrained(tmp_path / "rb")
+    assert model.dtype == torch.bfloat16 and model.config.num_hidden_layers == 2 and len(tok) == 49152
+    ids = tok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True,
+                                  return_tensors="pt", return_dict=True)["input_ids"]
+    assert ids.shape[1] > 3 and torch.isfinite(model(ids).logits.float()).all()
+    again = gpu.make_random_base(tmp_path / "rb2", overrides=small)   # seeded: the same weights
+    assert again["n_params"] == meta["n_params"]
+    assert (tmp_path / "rb" / "model.safetensors").read_bytes() == (tmp_path / "rb2" / "model.safetensors").read_bytes()
+
