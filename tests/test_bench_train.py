@@ -152,3 +152,86 @@ def test_gpu_check_random_base_has_the_smollm2_shape(tmp_path):
     assert again["n_params"] == meta["n_params"]
     assert (tmp_path / "rb" / "model.safetensors").read_bytes() == (tmp_path / "rb2" / "model.safetensors").read_bytes()
 
+
+def _fake_fetch(table):
+    """A stand-in for pip download: name -> (version, Requires-Dist) from a table, recording calls."""
+    calls = []
+
+    def fetch(name, want):
+        calls.append((name, want))
+        version, requires = table.get(name, (want[2:] if want.startswith("==") else "1.0", []))
+        return version, requires
+
+    fetch.calls = calls
+    return fetch
+
+
+def test_gpu_wheels_carry_the_check_and_never_torch():
+    """The wheel list, computed against the device image's packages without downloading."""
+    wheels = load_bench("gpu_wheels")
+    image, pins = wheels.load_image(), wheels.pyproject_pins()
+    assert image["torch"] == "2.11.0" and image["transformers"] == "5.17.0" and "pyarrow" in image
+    assert "pydantic" not in image and "trl" not in image
+    table = {
+        "trl": ("1.16.0", ["accelerate>=1.10.1", "datasets>=4.7.0", "transformers>=4.56.2", "pyarrow>=21.0.0",
+                           "rich; extra == 'dev'"]),
+        "bitsandbytes": ("0.50.2", ["torch<3,>=2.4", "numpy>=1.17"]),
+        "lm-eval": ("0.4.13", ["datasets>=2.16.0", "sqlitedict", "sacrebleu>=1.5.0"]),
+        "datasets": ("5.2.0", ["pyarrow>=24.0.0", "fsspec[http]<=2026.9.0,>=2023.1.0", "huggingface-hub<3.0,>=1.31.0",
+                               "dill<0.4.2,>=0.3.0"]),
+        "transformers": ("5.23.0", ["huggingface-hub<3.0,>=1.31.0", "tokenizers<0.24.0,>=0.23.1",
+                                    "pywin32; sys_platform == 'win32'"]),
+        "peft": ("0.21.2", ["torch>=1.13.0", "transformers"]),
+        "pydantic": ("2.14.4", ["pydantic-core==2.50.5", "typing-extensions>=4.14.1"]),
+    }
+    fetch = _fake_fetch(table)
+    plan = wheels.plan(fetch, image, pins, installed={"pydantic": "2.14.4", "dill": "0.4.1"})
+    carried = set(plan.carried)
+    assert {"trl", "bitsandbytes", "lm-eval", "datasets", "transformers", "peft"} <= carried
+    assert {"pydantic", "pydantic-core", "sqlitedict", "dill"} <= carried        # the image lacks them
+    assert "fsspec" in carried            # the image's version is unknown and datasets caps it
+    for name in ("torch", "numpy", "accelerate", "huggingface-hub", "tokenizers", "pyarrow", "sacrebleu"):
+        assert name not in carried and name in plan.from_image, name
+    assert not any(wheels.never_carried(n) for n in carried) and "pywin32" not in carried and "rich" not in carried
+    assert plan.carried["transformers"].version == pins["transformers"] == "5.23.0"   # the pin, not the image's 5.17
+    assert plan.carried["dill"].version == "0.4.1"           # the tested environment's version
+    assert ("pydantic-core", "==2.50.5") in fetch.calls
+    assert set(plan.spares["pyarrow"].split(",")) == {">=21.0.0", ">=24.0.0"}   # a spare, if small enough
+    assert "torch" not in plan.spares and "torch" not in {n for n, _ in fetch.calls}
+    roots = wheels.roots(pins)
+    assert "trl==1.16.0" in roots and "bitsandbytes==0.50.2" in roots and "lm-eval==0.4.13" in roots
+    assert "torch" in roots and not any(r.startswith(("prefect", "great-expectations", "dvc", "wandb")) for r in roots)
+
+    # torch is never carried: a requirement the image's torch cannot meet stops the plan.
+    table["bitsandbytes"] = ("0.50.2", ["torch>=3"])
+    with pytest.raises(wheels.PlanError, match="never carried"):
+        wheels.plan(_fake_fetch(table), image, pins)
+
+
+def test_gpu_wheels_slim_bitsandbytes_keeps_one_cuda_library(tmp_path):
+    import base64
+    import hashlib
+    import zipfile
+
+    wheels = load_bench("gpu_wheels")
+    files = {f"bitsandbytes/libbitsandbytes_{k}.so": k.encode() * 100 for k in ("cpu", "cuda126", "cuda130", "rocm64")}
+    files["bitsandbytes/__init__.py"] = b"x = 1\n"
+
+    def row(name, data):
+        return f"{name},sha256={base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b'=').decode()},{len(data)}"
+
+    record = "bitsandbytes-0.50.2.dist-info/RECORD"
+    path = tmp_path / "bitsandbytes-0.50.2-py3-none-manylinux_2_24_x86_64.whl"
+    with zipfile.ZipFile(path, "w") as z:
+        for name, data in files.items():
+            z.writestr(name, data)
+        z.writestr(record, "\n".join([row(n, d) for n, d in files.items()] + [f"{record},,"]) + "\n")
+    _, dropped = wheels.slim_bitsandbytes(path, "130")
+    assert sorted(dropped) == ["bitsandbytes/libbitsandbytes_cuda126.so", "bitsandbytes/libbitsandbytes_rocm64.so"]
+    with zipfile.ZipFile(path) as z:
+        assert sorted(n for n in z.namelist() if n.endswith(".so")) == [
+            "bitsandbytes/libbitsandbytes_cpu.so", "bitsandbytes/libbitsandbytes_cuda130.so"]
+    assert wheels.record_ok(path)
+    with pytest.raises(wheels.PlanError, match="cuda999"):
+        wheels.slim_bitsandbytes(path, "999")
+
