@@ -235,3 +235,15 @@ def test_gpu_wheels_slim_bitsandbytes_keeps_one_cuda_library(tmp_path):
     with pytest.raises(wheels.PlanError, match="cuda999"):
         wheels.slim_bitsandbytes(path, "999")
 
+
+def test_gpu_check_steps_import_no_orchestration_or_data_layer():
+    """What the GPU check's steps import pulls in none of prefect, great-expectations, dvc, dvclive or
+    datasketch: bench/gpu_wheels.py does not carry them."""
+    code = ("import sys; sys.path.insert(0, 'bench'); import bench_train, bench_eval; "
+            "import tempering.config, tempering.scorecard, tempering.scoring, tempering.launcher, tasks.make_data, "
+            "tasks.sft, tempering.train.sft, tempering.train.dpo, tempering.train.models; "
+            "bad = sorted({m.split('.')[0] for m in sys.modules} & {'prefect', 'great_expectations', 'dvc', "
+            "'dvclive', 'datasketch', 'gguf'}); print(bad); sys.exit(1 if bad else 0)")
+    proc = subprocess.run([os.sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT)))
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]
