@@ -44,7 +44,6 @@ import base64
 import email.parser
 import hashlib
 import json
-import os
 import re
 import shutil
 import subprocess
