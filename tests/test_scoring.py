@@ -36,6 +36,10 @@ REAL_FP32_TOL = 1e-3
 BF16_MAX = 1.0  # largest |difference| of one request's log-likelihood (observed 0.72)
 BF16_MEAN = 0.25  # mean |difference| over a benchmark's requests (observed <= 0.16, HellaSwag)
 BF16_AGREEMENT = 0.97  # items decided alike (argmax, acc, acc_norm), bf16 vs bf16 (observed 0.98)
+# Items decided as float32 decides them, tempering in bf16 with near-ties re-scored in float32
+# (evaluate.rescore_tolerance's default): every one, as long as no request's bf16 error passes the
+# tolerance; the issue's 99.5% is the floor.
+RESCORED_AGREEMENT = 0.995
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -480,8 +484,21 @@ def test_backend_and_token_budget_are_part_of_the_scoring_key(tmp_path):
     items = write_items(tmp_path / "items.jsonl", 3)
     info = bundle(evaluate_cfg(tmp_path, items))
     keys = [scoring_key(evaluate_cfg(tmp_path, items, **change), info, "m")
-            for change in ({"backend": "tempering"}, {"backend": "hf"}, {"batch_tokens": 512})]
-    assert len({json.dumps(k, sort_keys=True) for k in keys}) == 3
+            for change in ({"backend": "tempering"}, {"backend": "hf"}, {"batch_tokens": 512},
+                           {"rescore_tolerance": 0.0})]
+    assert len({json.dumps(k, sort_keys=True) for k in keys}) == 4
+
+
+def test_evaluate_passes_the_rescore_tolerance(tiny, tmp_path):
+    from tasks.evaluate import scoring_lm
+
+    _, model, tok = tiny
+    items = write_items(tmp_path / "items.jsonl", 3)
+    assert scoring_lm(model, tok, evaluate_cfg(tmp_path, items, rescore_tolerance=0.25)).rescore_tolerance == 0.25
+    from tempering.config import ParamsError
+
+    with pytest.raises(ParamsError, match="rescore_tolerance"):
+        evaluate_cfg(tmp_path, items, rescore_tolerance=-1)
 
 
 # ----------------------------------------------------------------------------- the real model
@@ -557,8 +574,9 @@ def test_real_model_parity_on_every_shipped_benchmark(smollm2, tmp_path):
     float32, tempering vs hf: every decision (argmax, acc, acc_norm) the same, every request within
     REAL_FP32_TOL. bf16 autocast, tempering vs hf: every request within BF16_MAX, each benchmark's
     mean within BF16_MEAN, >= BF16_AGREEMENT of the items decided alike; and measured against the
-    exact (float32) scores, tempering's bf16 is at least as accurate as hf's: as many decisions
-    kept (one item of slack) and no larger a mean error."""
+    exact (float32) scores: tempering's bf16 with its float32 re-scoring of near-ties keeps
+    >= RESCORED_AGREEMENT of the decisions, and is at least as accurate as hf's bf16 (as many
+    decisions kept, no larger a mean error)."""
     import torch
 
     from tempering.train.precision import physical_cores
@@ -598,7 +616,6 @@ def _real_parity(model, tok, tmp_path, n: int) -> None:
     for name, r in pair.items():
         assert r["max_diff"] <= BF16_MAX and r["mean_diff"] <= BF16_MEAN, (name, r)
     assert overall(pair)[0] >= BF16_AGREEMENT, pair
-    items = sum(r["items"] for r in pair.values())
     tl_kept, tl_err = overall(reports["tempering bf16 vs exact"])
     hf_kept, hf_err = overall(reports["hf bf16 vs exact"])
-    assert tl_kept >= hf_kept - 1 / items and tl_err <= hf_err, reports
+    assert tl_kept >= RESCORED_AGREEMENT and tl_kept >= hf_kept and tl_err <= hf_err, reports
