@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/bench_eval.py --model models/base \
         [--hellaswag 200] [--arc-easy 100] [--arc-challenge 100] [--boolq 100] [--piqa 0] \
-        [--repeats 2] [--per-set] [--json bench/results-eval.json]
+        [--repeats 2] [--per-set] [--no-reference] [--parity-only] [--json bench/results-eval.json]
 
 The requests are exactly those the ``evaluate`` stage sends: the shipped benchmarks as
 ``params.yaml`` lists them (files in ``benchmarks/``; only the item counts changed) go through ``tempering.scorecard.bundle`` and lm-eval's ``simple_evaluate`` with the
@@ -13,7 +13,8 @@ then replayed through both arms' ``loglikelihood`` (tokenization included, as lm
     loaded model, ``batch_size`` from params.yaml (16), bf16 autocast where the CPU has it,
     float32 log-softmax;
 (b) tempering: the same with ``evaluate.backend: tempering`` (tempering/scoring.py), the
-    ``batch_tokens`` from params.yaml.
+    ``batch_tokens`` and ``rescore_tolerance`` from params.yaml (bf16 near-ties re-scored in
+    float32: the count, share and seconds of the re-scored requests are reported).
 
 Both wrap the same loaded model (float32 weights, as evaluate loads them). After one untimed
 warm-up call each, the arms alternate ``--repeats`` times (hf, tempering, hf, ...); the best
@@ -35,6 +36,19 @@ What is counted:
   busy each arm keeps the cores; the speed-up also comes from work not done.
 Machine load (os.getloadavg) is recorded at the start, after each repeat and at the end: the CPU
 is shared; compare arms within a run.
+
+Parity (``parity``): tempering's first timed results against hf's (bf16 against bf16, the speed
+arm), and, unless ``--no-reference``, against two untimed extra passes: (c) hf in float32 (no
+autocast: the reference numerics, ``parity_fp32``) and (d) tempering in bf16 without re-scoring
+(``rescore_tolerance`` 0), whose errors against (c) are the measurement behind the tolerance:
+``bf16_error`` (per request, quantiles), ``bf16_pair_error`` (per pair of choices of one item,
+the tolerance the near-tie rule needs so that their two errors cannot flip their order) and
+``tolerance_sweep`` (per candidate tolerance, the share of requests the rule would re-score and
+the decisions that would then match (c); re-scored requests take (c)'s values, which tempering's
+float32 matches within 1e-3). An item's decisions are lm-eval's ``acc`` (argmax of the
+log-likelihoods) and ``acc_norm`` (argmax per character of the choice). ``--parity-only`` skips
+the matmul peak, the warm-up and the timing (each arm runs once; the seconds it reports are one
+cold call, not a speed figure).
 """
 
 from __future__ import annotations
@@ -139,32 +153,126 @@ def executed(arm: str, lm) -> tuple[int, int]:
     return lm.stats.padded_tokens, lm.stats.head_positions
 
 
+RESCORE_KEYS = ("rescored_groups", "rescored_requests", "rescore_seconds")
+
+
 def timed(arm: str, lm, requests: list) -> dict:
     import gc
 
     gc.collect()
     tokens0, heads0 = executed(arm, lm)
+    stats0 = lm.stats.as_dict() if hasattr(lm, "stats") else {}
     t = time.perf_counter()
     out = lm.loglikelihood(requests, disable_tqdm=True)
     seconds = time.perf_counter() - t
     tokens1, heads1 = executed(arm, lm)
-    return {"seconds": seconds, "executed_tokens": tokens1 - tokens0, "head_positions": heads1 - heads0,
-            "results": out}
+    run = {"seconds": seconds, "executed_tokens": tokens1 - tokens0, "head_positions": heads1 - heads0,
+           "results": out}
+    if stats0:  # tempering: what its float32 re-scoring of near-ties did in this call
+        run.update({k: lm.stats.as_dict()[k] - stats0[k] for k in RESCORE_KEYS})
+    return run
+
+
+def choice_text(req) -> str:
+    """The choice lm-eval's acc_norm divides by: the doc's choice (the continuation without the
+    target delimiter)."""
+    choices = (req.doc or {}).get("choices")
+    return choices[req.idx] if choices else req.args[1][1:]
+
+
+def argmax(values: list) -> int:
+    return max(range(len(values)), key=values.__getitem__)  # the first best, as numpy's argmax
+
+
+def decisions(requests: list, results: list) -> dict:
+    """{(task, doc): (acc choice, acc_norm choice)}: lm-eval's argmax of the log-likelihoods and of
+    the log-likelihoods per character of the choice."""
+    items: dict = {}
+    for req, res in zip(requests, results):
+        items.setdefault((req.task_name, req.doc_id), []).append((req.idx, res[0], len(choice_text(req))))
+    out = {}
+    for key, rows in items.items():
+        rows.sort()
+        out[key] = (argmax([r[1] for r in rows]), argmax([r[1] / max(r[2], 1) for r in rows]))
+    return out
 
 
 def parity(requests: list, a: list, b: list) -> dict:
-    """Per-request |difference| and per-item argmax agreement between two arms' results."""
+    """Per-request |difference| and per-item decision agreement between two arms' results: argmax
+    (acc), argmax per character (acc_norm), both (same_decision); overall and per benchmark."""
     diffs = [abs(x[0] - y[0]) for x, y in zip(a, b)]
+    da, db = decisions(requests, a), decisions(requests, b)
+    out = {"requests": len(diffs), "max_abs_diff": round(max(diffs), 4),
+           "mean_abs_diff": round(sum(diffs) / len(diffs), 4), "items": len(da)}
+    same = {"argmax": sum(da[k][0] == db[k][0] for k in da), "acc_norm": sum(da[k][1] == db[k][1] for k in da),
+            "decision": sum(da[k] == db[k] for k in da)}
+    for name, n in same.items():
+        out[f"same_{name}"], out[f"same_{name}_share"] = n, round(n / len(da), 4)
+    per: dict = {}
+    for k in da:
+        row = per.setdefault(k[0], {"items": 0, "same_decision": 0})
+        row["items"] += 1
+        row["same_decision"] += da[k] == db[k]
+    out["by_set"] = per
+    return out
+
+
+def quantiles(values: list[float], qs=(0.5, 0.9, 0.99, 0.999)) -> dict:
+    ordered = sorted(values)
+    out = {f"q{q * 100:g}": round(ordered[min(int(q * len(ordered)), len(ordered) - 1)], 4) for q in qs}
+    out["max"] = round(ordered[-1], 4)
+    out["mean"] = round(sum(ordered) / len(ordered), 4)
+    return out
+
+
+def pair_error(requests: list, bf16: list, exact: list) -> dict:
+    """Quantiles, over every pair of choices of one item, of the smallest tolerance the near-tie
+    rule needs for that pair's bf16 errors (e_a, e_b) never to flip its order: for each of the
+    rule's normalisations w = 1 / length (raw: w = 1), |e_a w_a - e_b w_b| / (w_a + w_b), the
+    largest of them (raw: half the difference of the two errors)."""
+    from tempering.scoring import choice_lengths
+
     items: dict = {}
-    for req, x, y in zip(requests, a, b):
-        items.setdefault((req.task_name, req.doc_id), []).append((req.idx, x[0], y[0]))
-    same = 0
-    for rows in items.values():
-        rows.sort()
-        same += max(rows, key=lambda r: r[1])[0] == max(rows, key=lambda r: r[2])[0]
-    return {"requests": len(diffs), "max_abs_diff": round(max(diffs), 4),
-            "mean_abs_diff": round(sum(diffs) / len(diffs), 4), "items": len(items),
-            "same_argmax": same, "same_argmax_share": round(same / len(items), 4)}
+    for i, req in enumerate(requests):
+        items.setdefault((req.task_name, req.doc_id), []).append(i)
+    needed = []
+    for members in items.values():
+        for x in members:
+            for y in members:
+                if x < y:
+                    ex, ey = bf16[x][0] - exact[x][0], bf16[y][0] - exact[y][0]
+                    worst = abs(ex - ey) / 2
+                    for lx, ly in zip(choice_lengths(requests[x].args[1]), choice_lengths(requests[y].args[1])):
+                        worst = max(worst, abs(ex / lx - ey / ly) / (1 / lx + 1 / ly))
+                    needed.append(worst)
+    return dict(quantiles(needed), pairs=len(needed))
+
+
+def tolerance_sweep(requests: list, bf16: list, exact: list, tolerances) -> list[dict]:
+    """Per tolerance: the requests the near-tie rule (tempering.scoring.near_tie, on the bf16
+    results, items = lm-eval's documents) would re-score, and the decisions that then match the
+    exact ones (re-scored requests take the exact values)."""
+    from tempering.scoring import choice_lengths, near_tie
+
+    items: dict = {}
+    for i, req in enumerate(requests):
+        items.setdefault((req.task_name, req.doc_id), []).append(i)
+    want = decisions(requests, exact)
+    out = []
+    for tol in tolerances:
+        mixed = list(bf16)
+        redo = 0
+        for members in items.values():
+            lengths = [choice_lengths(requests[i].args[1]) for i in members]
+            if near_tie([bf16[i][0] for i in members], lengths, tol):
+                redo += len(members)
+                for i in members:
+                    mixed[i] = exact[i]
+        got = decisions(requests, mixed)
+        same = sum(got[k] == want[k] for k in want)
+        out.append({"tolerance": tol, "rescored_requests": redo, "rescored_share": round(redo / len(requests), 4),
+                    "same_decision": same, "same_decision_share": round(same / len(want), 4)})
+    return out
 
 
 def summarize(runs: list[dict], req_count: int, work_tokens: int, flops: dict, peak_gflops: float) -> dict:
@@ -175,7 +283,7 @@ def summarize(runs: list[dict], req_count: int, work_tokens: int, flops: dict, p
             "tokens_per_s": round(work_tokens / best["seconds"], 1),
             "executed_tokens": best["executed_tokens"], "head_positions": best["head_positions"],
             "executed_gflops": round(executed_flops / 1e9, 1),
-            "mfu": round(executed_flops / best["seconds"] / (peak_gflops * 1e9), 4)}
+            "mfu": round(executed_flops / best["seconds"] / (peak_gflops * 1e9), 4) if peak_gflops else None}
 
 
 def main(argv=None) -> int:
@@ -191,8 +299,14 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", type=int, default=None, help="hf requests per forward (default: params.yaml)")
     ap.add_argument("--batch-tokens", type=int, default=None, help="tempering tokens per forward (default: params.yaml)")
     ap.add_argument("--peak-repeats", type=int, default=10, help="matmul repeats for the peak (best of)")
+    ap.add_argument("--no-reference", action="store_true",
+                    help="skip the float32 hf reference and the bf16-error measurement (two untimed passes)")
+    ap.add_argument("--parity-only", action="store_true",
+                    help="no peak, warm-up or timing: each arm scores the requests once, parity is reported")
     ap.add_argument("--json", default=None, help="write the results here")
     a = ap.parse_args(argv)
+    if a.parity_only:
+        a.repeats, a.per_set, a.peak_repeats = 1, False, 0
 
     import torch
 
@@ -245,14 +359,15 @@ def main(argv=None) -> int:
 
     amp = "bfloat16" if arms["hf"].mixed_precision_dtype == torch.bfloat16 else "float32"
     peak_dtype = "bfloat16" if amp == "bfloat16" else "float32"
-    peak = {"dtype": peak_dtype, "gflops": round(matmul_peak(peak_dtype, repeats=a.peak_repeats), 1),
-            "loadavg": [round(x, 2) for x in os.getloadavg()]}
+    peak = {"dtype": peak_dtype, "loadavg": [round(x, 2) for x in os.getloadavg()],
+            "gflops": round(matmul_peak(peak_dtype, repeats=a.peak_repeats), 1) if a.peak_repeats else None}
     print(f"threads {threads}, load {load_start[0]:.2f}, {peak_dtype} matmul peak {peak['gflops']} GFLOP/s; "
           f"{len(requests)} requests ({', '.join(f'{k}: {len(v)}' for k, v in by_set.items())}), "
           f"{work_tokens} workload tokens, autocast {amp}", flush=True)
 
     for arm, lm in arms.items():  # warm-up (untimed): first-call costs, the tempering probe
-        lm.loglikelihood(requests[:64], disable_tqdm=True)
+        if not a.parity_only:
+            lm.loglikelihood(requests[:64], disable_tqdm=True)
 
     runs: dict[str, list] = {"hf": [], "tempering": []}
     loads = []
@@ -269,18 +384,52 @@ def main(argv=None) -> int:
               "versions": {p: __import__(p.replace("-", "_")).__version__ for p in ("torch", "transformers", "lm_eval")},
               "model": str(folder), "autocast": amp, "peak": peak,
               "settings": {"hf": {"batch_size": cfg_hf.batch_size, "softmax": "float32"},
-                           "tempering": {"batch_tokens": cfg_tl.batch_tokens, "softmax": "float32"}},
+                           "tempering": {"batch_tokens": cfg_tl.batch_tokens, "softmax": "float32",
+                                         "rescore_tolerance": cfg_tl.rescore_tolerance}},
+              "parity_only": a.parity_only,
               "requests": len(requests), "requests_by_set": {k: len(v) for k, v in by_set.items()},
               "items": {b["name"]: b["limit"] for b in benches}, "workload_tokens": work_tokens,
               "flops_per_token": {"decoder_linear": flops["body"], "lm_head": flops["head"]},
               "loads": loads}
     for arm in arms:
         result[arm] = summarize(runs[arm], len(requests), work_tokens, flops, peak["gflops"])
+    best = min(runs["tempering"], key=lambda r: r["seconds"])
+    result["tempering"].update({k: round(best[k], 2) if k == "rescore_seconds" else best[k] for k in RESCORE_KEYS})
+    result["tempering"]["rescored_share"] = round(best["rescored_requests"] / len(requests), 4)
+    result["tempering"]["rescore_share_of_seconds"] = round(best["rescore_seconds"] / best["seconds"], 4)
     result["speedup"] = round(result["hf"]["best_seconds"] / result["tempering"]["best_seconds"], 2)
-    result["parity"] = parity(requests, runs["hf"][0]["results"], runs["tempering"][0]["results"])
+    tl_results = runs["tempering"][0]["results"]
+    result["parity"] = parity(requests, runs["hf"][0]["results"], tl_results)
     print(f"hf {result['hf']['requests_per_s']} req/s, tempering {result['tempering']['requests_per_s']} req/s: "
-          f"{result['speedup']}x; MFU {result['hf']['mfu']:.1%} vs {result['tempering']['mfu']:.1%}; "
-          f"parity {result['parity']}", flush=True)
+          f"{result['speedup']}x; MFU {result['hf']['mfu']} vs {result['tempering']['mfu']}; "
+          f"re-scored {result['tempering']['rescored_requests']} requests "
+          f"({result['tempering']['rescored_share']:.1%}, {result['tempering']['rescore_seconds']} s)", flush=True)
+    print(f"parity vs hf bf16 {result['parity']}", flush=True)
+
+    if not a.no_reference:  # untimed: hf in float32 (the reference), tempering bf16 without re-scoring
+        from tasks.evaluate import scoring_lm
+
+        t = time.perf_counter()
+        exact = scoring_lm(model, tok, cfg_hf.model_copy(update={"precision": "fp32"})).loglikelihood(
+            requests, disable_tqdm=True)
+        fp32_seconds = time.perf_counter() - t
+        raw_lm = scoring_lm(model, tok, cfg_tl.model_copy(update={"rescore_tolerance": 0.0}))
+        raw = raw_lm.loglikelihood(requests, disable_tqdm=True)
+        result["reference"] = {"arm": "hf, float32 (no autocast), untimed", "seconds_one_call": round(fp32_seconds, 1)}
+        result["parity_fp32"] = parity(requests, exact, tl_results)
+        result["parity_fp32_hf_bf16"] = parity(requests, exact, runs["hf"][0]["results"])
+        result["parity_fp32_tempering_bf16_no_rescoring"] = parity(requests, exact, raw)
+        result["bf16_error"] = quantiles([abs(x[0] - y[0]) for x, y in zip(raw, exact)])
+        result["bf16_pair_error"] = pair_error(requests, raw, exact)
+        result["tolerance_sweep"] = tolerance_sweep(requests, raw, exact,
+                                                    (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5))
+        print(f"parity vs hf fp32 {result['parity_fp32']}\nhf bf16 vs hf fp32 {result['parity_fp32_hf_bf16']}\n"
+              f"tempering bf16 without re-scoring vs hf fp32 {result['parity_fp32_tempering_bf16_no_rescoring']}\n"
+              f"bf16 error per request {result['bf16_error']}\n"
+              f"tolerance needed per pair of choices {result['bf16_pair_error']}", flush=True)
+        for row in result["tolerance_sweep"]:
+            print(f"  tolerance {row['tolerance']}: re-scored {row['rescored_share']:.1%}, "
+                  f"same decision as fp32 {row['same_decision_share']:.2%}", flush=True)
 
     if a.per_set:
         result["per_set"] = {}

@@ -94,6 +94,7 @@ def scoring_key(cfg: EvaluateParams, info: dict, model_hash: str) -> dict:
             "amp": str(_amp_dtype(cfg)), "precision": cfg.precision, "batch_size": cfg.batch_size,
             "max_length": cfg.max_length, "backend": getattr(cfg, "backend", "hf"),
             "batch_tokens": getattr(cfg, "batch_tokens", None),
+            "rescore_tolerance": getattr(cfg, "rescore_tolerance", None),
             "generation": cfg.generation.model_dump(mode="json")}
 
 

@@ -42,7 +42,8 @@ TASK_PREFIX = "tempering_"
 TASK_VERSION = 2
 # Bumped when the scoring code changes what a score means (part of every cache key).
 # 3: the head's normaliser by an in-place float32 logsumexp; batched greedy generations.
-SCORING_VERSION = 3
+# 4: tempering re-scores bf16 near-ties in float32 (evaluate.rescore_tolerance).
+SCORING_VERSION = 4
 
 
 # ----------------------------------------------------------------------------- the bundle
@@ -198,7 +199,7 @@ def scoring_lm(model, tok, cfg: EvaluateParams):
     if cfg.backend == "tempering":
         from tempering.scoring import TemperingLM
 
-        return TemperingLM(**common, batch_tokens=cfg.batch_tokens)
+        return TemperingLM(**common, batch_tokens=cfg.batch_tokens, rescore_tolerance=cfg.rescore_tolerance)
     from lm_eval.models.huggingface import HFLM
 
     class _HFLM(HFLM):

@@ -24,7 +24,13 @@ tokenization, chat template, ``loglikelihood_rolling`` and ``generate_until``) w
   cast to bf16 once, not once per forward; under bf16 each scored position's top-8 logits and
   the target's are recomputed in float32 (:func:`head_logprobs`), which halves the head's share of
   bf16's error. Rows that are bare contexts (one-token answers: BoolQ) skip the 4D mask and run
-  plain causal attention.
+  plain causal attention;
+- **near-ties re-scored in float32**: after a bf16 pass, each item's choices (lm-eval's requests
+  of one document) are checked with :func:`near_tie`: if any log-likelihood may be off by up to
+  ``rescore_tolerance`` nats and that could change the item's ``acc``, ``acc_norm`` or
+  ``acc_bytes`` decision, the item's requests are scored again without autocast. Decisions then
+  equal float32's whenever bf16's error per request is within the tolerance (docs/evaluation.md
+  has the measured error behind the default).
 
 Why a packed sequence and not a KV cache reused per choice: both run the same number of tokens,
 but the cache needs two passes per batch (contexts, then continuations against expanded, padded
@@ -55,6 +61,10 @@ from lm_eval.api.registry import model_registry
 log = logging.getLogger("tempering.scoring")
 
 NAME = "tempering"
+# Nats: the largest error of one request's bf16 log-likelihood that the float32 re-scoring of
+# near-ties still corrects (0 = no re-scoring). params.yaml's evaluate.rescore_tolerance sets it
+# for the pipeline; this is the default of the lm-eval model alone (its CLI, tests).
+DEFAULT_RESCORE_TOLERANCE = 0.3
 # Padded tokens per forward pass. On 2 CPU cores (SmolLM2-135M, bf16) throughput is flat from
 # ~1k to ~4k tokens; much smaller batches leave the cores idle, larger ones only cost memory.
 DEFAULT_BATCH_TOKENS = 2048
@@ -186,6 +196,41 @@ def attention_mask(batch: list[Row]):
     return mask
 
 
+def choice_lengths(continuation: str | None) -> list[float]:
+    """The lengths lm-eval may divide a choice's log-likelihood by, for one request's continuation
+    string: characters (``acc_norm``) and UTF-8 bytes (``acc_bytes``), each with and without a
+    leading whitespace character (lm-eval divides by the choice, which is the continuation
+    without its target delimiter, one space by default and none under a chat template). At least
+    1 each; none for a request without its string."""
+    if continuation is None:
+        return []
+    bare = continuation[1:] if continuation[:1].isspace() else continuation
+    return [float(max(n, 1)) for n in (len(continuation), len(bare), len(continuation.encode()),
+                                        len(bare.encode()))]
+
+
+def near_tie(lls: list[float], lengths: list[list[float]], tolerance: float) -> bool:
+    """Could an item's decision change if every log-likelihood in ``lls`` were off by up to
+    ``tolerance``?
+
+    Checked for the raw log-likelihoods (``acc``: argmax) and for each normalisation in
+    ``lengths`` (per request, the same number of lengths each, as :func:`choice_lengths`:
+    ``acc_norm``, ``acc_bytes``): the decision is safe when the best choice's lowest possible
+    value, (ll - tolerance) / length, is above every other choice's highest, (ll + tolerance) /
+    length. One choice is never a tie; a tolerance of 0 (or less) never finds one."""
+    if tolerance <= 0 or len(lls) < 2:
+        return False
+    count = min((len(x) for x in lengths), default=0) if len(lengths) == len(lls) else 0
+    norms = [[1.0] * len(lls)] + [[x[k] for x in lengths] for k in range(count)]
+    for norm in norms:
+        values = [ll / n for ll, n in zip(lls, norm)]
+        best = max(range(len(lls)), key=values.__getitem__)
+        floor = (lls[best] - tolerance) / norm[best]
+        if any((ll + tolerance) / n >= floor for k, (ll, n) in enumerate(zip(lls, norm)) if k != best):
+            return True
+    return False
+
+
 # ----------------------------------------------------------------------------- the head in bf16
 
 
@@ -262,11 +307,14 @@ class Stats:
 
     requests: int = 0
     rows: int = 0
-    forwards: int = 0
+    forwards: int = 0  # packed forward passes (re-scoring's float32 ones included, as below)
     tokens: int = 0  # tokens in the packed rows (what the decoder body runs, padding excluded)
     padded_tokens: int = 0  # batch x width summed over forward passes (padding included)
     head_positions: int = 0  # positions that went through the LM head
     fallback_requests: int = 0  # scored by HFLM's own path
+    rescored_groups: int = 0  # items (groups of choices) at a near-tie, scored again in float32
+    rescored_requests: int = 0  # their requests
+    rescore_seconds: float = 0.0  # the float32 re-scoring's share of ``seconds``
     seconds: float = 0.0
 
     def as_dict(self) -> dict:
@@ -308,20 +356,28 @@ def _define():
         """lm-eval's HFLM with shared-context, head-only-where-needed loglikelihood scoring.
 
         Extra arguments: ``batch_tokens`` (padded tokens per forward pass),
-        ``mixed_precision_dtype="auto"`` (the default here) and ``refine_top`` (see
-        :func:`head_logprobs`; 0 = off). Everything else is HFLM's.
+        ``mixed_precision_dtype="auto"`` (the default here), ``refine_top`` (see
+        :func:`head_logprobs`; 0 = off) and ``rescore_tolerance`` (nats; items at a near-tie
+        within it are scored again in float32, see :func:`near_tie`; 0 = off). Everything else
+        is HFLM's.
         """
 
         def __init__(self, pretrained, batch_tokens: int | str = DEFAULT_BATCH_TOKENS,
-                     mixed_precision_dtype="auto", refine_top: int | str = REFINE_TOP, **kwargs):
+                     mixed_precision_dtype="auto", refine_top: int | str = REFINE_TOP,
+                     rescore_tolerance: float | str = DEFAULT_RESCORE_TOLERANCE, **kwargs):
             super().__init__(pretrained=pretrained, mixed_precision_dtype=resolve_amp(mixed_precision_dtype),
                              **kwargs)
             self.batch_tokens = int(batch_tokens)
             self.refine_top = int(refine_top)
+            self.rescore_tolerance = float(rescore_tolerance)
             if self.batch_tokens < 1:
                 raise ValueError(f"batch_tokens must be >= 1 (got {batch_tokens})")
+            if not self.rescore_tolerance >= 0:
+                raise ValueError(f"rescore_tolerance must be >= 0 (got {rescore_tolerance})")
             self.stats = Stats()
             self._fast: bool | None = None  # decided by the first call's probe
+            self._items: list | None = None  # per request of the current loglikelihood call: its item
+            self._rolling = False  # inside loglikelihood_rolling
 
         # ---- progress bars: for people, not for CI logs (lm-eval passes disable=False itself)
 
@@ -329,10 +385,23 @@ def _define():
             return bool(disable_tqdm) or env.is_ci() or self.rank != 0
 
         def loglikelihood(self, requests, disable_tqdm: bool = False):
-            return super().loglikelihood(requests, disable_tqdm=self._quiet(disable_tqdm))
+            # The item each request belongs to (lm-eval's task and document: a multiple-choice
+            # item's choices), for the near-tie check; HFLM's loglikelihood tokenizes, then calls
+            # _loglikelihood_tokens with the requests in this order.
+            self._items = [(r.task_name, r.doc_id) if r.doc_id is not None else None for r in requests]
+            try:
+                return super().loglikelihood(requests, disable_tqdm=self._quiet(disable_tqdm))
+            finally:
+                self._items = None
 
         def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
-            return super().loglikelihood_rolling(requests, disable_tqdm=self._quiet(disable_tqdm))
+            # Windows of a text are not choices of an item: nothing to decide, nothing to re-score
+            # (the first windows of different texts share their one-token context).
+            self._rolling = True
+            try:
+                return super().loglikelihood_rolling(requests, disable_tqdm=self._quiet(disable_tqdm))
+            finally:
+                self._rolling = False
 
         def generate_until(self, requests, disable_tqdm: bool = False):
             return super().generate_until(requests, disable_tqdm=self._quiet(disable_tqdm))
@@ -465,14 +534,14 @@ def _define():
                     log.warning("tempering scoring: %s; scoring with lm-eval's hf path instead", why)
             return parts if self._fast else None
 
-        def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):
-            if not requests:
-                return []
-            parts = self._fast_parts()
+        def _score(self, requests, parts, amp: bool = True, pbar=None, override_bs=None) -> tuple[list, int]:
+            """[(logprob, is_greedy)] per request, and the packed rows used: the packed path where it
+            applies (``parts``), HFLM's own code elsewhere; ``amp=False``: float32, no autocast."""
             if parts is None:
-                self.stats.fallback_requests += len(requests)
-                return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
-            started = time.perf_counter()
+                results = self._hf_scores(requests, amp, override_bs)
+                if pbar is not None:
+                    pbar.update(len(requests))
+                return results, 0
             limit = self._window_limit()
             fast, slow = [], []
             for i, (_, ctx, cont) in enumerate(requests):
@@ -480,28 +549,84 @@ def _define():
                     slow.append(i)
                 else:
                     fast.append(i)
-            truncated = sum(len(ctx) + len(cont) > self.max_length + 1 for _, ctx, cont in requests)
-            if truncated:
-                log.warning("tempering scoring: %d request(s) longer than max_length %d: context cut from the left",
-                            truncated, self.max_length)
             rows = pack([(requests[i][1], requests[i][2]) for i in fast], self.max_length,
                         max(self.batch_tokens, 1))
             results: list = [None] * len(requests)
-            pbar = tqdm(total=len(requests), disable=self._quiet(disable_tqdm), desc="Scoring (tempering)")
-            for k, res in enumerate(self._score_rows(rows, parts, len(fast), pbar)):
+            for k, res in enumerate(self._score_rows(rows, parts, len(fast), pbar, amp=amp)):
                 results[fast[k]] = res
             if slow:
-                self.stats.fallback_requests += len(slow)
-                for i, res in zip(slow, super()._loglikelihood_tokens([requests[i] for i in slow],
-                                                                      disable_tqdm=True)):
+                self.stats.fallback_requests += len(slow) if amp else 0  # counted once, not when re-scored
+                for i, res in zip(slow, self._hf_scores([requests[i] for i in slow], amp)):
                     results[i] = res
-                pbar.update(len(slow))
+                if pbar is not None:
+                    pbar.update(len(slow))
+            return results, len(rows)
+
+        def _hf_scores(self, requests, amp: bool = True, override_bs=None) -> list:
+            """HFLM's own scoring, under this model's autocast or (``amp=False``) in float32."""
+            saved = self.mixed_precision_dtype
+            try:
+                if not amp:
+                    self.mixed_precision_dtype = None
+                return super()._loglikelihood_tokens(requests, disable_tqdm=True, override_bs=override_bs)
+            finally:
+                self.mixed_precision_dtype = saved
+
+        def _near_ties(self, requests, results, items) -> list[int]:
+            """Indices of the requests whose item is at a near-tie (:func:`near_tie`) under
+            ``rescore_tolerance``: every request of such an item, in request order. Items are
+            lm-eval's documents where known (``items``), else requests with the same context."""
+            groups: dict = {}
+            for i, (strings, ctx, _) in enumerate(requests):
+                key = items[i] if items is not None and items[i] is not None else ("context", tuple(ctx))
+                groups.setdefault(key, []).append(i)
+            redo = []
+            for members in groups.values():
+                lengths = [choice_lengths(requests[i][0][1] if requests[i][0] else None) for i in members]
+                if near_tie([results[i][0] for i in members], lengths, self.rescore_tolerance):
+                    redo += members
+                    self.stats.rescored_groups += 1
+            return sorted(redo)
+
+        def _rescoring(self) -> bool:
+            """Re-score near-ties: only when the first pass ran under autocast on float32 weights."""
+            return (self.rescore_tolerance > 0 and self.mixed_precision_dtype is not None
+                    and self.model.dtype == torch.float32 and not self._rolling)
+
+        def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):
+            items, self._items = self._items, None  # this call's only (not a nested one's)
+            if items is not None and len(items) != len(requests):
+                items = None
+            if not requests:
+                return []
+            parts = self._fast_parts()
+            started = time.perf_counter()
+            if parts is None:
+                self.stats.fallback_requests += len(requests)
+                if not self._rescoring():
+                    return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm,
+                                                         override_bs=override_bs)
+            truncated = sum(len(ctx) + len(cont) > self.max_length + 1 for _, ctx, cont in requests)
+            if truncated and parts is not None:
+                log.warning("tempering scoring: %d request(s) longer than max_length %d: context cut from the left",
+                            truncated, self.max_length)
+            pbar = tqdm(total=len(requests), disable=self._quiet(disable_tqdm), desc="Scoring (tempering)")
+            results, rows = self._score(requests, parts, pbar=pbar, override_bs=override_bs)
             pbar.close()
+            if self._rescoring():
+                redo = self._near_ties(requests, results, items)
+                if redo:
+                    t = time.perf_counter()
+                    exact, _ = self._score([requests[i] for i in redo], parts, amp=False)
+                    for i, res in zip(redo, exact):
+                        results[i] = res
+                    self.stats.rescored_requests += len(redo)
+                    self.stats.rescore_seconds += time.perf_counter() - t
             for (request_str, _, _), answer in zip(requests, results):
                 if request_str is not None:
                     self.cache_hook.add_partial("loglikelihood", request_str, answer)
             self.stats.requests += len(requests)
-            self.stats.rows += len(rows)
+            self.stats.rows += rows
             self.stats.seconds += time.perf_counter() - started
             return results
 

@@ -32,10 +32,16 @@ REAL_FP32_TOL = 1e-3
 #   tempering bf16: 98.8% kept, mean |error| 0.071 (the LM head's top logits redone in float32)
 #   tempering bf16 vs hf bf16: 98.2% of decisions alike, mean |diff| 0.091, max 0.72.
 # So 99.5% decision agreement with hf's bf16 is out of reach for any scorer, exact ones included;
-# it is required where it means something: float32 vs float32 (all decisions equal).
+# it is required where it means something: float32 vs float32 (all decisions equal). (Those
+# tempering figures are its bf16 alone; with near-ties re-scored in float32 it kept 600 of 600
+# float32 decisions on the bench's 600 items: bench/results-eval-parity.json.)
 BF16_MAX = 1.0  # largest |difference| of one request's log-likelihood (observed 0.72)
 BF16_MEAN = 0.25  # mean |difference| over a benchmark's requests (observed <= 0.16, HellaSwag)
 BF16_AGREEMENT = 0.97  # items decided alike (argmax, acc, acc_norm), bf16 vs bf16 (observed 0.98)
+# Items decided as float32 decides them, tempering in bf16 with near-ties re-scored in float32
+# (evaluate.rescore_tolerance's default): every one, as long as no request's bf16 error passes the
+# tolerance; the issue's 99.5% is the floor.
+RESCORED_AGREEMENT = 0.995
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -296,6 +302,133 @@ def test_progress_bar_for_people_quiet_in_ci(tiny, monkeypatch, capsys):
     assert "Scoring (tempering)" in capsys.readouterr().err
 
 
+# ----------------------------------------------------------------------------- near-ties in float32
+
+
+# The tiny model's bf16 error per request is <= 0.003 nats (observed), so this tolerance covers it.
+TINY_TOL = 0.05
+
+
+def test_near_tie_rule_raw_and_length_normalised():
+    near_tie = scoring.near_tie
+    # raw: safe iff best - tol > every other + tol, i.e. a margin above 2 x tolerance
+    assert not near_tie([-1.0, -2.1], [], 0.5) and near_tie([-1.0, -1.9], [], 0.5)
+    assert near_tie([-1.0, -2.0], [], 0.5)  # touching intervals count as a tie
+    assert not near_tie([-1.0, -1.0001], [], 0.0)  # 0 = off, even at a near-exact tie
+    assert not near_tie([-1.0], [[1.0]], 1e9)  # one choice: nothing to decide
+    # raw margin 4 >> 2 x 0.5, but per character -5/10 vs -9/18 is a tie: acc_norm could flip
+    assert near_tie([-5.0, -9.0], [[10.0], [18.0]], 0.5)
+    assert not near_tie([-5.0, -9.0], [[10.0], [9.0]], 0.5)  # -0.5 vs -1.0 per character: safe
+    # every normalisation is checked: here only the second one (bytes) is at a tie
+    assert near_tie([-5.0, -9.0], [[10.0, 10.0], [9.0, 18.0]], 0.5)
+    assert scoring.choice_lengths(" héllo") == [6.0, 5.0, 7.0, 6.0]  # chars, bare chars, bytes, bare bytes
+    assert scoring.choice_lengths("") == [1.0] * 4 and scoring.choice_lengths(None) == []
+
+
+def test_items_are_lm_eval_documents_else_shared_contexts(tiny):
+    """The near-tie check groups requests by lm-eval's (task, doc_id) where known: two documents
+    with the same context are two items; without documents, requests sharing a context are one."""
+    _, model, tok = tiny
+    lm = tempering_lm(model, tok, rescore_tolerance=0.5)
+    ctx = [5, 6, 7]
+    reqs = [((None, None), ctx, [8]), ((None, None), ctx, [9]), ((None, None), ctx, [10]), ((None, None), [4], [8])]
+    results = [(-1.0, False), (-3.0, False), (-1.2, False), (-1.1, False)]
+    # one item {0, 1, 2} (0 and 2 tie); [4] alone is never a tie
+    assert lm._near_ties(reqs, results, None) == [0, 1, 2]
+    # documents: {0, 1} is decided (margin 2), {2, 3} ties (though their contexts differ)
+    assert lm._near_ties(reqs, results, [("t", 0), ("t", 0), ("t", 1), ("t", 1)]) == [2, 3]
+    assert lm.stats.rescored_groups == 2
+
+
+def near_tie_requests(model, tok, n: int = 24):
+    """Requests whose choices are one-token answers at (near-)tied float32 log-likelihoods, four per
+    context (adjacent in the model's own ranking); every fourth context is a clear case instead
+    (the best and the worst token). Returns (requests, group sizes)."""
+    import torch
+
+    rnd = random.Random(0)
+    vocab = len(tok)
+    reqs, groups = [], []
+    for g in range(n):
+        ctx = [rnd.randrange(3, vocab) for _ in range(rnd.randrange(4, 30))]
+        with torch.no_grad():
+            order = model(torch.tensor([ctx])).logits[0, -1].argsort().tolist()
+        mid = rnd.randrange(50, vocab - 50)
+        tokens = order[mid:mid + 4] if g % 4 else [order[-1], order[0]]
+        groups.append(len(tokens))
+        reqs += [((None, None), ctx, [t]) for t in tokens]
+    return reqs, groups
+
+
+def argmaxes(results, groups) -> list[int]:
+    out, k = [], 0
+    for n in groups:
+        lls = [r[0] for r in results[k:k + n]]
+        out.append(max(range(n), key=lls.__getitem__))
+        k += n
+    return out
+
+
+def test_bf16_near_ties_are_rescored_and_decide_as_hf_float32(tiny):
+    """bf16 rounding flips near-tied decisions (tolerance 0: nothing re-scored, some decisions
+    differ from hf's float32); with a tolerance above bf16's error, exactly the near-tied items are
+    scored again in float32 and every decision is hf float32's."""
+    import torch
+
+    _, model, tok = tiny
+    reqs, groups = near_tie_requests(model, tok)
+    want = hf_lm(model, tok)._loglikelihood_tokens(reqs, disable_tqdm=True)
+    plain = tempering_lm(model, tok, mixed_precision_dtype=torch.bfloat16, rescore_tolerance=0)
+    bf16 = plain._loglikelihood_tokens(reqs, disable_tqdm=True)
+    assert plain.stats.rescored_requests == plain.stats.rescored_groups == 0
+    flipped = sum(a != b for a, b in zip(argmaxes(bf16, groups), argmaxes(want, groups)))
+    assert flipped >= 1  # the case exists: bf16 alone decides some of these items differently
+    assert_same(bf16, want, tol=TINY_TOL)
+
+    lm = tempering_lm(model, tok, mixed_precision_dtype=torch.bfloat16, rescore_tolerance=TINY_TOL)
+    got = lm._loglikelihood_tokens(reqs, disable_tqdm=True)
+    assert argmaxes(got, groups) == argmaxes(want, groups)
+    clear = sum(groups[g] for g in range(0, len(groups), 4))
+    assert lm.stats.rescored_groups == len(groups) - len(range(0, len(groups), 4))  # the near-ties only
+    assert lm.stats.rescored_requests == len(reqs) - clear and lm.stats.rescore_seconds > 0
+    k = 0
+    for g, n in enumerate(groups):
+        for i in range(k, k + n):
+            if g % 4:  # re-scored: float32, hf's up to summation order
+                assert abs(got[i][0] - want[i][0]) <= FP32_TOL and got[i][1] == want[i][1], (i, got[i], want[i])
+            else:  # decided: the bf16 result as it was
+                assert got[i] == bf16[i]
+        k += n
+
+
+def test_rescored_results_are_exactly_the_float32_scorer(tiny):
+    """Every item re-scored (a huge tolerance): the results ARE the float32 scorer's, bit for bit;
+    single requests (nothing to decide) and rolling windows are never re-scored."""
+    import torch
+
+    from lm_eval.api.instance import Instance
+
+    _, model, tok = tiny
+    reqs, groups = near_tie_requests(model, tok, n=8)
+    exact = tempering_lm(model, tok)._loglikelihood_tokens(reqs, disable_tqdm=True)
+    lm = tempering_lm(model, tok, mixed_precision_dtype=torch.bfloat16, rescore_tolerance=1e9)
+    assert lm._loglikelihood_tokens(reqs, disable_tqdm=True) == exact
+    assert lm.stats.rescored_groups == len(groups) and lm.stats.rescored_requests == len(reqs)
+    # through lm-eval's entry point, items are its documents, not contexts: here two documents
+    # share a context, and the second (one choice) has nothing to decide
+    pairs = [("What is 1 plus 2?\nAnswer:", c) for c in (" 3", " 4", " the lazy dog")]
+    docs = [Instance("loglikelihood", {}, p, i, ("t", int(i == 2), 1)) for i, p in enumerate(pairs)]
+    lm = tempering_lm(model, tok, mixed_precision_dtype=torch.bfloat16, rescore_tolerance=1e9)
+    got = lm.loglikelihood(docs, disable_tqdm=True)
+    assert got[:2] == tempering_lm(model, tok).loglikelihood(docs[:2], disable_tqdm=True)
+    bf16 = tempering_lm(model, tok, mixed_precision_dtype=torch.bfloat16, rescore_tolerance=0)
+    assert got[2] == bf16.loglikelihood(docs, disable_tqdm=True)[2]
+    assert lm.stats.rescored_groups == 1 and lm.stats.rescored_requests == 2
+    rolling = [Instance("loglikelihood_rolling", {}, (t,), i) for i, t in enumerate(["the quick brown fox " * 3, "hi"])]
+    lm.loglikelihood_rolling(rolling, disable_tqdm=True)
+    assert lm.stats.rescored_requests == 2
+
+
 # ----------------------------------------------------------------------------- through evaluate
 
 
@@ -354,8 +487,21 @@ def test_backend_and_token_budget_are_part_of_the_scoring_key(tmp_path):
     items = write_items(tmp_path / "items.jsonl", 3)
     info = bundle(evaluate_cfg(tmp_path, items))
     keys = [scoring_key(evaluate_cfg(tmp_path, items, **change), info, "m")
-            for change in ({"backend": "tempering"}, {"backend": "hf"}, {"batch_tokens": 512})]
-    assert len({json.dumps(k, sort_keys=True) for k in keys}) == 3
+            for change in ({"backend": "tempering"}, {"backend": "hf"}, {"batch_tokens": 512},
+                           {"rescore_tolerance": 0.0})]
+    assert len({json.dumps(k, sort_keys=True) for k in keys}) == 4
+
+
+def test_evaluate_passes_the_rescore_tolerance(tiny, tmp_path):
+    from tasks.evaluate import scoring_lm
+
+    _, model, tok = tiny
+    items = write_items(tmp_path / "items.jsonl", 3)
+    assert scoring_lm(model, tok, evaluate_cfg(tmp_path, items, rescore_tolerance=0.25)).rescore_tolerance == 0.25
+    from tempering.config import ParamsError
+
+    with pytest.raises(ParamsError, match="rescore_tolerance"):
+        evaluate_cfg(tmp_path, items, rescore_tolerance=-1)
 
 
 # ----------------------------------------------------------------------------- the real model
@@ -431,8 +577,9 @@ def test_real_model_parity_on_every_shipped_benchmark(smollm2, tmp_path):
     float32, tempering vs hf: every decision (argmax, acc, acc_norm) the same, every request within
     REAL_FP32_TOL. bf16 autocast, tempering vs hf: every request within BF16_MAX, each benchmark's
     mean within BF16_MEAN, >= BF16_AGREEMENT of the items decided alike; and measured against the
-    exact (float32) scores, tempering's bf16 is at least as accurate as hf's: as many decisions
-    kept (one item of slack) and no larger a mean error."""
+    exact (float32) scores: tempering's bf16 with its float32 re-scoring of near-ties keeps
+    >= RESCORED_AGREEMENT of the decisions, and is at least as accurate as hf's bf16 (as many
+    decisions kept, no larger a mean error)."""
     import torch
 
     from tempering.train.precision import physical_cores
@@ -472,7 +619,6 @@ def _real_parity(model, tok, tmp_path, n: int) -> None:
     for name, r in pair.items():
         assert r["max_diff"] <= BF16_MAX and r["mean_diff"] <= BF16_MEAN, (name, r)
     assert overall(pair)[0] >= BF16_AGREEMENT, pair
-    items = sum(r["items"] for r in pair.values())
     tl_kept, tl_err = overall(reports["tempering bf16 vs exact"])
     hf_kept, hf_err = overall(reports["hf bf16 vs exact"])
-    assert tl_kept >= hf_kept - 1 / items and tl_err <= hf_err, reports
+    assert tl_kept >= RESCORED_AGREEMENT and tl_kept >= hf_kept and tl_err <= hf_err, reports
