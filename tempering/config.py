@@ -535,7 +535,7 @@ class EvaluateParams(_Section):
     # within it. Larger: more items re-scored (slower), a bound that holds for rarer errors too;
     # smaller: faster, and errors past it can flip a near-tie. 0 = off (bf16 decisions as they are).
     # The default is measured (docs/evaluation.md, "Parity"); params.yaml sets it.
-    rescore_tolerance: float = Field(0.3, ge=0.0)
+    rescore_tolerance: float = Field(0.15, ge=0.0)
     # Context length for scoring (null = the model's own). Longer items are cut from the left.
     max_length: int | None = Field(None, ge=8)
     # auto: bf16 autocast where the hardware has it (AVX512-BF16 CPUs, bf16 GPUs): ~3x faster

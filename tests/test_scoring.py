@@ -493,7 +493,7 @@ def test_backend_and_token_budget_are_part_of_the_scoring_key(tmp_path):
 
 
 def test_evaluate_passes_the_rescore_tolerance(tiny, tmp_path):
-    from tasks.evaluate import scoring_lm
+    from tempering.scorecard import scoring_lm
 
     _, model, tok = tiny
     items = write_items(tmp_path / "items.jsonl", 3)
