@@ -229,8 +229,13 @@ def test_refresh_two_snapshots_on_the_tiny_model(tiny_project: Path, tmp_path: P
     assert [s for s in ("validate", "dedup", "dpo", "export", "evaluate", "gate", "promote")
             if stages[s] != "ran"] == []
     assert first["promoted"] is True, first["reasons"]
-    production = json.loads((root / "metrics/promote.json").read_text())["version"]
+    promoted_1 = json.loads((root / "metrics/promote.json").read_text())
+    production = promoted_1["version"]
     assert production == first["version"]
+    # The snapshot holds the same pairs as before, so DPO retrained to the same weights: a model's
+    # hash is its weights, config and tokenizer (not its folder or model card), so promote points
+    # the alias at the version the project's first run registered instead of storing a copy.
+    assert promoted_1["reused_version"] is True, promoted_1
     kept_1 = {r["id"]: r for r in map(json.loads, (root / "data/clean/preference.jsonl").read_text().splitlines())}
     remote = root.parent / "tempering-remote"
     objects_1 = _remote_objects(remote)
@@ -256,18 +261,17 @@ def test_refresh_two_snapshots_on_the_tiny_model(tiny_project: Path, tmp_path: P
     assert len(new_rows) == 4 and {q["duplicate_of"] for q in new_rows} == {r["id"] for r in from_snapshot}, new_rows
     kept_2 = {r["id"] for r in map(json.loads, (root / "data/clean/preference.jsonl").read_text().splitlines())}
     assert kept_2 == set(kept_1)
-    # only what changed re-ran: data checks, and evaluate because the first refresh promoted a new
-    # champion (its scores come from the registry and the cache: nothing is scored again); no
-    # training or export
+    # only what changed re-ran: data checks; not evaluate, because the champion did not change
+    # (the first refresh re-used the production version: same weights); no training or export
     ran = {s for s, v in second["stages"].items() if v == "ran"}
-    assert {"validate", "dedup", "champion", "evaluate", "gate", "promote"} <= ran, second["stages"]
-    assert not ran & {"base_model", "make_data", "cpt", "sft", "dpo", "export"}, second["stages"]
+    assert {"validate", "dedup", "champion", "gate", "promote"} <= ran, second["stages"]
+    assert not ran & {"base_model", "make_data", "cpt", "sft", "dpo", "export", "evaluate"}, second["stages"]
     evaluation = json.loads((root / "metrics/evaluate.json").read_text())
     assert evaluation["models"]["production"]["version"] == production
     assert evaluation["models"]["production"]["cache"] == "registry"
     assert evaluation["models"]["candidate"]["cache"] == evaluation["models"]["base"]["cache"] == "hit"
     changed = set(second["changed_in_lock"])
-    assert {"validate", "dedup", "evaluate", "gate"} <= changed and not changed & {"cpt", "sft", "dpo", "export"}
+    assert {"validate", "dedup", "gate"} <= changed and not changed & {"cpt", "sft", "dpo", "export", "evaluate"}
     # refused by the gate: production did not move, the reason is recorded
     assert second["promoted"] is False and any("required 1.000" in r for r in second["reasons"]), second["reasons"]
     aliases = next((root / "registry").rglob("aliases.json"))
