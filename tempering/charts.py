@@ -145,17 +145,38 @@ def line_chart(points: list[dict], *, title: str, width: int = 560, height: int 
     return Markup("".join(parts))
 
 
+# One colour per curve of a multi-curve frontier (the replay sweep), in the order given.
+CURVE_COLORS = ("#2563eb", "#d97706", "#059669", "#7c3aed", "#db2777", "#0891b2")
+
+
 def frontier(points: list[dict], chosen: float | None, *, kl_limit: float | None = None,
              gate_point: tuple[float, float] | None = None, width: int = 560, height: int = 260) -> Markup:
     """The learn / forget curve of the interpolation sweep: dev KL from the base (x) against dev
     domain gain (y), one point per alpha joined in alpha order, the kept one ringed, the gate's KL
     limit dashed, and (when evaluated) the kept model's gate-set numbers as a square."""
-    pts = [(float(p["kl"]), float(p["gain"]), float(p["alpha"])) for p in points]
+    title = "Interpolation sweep: dev domain gain against dev KL from the base, one point per alpha"
+    return frontiers([{"label": None, "points": points, "chosen": chosen}], kl_limit=kl_limit,
+                     gate_point=gate_point, title=title, width=width, height=height)
+
+
+def frontiers(curves: list[dict], *, kl_limit: float | None = None, gate_point: tuple[float, float] | None = None,
+              title: str = "Learn / forget frontiers: dev domain gain against dev KL from the base",
+              width: int = 560, height: int = 260) -> Markup:
+    """Several learn / forget curves on one pair of axes (the replay share x alpha sweep): each
+    curve ``{"label", "points": [{"alpha", "kl", "gain"}], "chosen"}`` in its own colour, its
+    points joined in alpha order and its kept alpha ringed; a legend when curves have labels."""
+    curves = [dict(c, pts=sorted(((float(p["kl"]), float(p["gain"]), float(p["alpha"])) for p in c["points"]),
+                                 key=lambda q: q[2]))
+              for c in curves if c.get("points")]
     ml, mr, mt, mb = 56, 16, 14, 40
-    w, h = width - ml - mr, height - mt - mb
-    xs = [x for x, _, _ in pts] + ([kl_limit] if kl_limit is not None else []) + \
+    labelled = [c for c in curves if c.get("label") is not None]
+    legend_h = 16 * len(labelled)
+    height += legend_h
+    w, h = width - ml - mr, height - mt - mb - legend_h
+    every = [q for c in curves for q in c["pts"]]
+    xs = [x for x, _, _ in every] + ([kl_limit] if kl_limit is not None else []) + \
         ([gate_point[0]] if gate_point else []) + [0.0]
-    ys = [y for _, y, _ in pts] + ([gate_point[1]] if gate_point else []) + [0.0]
+    ys = [y for _, y, _ in every] + ([gate_point[1]] if gate_point else []) + [0.0]
     x0, x1 = 0.0, max(xs) * 1.1 or 1.0
     y0, y1 = min(ys), max(ys)
     pad = (y1 - y0) * 0.1 or 0.05
@@ -167,23 +188,31 @@ def frontier(points: list[dict], chosen: float | None, *, kl_limit: float | None
     def sy(y: float) -> float:
         return mt + (1 - (y - y0) / (y1 - y0)) * h
 
-    title = "Interpolation sweep: dev domain gain against dev KL from the base, one point per alpha"
     parts = [svg_open("frontier-chart", title, width, height, title)] + y_grid(y0, y1, sy, ml, w)
     for t in ticks(x0, x1, 6):
         parts.append(f'<text class="tick" x="{sx(t):.1f}" y="{mt + h + 16}" text-anchor="middle">{t:g}</text>')
-    parts += axes(ml, mt, w, h, height, "dev KL(candidate ‖ base), nats/token", "dev domain gain")
+    parts += axes(ml, mt, w, h, height - legend_h, "dev KL(candidate ‖ base), nats/token", "dev domain gain")
     if kl_limit is not None:
         parts.append(f'<line class="threshold" x1="{sx(kl_limit):.1f}" x2="{sx(kl_limit):.1f}" y1="{mt}" '
                      f'y2="{mt + h}" stroke="#b91c1c" stroke-dasharray="4 3"><title>gate.max_kl {kl_limit:g}</title></line>')
-    ordered = sorted(pts, key=lambda p: p[2])
-    parts.append('<polyline class="curve" fill="none" stroke="#2563eb" stroke-width="2" points="'
-                 + " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y, _ in ordered) + '"/>')
-    for x, y, a in ordered:
-        kept = chosen is not None and abs(a - chosen) < 1e-12
-        parts.append(f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="{6 if kept else 3.5}" '
-                     f'fill="{"#ffffff" if kept else "#2563eb"}" stroke="#2563eb" stroke-width="2">'
-                     f"<title>alpha {a:g}: gain {y:+.3f}, KL {x:.3f}{' (kept)' if kept else ''}</title></circle>"
-                     f'<text class="tick" x="{sx(x) + 7:.1f}" y="{sy(y) - 7:.1f}">α {a:g}</text>')
+    for k, c in enumerate(curves):
+        color = CURVE_COLORS[k % len(CURVE_COLORS)]
+        name = f"{c['label']}: " if c.get("label") is not None else ""
+        chosen = c.get("chosen")
+        parts.append(f'<polyline class="curve" fill="none" stroke="{color}" stroke-width="2" points="'
+                     + " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y, _ in c["pts"]) + '"/>')
+        for x, y, a in c["pts"]:
+            kept = chosen is not None and abs(a - chosen) < 1e-12
+            parts.append(f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="{6 if kept else 3.5}" '
+                         f'fill="{"#ffffff" if kept else color}" stroke="{color}" stroke-width="2">'
+                         f"<title>{esc(name)}alpha {a:g}: gain {y:+.3f}, KL {x:.3f}{' (kept)' if kept else ''}</title></circle>")
+            if len(curves) == 1:
+                parts.append(f'<text class="tick" x="{sx(x) + 7:.1f}" y="{sy(y) - 7:.1f}">α {a:g}</text>')
+    for k, c in enumerate(labelled):
+        y = height - legend_h + 16 * k + 4
+        color = CURVE_COLORS[curves.index(c) % len(CURVE_COLORS)]
+        parts.append(f'<line x1="{ml}" x2="{ml + 18}" y1="{y:.1f}" y2="{y:.1f}" stroke="{color}" stroke-width="2"/>'
+                     f'<text class="tick" x="{ml + 24}" y="{y + 4:.1f}">{esc(c["label"])}</text>')
     if gate_point:
         gx, gy = gate_point
         parts.append(f'<rect x="{sx(gx) - 4:.1f}" y="{sy(gy) - 4:.1f}" width="8" height="8" fill="#059669">'

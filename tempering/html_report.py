@@ -8,7 +8,9 @@ dvclive TSVs under ``dvclive/<stage>/plots/metrics`` when a meta file has none),
 base vs candidate vs production with 95% intervals (``metrics/evaluate.json``), every gate check
 with its paired delta interval and reason (``metrics/gate.json``), the promotion
 (``metrics/promote.json``) and example generations (``models/export/meta.json`` ``samples``, plus
-``metrics/evaluate.json`` ``generations`` when the evaluate stage recorded some).
+``metrics/evaluate.json`` ``generations`` when the evaluate stage recorded some). The interpolation
+section also plots the project's replay share x alpha sweep (``bench/results-frontier.json``,
+written by ``bench/bench_frontier.py``) when that file is there.
 
 This module owns reading those inputs (each through its typed record, :mod:`tempering.records`)
 and deciding each section's status; the page itself is jinja2 templates with autoescape
@@ -26,9 +28,9 @@ import argparse
 import csv
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from markupsafe import Markup
 
@@ -41,6 +43,45 @@ TRAIN_STAGES = ("cpt", "sft", "dpo")
 
 
 # ----------------------------------------------------------------------------- inputs
+
+
+@dataclass(frozen=True)
+class FrontierRun(records.Record):
+    """One replay share of the sweep: the export stage's interpolation record for it. (The sweep's
+    records live here, not in :mod:`tempering.records`, because only the report reads them: every
+    stage depends on that module, and a change there would re-run the whole DAG.)"""
+
+    share: float = 0.0
+    interpolation: records.Interpolation | None = None
+    source: str = "experiment"   # "experiment" (dvc exp run) or "workspace" (the run already there)
+    seconds: float | None = None
+
+    @classmethod
+    def _read(cls, r: records._Reader) -> FrontierRun:
+        interp = r.get("interpolation", "dict", required=True)
+        return cls(r.data, share=r.get("share", "num", required=True),
+                   interpolation=records.Interpolation._read(r.child("interpolation", interp)),
+                   source=r.get("source", "str", default="experiment"), seconds=r.get("seconds", "num"))
+
+
+@dataclass(frozen=True)
+class FrontierSweep(records.Record):
+    """``bench/results-frontier.json`` (bench/bench_frontier.py): replay share x alpha, as DVC
+    experiments; where and when it was measured."""
+
+    FILE: ClassVar[str] = "bench/results-frontier.json"
+    runs: tuple[FrontierRun, ...] = ()
+    git_sha: str | None = None
+    date: str | None = None
+    params: dict = field(default_factory=dict)
+
+    @classmethod
+    def _read(cls, r: records._Reader) -> FrontierSweep:
+        runs = r.get("records", "list", required=True)
+        return cls(r.data, runs=tuple(FrontierRun._read(r.at("records", i, x)) for i, x in enumerate(runs)),
+                   git_sha=r.get("git_sha", "str"), date=r.get("date", "str"),
+                   params=r.get("params", "dict", default={}))
+
 
 
 @dataclass(frozen=True)
@@ -205,7 +246,10 @@ INPUTS = {"validate": ("metrics/validate.json", records.ValidateRecord),
           "evaluate": ("metrics/evaluate.json", records.EvaluateRecord),
           "gate": ("metrics/gate.json", records.GateRecord),
           "promote": ("metrics/promote.json", records.PromoteRecord),
-          "export_meta": ("models/export/meta.json", records.ExportMeta)}
+          "export_meta": ("models/export/meta.json", records.ExportMeta),
+          # the project's last replay share x alpha sweep (bench/bench_frontier.py): committed, so
+          # a clone's report shows the trade-off as measured on the default data
+          "frontier": (FrontierSweep.FILE, FrontierSweep)}
 
 
 def inputs(root: str | Path) -> dict[str, Loaded]:

@@ -97,3 +97,22 @@ def test_number_formatting():
     assert charts.fmt(0.5) == "0.500" and charts.fmt(0.5, signed=True) == "+0.500" and charts.fmt(-3, signed=True) == "-3"
     assert charts.fmt(1234.5) == "1,234.5" and charts.pct(0.0236) == "2.4%" and charts.pct(None) == "–"
     assert charts.ticks(0, 1) == [0, 0.2, 0.4, 0.6, 0.8, 1.0]
+
+
+def test_frontiers_draw_one_coloured_curve_per_share_with_a_legend():
+    from tempering import charts
+
+    curves = [{"label": "share <0>", "chosen": 0.5, "points": [{"alpha": 1, "kl": 1.0, "gain": 0.2},
+                                                               {"alpha": 0.5, "kl": 0.4, "gain": 0.1}]},
+              {"label": "share 0.2", "chosen": 1.0, "points": [{"alpha": 0.5, "kl": 0.2, "gain": 0.15},
+                                                               {"alpha": 1, "kl": 0.6, "gain": 0.3}]},
+              {"label": "empty", "chosen": None, "points": []}]
+    svg = str(charts.frontiers(curves, kl_limit=0.3))
+    assert svg.count('class="curve"') == 2 and svg.count("<circle") == 4 and svg.count('r="6"') == 2
+    colours = {c for c in charts.CURVE_COLORS[:2]}
+    assert all(f'stroke="{c}"' in svg for c in colours)
+    assert "share &lt;0&gt;" in svg and "<0>" not in svg        # labels are text, escaped
+    assert "gate.max_kl 0.3" in svg and ">empty<" not in svg     # a curve with no points is left out
+    assert "α 1" not in svg                                      # alpha labels only on a single curve
+    single = str(charts.frontier([{"alpha": 1, "kl": 1.0, "gain": 0.2}], 1.0))
+    assert "α 1" in single and single.count('class="curve"') == 1

@@ -571,3 +571,39 @@ if __name__ == "__main__":  # python tests/test_html_report.py OUT_DIR: write th
     out = Path(sys.argv[1])
     make_run(out)
     print(html_report.write(out, "reports/report.html"))
+
+
+def _sweep(shares=(0.0, 0.35)) -> dict:
+    """bench/results-frontier.json as bench/bench_frontier.py writes it (two shares, two alphas)."""
+    records = []
+    for share in shares:
+        points = [{"alpha": a, "domain_gain": round(0.4 * a + share / 10, 4), "within_limits": a < 1 or share > 0,
+                   "seconds": 10.0, "drift": {"kl": round(a * (1 - share), 4), "kl_upper": a, "perplexity_ratio": 1 + a,
+                                              "perplexity_ratio_upper": 1.1 + a}}
+                  for a in (1.0, 0.5)]
+        records.append({"share": share, "source": "experiment", "seconds": 600.0,
+                        "interpolation": {"points": points, "chosen": 1.0 if share else 0.5,
+                                          "limits": {"max_kl": 0.3, "max_perplexity_ratio": 1.2}}})
+    return {"git_sha": "0123456789abcdef", "date": "2026-12-05 20:00 UTC", "params": {"dpo.epochs": 1},
+            "records": records}
+
+
+def test_replay_sweep_is_plotted_one_curve_per_share(tmp_path):
+    """bench/results-frontier.json (the committed replay share x alpha sweep) becomes a chart with
+    one coloured curve and legend entry per share, its kept alpha ringed, and a table row per share;
+    without the file the block is absent, and a malformed file says so without breaking the section."""
+    root = make_run(tmp_path / "run")
+    assert "Replay share × alpha" not in _section(html_report.render(root, generated_at="T"), "interpolation")
+    _write(root, "bench/results-frontier.json", _sweep())
+    interp = _section(html_report.render(root, generated_at="T"), "interpolation")
+    block = interp.split("Replay share × alpha</h3>")[1]
+    assert block.count('class="curve"') == 2 and block.count("<circle") == 4 and block.count('r="6"') == 2
+    assert "replay share 0.35: alpha 1: gain +0.435, KL 0.650 (kept)" in block
+    assert ">replay share 0<" in block and ">replay share 0.35<" in block   # the legend
+    assert "commit <code>0123456789</code> on 2026-12-05 20:00 UTC" in block
+    assert block.count("<tr>") >= 3 and ">1 of 2<" in block and ">2 of 2<" in block
+    bad = _sweep()
+    del bad["records"][1]["share"]
+    _write(root, "bench/results-frontier.json", bad)
+    interp = _section(html_report.render(root, generated_at="T"), "interpolation")
+    assert "records[1].share: missing" in interp and 'class="curve"' in interp   # the run's own curve stays
