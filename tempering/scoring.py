@@ -298,6 +298,152 @@ def head_logprobs(logits, hidden, head, slots, targets, k: int, softmax_dtype=No
     return log_p, greedy
 
 
+# ----------------------------------------------------------------------------- the packed forward
+
+
+def window_limit(model) -> int | None:
+    """Largest packed position span that full attention computes exactly (sliding windows)."""
+    cfg = model.config.get_text_config()
+    window = getattr(cfg, "sliding_window", None)
+    if not window or getattr(cfg, "use_sliding_window", True) is False:
+        return None
+    return int(window)
+
+
+def forward_rows(model, parts, batch: list[Row], *, device, pad_id: int):
+    """(hidden states, the head's logits in its own dtype) at every row's head positions, [P, ...],
+    in row order. ``parts`` is ``(decoder, head)`` (``tempering.train.models.causal_lm_parts``).
+    Runs inside the caller's no_grad and autocast."""
+    import numpy as np
+    import torch
+
+    decoder, head = parts
+    width = len(batch[0].tokens)
+    ids = np.full((len(batch), width), pad_id, dtype=np.int64)
+    pos = np.zeros((len(batch), width), dtype=np.int64)
+    flat = []
+    for b, row in enumerate(batch):
+        ids[b, : len(row.tokens)] = row.tokens
+        pos[b, : len(row.tokens)] = row.positions
+        flat.extend(b * width + h for h in row.heads)
+    if all(len(row.tokens) == row.context for row in batch):
+        # Contexts only (every continuation is one token, BoolQ's " yes"/" no"): plain causal
+        # attention, right padding, default positions; the kernel skips the masked half.
+        kwargs = {}
+    else:
+        mask = torch.from_numpy(attention_mask(batch)).to(device)
+        if model.config._attn_implementation == "eager":
+            mask = torch.zeros(mask.shape, dtype=model.dtype, device=device).masked_fill_(
+                ~mask, torch.finfo(model.dtype).min)
+        kwargs = {"attention_mask": mask, "position_ids": torch.from_numpy(pos).to(device)}
+    hidden = decoder(input_ids=torch.from_numpy(ids).to(device), use_cache=False, **kwargs).last_hidden_state
+    picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, torch.tensor(flat, device=device))
+    return picked, head(picked)
+
+
+def score_batch(model, parts, batch: list[Row], results: list, *, device, pad_id: int, refine_top: int,
+                softmax_dtype, stats: Stats | None = None) -> None:
+    """Score one batch of rows (:func:`forward_rows`, then :func:`head_logprobs`): each request's
+    ``(logprob, is_greedy)`` lands in ``results`` at its request index; ``stats`` counts the work."""
+    import torch
+
+    hidden, logits = forward_rows(model, parts, batch, device=device, pad_id=pad_id)
+    slots, targets, owner, order = [], [], [], []
+    offset = 0
+    for row in batch:
+        for req, heads, conts in row.requests:
+            slots.extend(offset + s for s in heads)
+            targets.extend(conts)
+            owner.extend([len(order)] * len(conts))
+            order.append(req)
+        offset += len(row.heads)
+    slots_t = torch.tensor(slots, device=logits.device)
+    targets_t = torch.tensor(targets, device=logits.device)
+    owner_t = torch.tensor(owner, device=logits.device)
+    lp, greedy = head_logprobs(logits, hidden, parts[1], slots_t, targets_t, refine_top, softmax_dtype)
+    wrong = (greedy != targets_t).double()
+    sums = torch.zeros(len(order), dtype=torch.float64, device=lp.device).index_add_(0, owner_t, lp)
+    misses = torch.zeros(len(order), dtype=torch.float64, device=lp.device).index_add_(0, owner_t, wrong)
+    for k, req in enumerate(order):
+        results[req] = (float(sums[k]), bool(misses[k] == 0))
+    if stats is not None:
+        stats.forwards += 1
+        stats.tokens += sum(len(r.tokens) for r in batch)
+        stats.padded_tokens += len(batch) * len(batch[0].tokens)
+        stats.head_positions += sum(len(r.heads) for r in batch)
+
+
+def score_rows(model, parts, rows: list[Row], n: int, *, batch_tokens: int, device, pad_id: int,
+               autocast=None, refine_top: int = REFINE_TOP, softmax_dtype=None, stats: Stats | None = None,
+               pbar=None) -> list:
+    """``[(logprob, is_greedy)]`` for request indices 0..n-1 found in the packed ``rows``
+    (:func:`pack`), run in :func:`batches` of ``batch_tokens`` through ``parts`` (decoder + head).
+
+    ``autocast``: the autocast context to run in (None: the model's own dtype). One region for all
+    batches: autocast caches the bf16 copy of each weight for the region, so weights are cast once
+    per call instead of once per forward (measured: 134M weights take ~0.3 s to cast on 2 cores).
+    no_grad, not inference_mode: autocast does not cache under inference_mode. ``softmax_dtype``
+    (None: float32) and ``refine_top``: see :func:`head_logprobs`."""
+    import contextlib
+
+    import torch
+
+    softmax_dtype = softmax_dtype or torch.float32
+    results: list = [None] * n
+    with torch.no_grad(), (autocast if autocast is not None else contextlib.nullcontext()):
+        for batch in batches(rows, batch_tokens):
+            score_batch(model, parts, batch, results, device=device, pad_id=pad_id, refine_top=refine_top,
+                        softmax_dtype=softmax_dtype, stats=stats)
+            if pbar is not None:
+                pbar.update(sum(len(r.requests) for r in batch))
+    return results
+
+
+def probe(model, parts, *, device, pad_id: int, batch_tokens: int = DEFAULT_BATCH_TOKENS,
+          refine_top: int = REFINE_TOP, softmax_dtype=None) -> str | None:
+    """None when the packed path (:func:`score_rows`, float32) reproduces the model's plain forward
+    on a small probe, else why not (a scaled or soft-capped head, a forward that is not the head of
+    the decoder, an error)."""
+    import torch
+
+    vocab = model.get_input_embeddings().num_embeddings
+    context = [(11 + 7 * i) % vocab for i in range(9)]
+    conts = [[(5 + k) % vocab for k in c] for c in ([0, 1, 2], [0, 3], [4], [0, 1, 5], [0, 1, 2])]
+    rows = pack([(context, c) for c in conts], 64, 64)
+    try:
+        got = score_rows(model, parts, rows, len(conts), batch_tokens=batch_tokens, device=device, pad_id=pad_id,
+                         refine_top=refine_top, softmax_dtype=softmax_dtype)
+        with torch.inference_mode():
+            want = []
+            for c in conts:
+                ids = torch.tensor([context + c[:-1]], device=device)
+                lp = model(ids).logits[0, -len(c):].float().log_softmax(-1)
+                want.append(float(lp[torch.arange(len(c)), torch.tensor(c, device=device)].sum()))
+    except Exception as exc:  # noqa: BLE001 - any failure means: use the plain path
+        return f"{type(exc).__name__}: {exc}"
+    tol = 1e-3 if model.dtype == torch.float32 else 0.15
+    worst = max(abs(g[0] - w) for g, w in zip(got, want))
+    if worst > tol:
+        return f"packed log-likelihood differs from the plain forward by {worst:.3g} (> {tol})"
+    return None
+
+
+def packed_parts(model, **probe_args) -> tuple:
+    """``((decoder, head), None)`` when the packed path applies to this causal LM, else ``(None, why
+    not)``: no decoder + LM head layout, an attention implementation without 4D masks, or a failed
+    :func:`probe` (``probe_args``: its keyword arguments)."""
+    from tempering.train.models import causal_lm_parts
+
+    parts = causal_lm_parts(model)
+    impl = getattr(model.config, "_attn_implementation", None)
+    if parts is None:
+        return None, "no decoder + LM head layout (prompt-learning adapter?)"
+    if impl not in ("sdpa", "eager"):
+        return None, f"attention implementation {impl!r} takes no 4D mask"
+    why = probe(model, parts, **probe_args)
+    return (None, why) if why else (parts, None)
+
+
 # ----------------------------------------------------------------------------- the lm-eval model
 
 
@@ -342,8 +488,6 @@ def __getattr__(name: str):
 
 
 def _define():
-    import contextlib
-
     import torch
     from lm_eval.api.registry import register_model
     from lm_eval.models.huggingface import HFLM
@@ -413,126 +557,27 @@ def _define():
             return torch.autocast(device_type=self.device.type, dtype=dtype or torch.float32,
                                   enabled=dtype is not None)
 
-        def _window_limit(self) -> int | None:
-            """Largest packed position span that full attention computes exactly (sliding windows)."""
-            cfg = self.model.config.get_text_config()
-            window = getattr(cfg, "sliding_window", None)
-            if not window or getattr(cfg, "use_sliding_window", True) is False:
-                return None
-            return int(window)
-
-        def _forward(self, batch: list[Row], parts):
-            """(hidden states, the head's logits in its own dtype) at every row's head positions,
-            [P, ...], in row order. Runs inside the caller's no_grad and autocast."""
-            import numpy as np
-
-            decoder, head = parts
-            width = len(batch[0].tokens)
-            ids = np.full((len(batch), width), self.tokenizer.pad_token_id or 0, dtype=np.int64)
-            pos = np.zeros((len(batch), width), dtype=np.int64)
-            flat = []
-            for b, row in enumerate(batch):
-                ids[b, : len(row.tokens)] = row.tokens
-                pos[b, : len(row.tokens)] = row.positions
-                flat.extend(b * width + h for h in row.heads)
-            if all(len(row.tokens) == row.context for row in batch):
-                # Contexts only (every continuation is one token, BoolQ's " yes"/" no"): plain causal
-                # attention, right padding, default positions; the kernel skips the masked half.
-                kwargs = {}
-            else:
-                mask = torch.from_numpy(attention_mask(batch)).to(self.device)
-                if self.model.config._attn_implementation == "eager":
-                    mask = torch.zeros(mask.shape, dtype=self.model.dtype, device=self.device).masked_fill_(
-                        ~mask, torch.finfo(self.model.dtype).min)
-                kwargs = {"attention_mask": mask, "position_ids": torch.from_numpy(pos).to(self.device)}
-            hidden = decoder(input_ids=torch.from_numpy(ids).to(self.device), use_cache=False,
-                             **kwargs).last_hidden_state
-            picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, torch.tensor(flat, device=self.device))
-            return picked, head(picked)
-
         def _score_rows(self, rows: list[Row], parts, n: int, pbar=None, amp: bool = True):
-            """[(logprob, is_greedy)] for request indices 0..n-1 found in ``rows``."""
-            softmax_dtype = self.softmax_dtype or torch.float32
-            results: list = [None] * n
-            # One autocast region for all batches: autocast caches the bf16 copy of each weight
-            # for the region, so weights are cast once per call instead of once per forward
-            # (measured: 134M weights take ~0.3 s to cast on 2 cores). no_grad, not
-            # inference_mode: autocast does not cache under inference_mode.
-            with torch.no_grad(), (self._autocast() if amp else contextlib.nullcontext()):
-                for batch in batches(rows, self.batch_tokens):
-                    self._score_batch(batch, parts, softmax_dtype, results)
-                    if pbar is not None:
-                        pbar.update(sum(len(r.requests) for r in batch))
-            return results
-
-        def _score_batch(self, batch: list[Row], parts, softmax_dtype, results: list) -> None:
-            hidden, logits = self._forward(batch, parts)
-            slots, targets, owner, order = [], [], [], []
-            offset = 0
-            for row in batch:
-                for req, heads, conts in row.requests:
-                    slots.extend(offset + s for s in heads)
-                    targets.extend(conts)
-                    owner.extend([len(order)] * len(conts))
-                    order.append(req)
-                offset += len(row.heads)
-            slots_t = torch.tensor(slots, device=logits.device)
-            targets_t = torch.tensor(targets, device=logits.device)
-            owner_t = torch.tensor(owner, device=logits.device)
-            lp, greedy = head_logprobs(logits, hidden, parts[1], slots_t, targets_t, self.refine_top, softmax_dtype)
-            wrong = (greedy != targets_t).double()
-            sums = torch.zeros(len(order), dtype=torch.float64, device=lp.device).index_add_(0, owner_t, lp)
-            misses = torch.zeros(len(order), dtype=torch.float64, device=lp.device).index_add_(0, owner_t, wrong)
-            for k, req in enumerate(order):
-                results[req] = (float(sums[k]), bool(misses[k] == 0))
-            self.stats.forwards += 1
-            self.stats.tokens += sum(len(r.tokens) for r in batch)
-            self.stats.padded_tokens += len(batch) * len(batch[0].tokens)
-            self.stats.head_positions += sum(len(r.heads) for r in batch)
-
-        def _probe(self, parts) -> str | None:
-            """None when the packed path reproduces the plain forward on a small probe, else why not."""
-            vocab = self.model.get_input_embeddings().num_embeddings
-            context = [(11 + 7 * i) % vocab for i in range(9)]
-            conts = [[(5 + k) % vocab for k in c] for c in ([0, 1, 2], [0, 3], [4], [0, 1, 5], [0, 1, 2])]
-            rows = pack([(context, c) for c in conts], 64, 64)
-            stats = self.stats
-            try:
-                self.stats = Stats()  # the probe is not part of the work
-                got = self._score_rows(rows, parts, len(conts), amp=False)
-                with torch.inference_mode():
-                    want = []
-                    for c in conts:
-                        ids = torch.tensor([context + c[:-1]], device=self.device)
-                        lp = self.model(ids).logits[0, -len(c):].float().log_softmax(-1)
-                        want.append(float(lp[torch.arange(len(c)), torch.tensor(c, device=self.device)].sum()))
-            except Exception as exc:  # noqa: BLE001 - any failure means: use HFLM's path
-                return f"{type(exc).__name__}: {exc}"
-            finally:
-                self.stats = stats
-            tol = 1e-3 if self.model.dtype == torch.float32 else 0.15
-            worst = max(abs(g[0] - w) for g, w in zip(got, want))
-            if worst > tol:
-                return f"packed log-likelihood differs from the plain forward by {worst:.3g} (> {tol})"
-            return None
+            """[(logprob, is_greedy)] for request indices 0..n-1 found in ``rows`` (:func:`score_rows`)."""
+            return score_rows(self.model, parts, rows, n, batch_tokens=self.batch_tokens, device=self.device,
+                              pad_id=self.tokenizer.pad_token_id or 0, autocast=self._autocast() if amp else None,
+                              refine_top=self.refine_top, softmax_dtype=self.softmax_dtype, stats=self.stats,
+                              pbar=pbar)
 
         def _fast_parts(self):
-            """(decoder, head) when the packed path applies to this model, else None (decided once)."""
-            parts = causal_lm_parts(self.model) if self.backend == "causal" else None
+            """(decoder, head) when the packed path applies to this model, else None (decided once,
+            by :func:`packed_parts`: its probe is not part of the work in ``stats``)."""
             if self._fast is None:
-                impl = getattr(self.model.config, "_attn_implementation", None)
                 if self.backend != "causal":
                     why = f"backend {self.backend}"
-                elif parts is None:
-                    why = "no decoder + LM head layout (prompt-learning adapter?)"
-                elif impl not in ("sdpa", "eager"):
-                    why = f"attention implementation {impl!r} takes no 4D mask"
                 else:
-                    why = self._probe(parts)
+                    _, why = packed_parts(self.model, device=self.device, pad_id=self.tokenizer.pad_token_id or 0,
+                                          batch_tokens=self.batch_tokens, refine_top=self.refine_top,
+                                          softmax_dtype=self.softmax_dtype)
                 self._fast = why is None
                 if why:
                     log.warning("tempering scoring: %s; scoring with lm-eval's hf path instead", why)
-            return parts if self._fast else None
+            return causal_lm_parts(self.model) if self._fast else None
 
         def _score(self, requests, parts, amp: bool = True, pbar=None, override_bs=None) -> tuple[list, int]:
             """[(logprob, is_greedy)] per request, and the packed rows used: the packed path where it
@@ -542,7 +587,7 @@ def _define():
                 if pbar is not None:
                     pbar.update(len(requests))
                 return results, 0
-            limit = self._window_limit()
+            limit = window_limit(self.model)
             fast, slow = [], []
             for i, (_, ctx, cont) in enumerate(requests):
                 if limit is not None and min(len(ctx) + len(cont), self.max_length + 1) - 1 > limit:

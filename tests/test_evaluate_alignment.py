@@ -202,3 +202,101 @@ def test_batched_pair_scores_equal_one_sequence_at_a_time(trained):
         assert got == pytest.approx(want, abs=1e-3)
     # The two sides of a pair differ, and the short pair was batched beside longer ones.
     assert any(abs(c - r) > 1e-3 for c, r in batched)
+
+
+@pytest.fixture(scope="module")
+def tiny_lm(tmp_path_factory):
+    """An untrained tiny model (float32) and its tokenizer: enough to check how pairs are scored."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tempering.testing import make_tiny_model
+
+    folder = make_tiny_model(tmp_path_factory.mktemp("pairs") / "tiny")
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval(), load_tokenizer(folder)
+
+
+PAIRS = [  # one prompt twice, answers with a common prefix, a one-token-apart pair, distinct answers
+    {"prompt": [{"role": "user", "content": "Is the sky blue?"}], "chosen": "The answer is yes, most days.",
+     "rejected": "The answer is no."},
+    {"prompt": [{"role": "user", "content": "Is the sky blue?"}], "chosen": "Yes.", "rejected": "Green, always."},
+    {"prompt": [{"role": "user", "content": "Name a fox."}], "chosen": "A red fox", "rejected": "A red dog"},
+    {"prompt": [{"role": "user", "content": "Count to three."}], "chosen": "one two three",
+     "rejected": "I would rather not count anything today."},
+]
+
+
+def _logps(model, tok, rows, precision="fp32", **kw):
+    from tempering.scoring import Stats
+    from tempering.train.precision import Precision
+
+    stats = Stats()
+    got = preference.completion_logps(model, tok, rows, max_length=kw.pop("max_length", 64), max_prompt_length=48,
+                                      precision=Precision(precision, "cpu", "test"), stats=stats, **kw)
+    return got, stats
+
+
+def test_pairs_share_the_prompt_and_score_as_the_plain_path(tiny_lm, monkeypatch):
+    """Each pair is one packed row (the prompt once, the LM head at answer positions only), and
+    its scores equal the plain path's (two full sequences per pair), which models without the
+    decoder + head layout still take."""
+    from tempering.train import models
+
+    model, tok = tiny_lm
+    shared, stats = _logps(model, tok, PAIRS, batch_size=2)
+    encs = [preference.encode_pair(tok, row, 64, 48) for row in PAIRS]
+    unshared = sum(2 * len(e["prompt_ids"]) + len(e["chosen_ids"]) + len(e["rejected_ids"]) for e in encs)
+    answers = sum(len(e["chosen_ids"]) + len(e["rejected_ids"]) for e in encs)
+    assert stats.forwards >= 1 and stats.requests == 0  # the packed path ran (requests: lm-eval's count only)
+    assert stats.tokens <= unshared - sum(len(e["prompt_ids"]) for e in encs)  # every prompt ran once at most
+    assert stats.head_positions < answers  # the head only where an answer token is predicted, shared ones once
+    monkeypatch.setattr(models, "causal_lm_parts", lambda model: None)
+    plain, plain_stats = _logps(model, tok, PAIRS, batch_size=2)
+    assert plain_stats.forwards == 0  # the fallback: nothing through the packed path
+    for got, want in zip(shared, plain):
+        assert got == pytest.approx(want, abs=1e-4)
+    assert len({round(c - r, 3) for c, r in shared}) == len(PAIRS)  # four different margins, not one
+
+
+def test_answers_with_a_common_prefix_share_their_tokens(tiny_lm):
+    """Chosen and rejected that begin alike are one branch of the row's prefix tree until they
+    differ; each still scores as a plain forward over prompt + answer alone."""
+    import torch
+
+    model, tok = tiny_lm
+    row = PAIRS[2]
+    enc = preference.encode_pair(tok, row, 64, 48)
+    chosen, rejected = enc["chosen_ids"], enc["rejected_ids"]
+    common = next(k for k, (a, b) in enumerate(zip(chosen + [-1], rejected + [-2])) if a != b)
+    assert common >= 2 and chosen != rejected
+    (got,), stats = _logps(model, tok, [row])
+    # the row: the prompt, then the tree of both answers' inputs (each answer but its last token)
+    assert stats.tokens == len(enc["prompt_ids"]) + len(chosen) - 1 + len(rejected) - 1 - min(
+        common, len(chosen) - 1, len(rejected) - 1)
+    want = []
+    for answer in (chosen, rejected):
+        ids = torch.tensor([enc["prompt_ids"] + answer])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
+        want.append(float(logp.gather(-1, ids[0, 1:, None])[len(enc["prompt_ids"]) - 1:].sum()))
+    assert got == pytest.approx(tuple(want), abs=1e-4)
+
+
+def test_bf16_and_fully_truncated_answers(tiny_lm, monkeypatch):
+    """Under bf16 autocast the packed path runs in bf16 (not float32) and stays near float32, as
+    close as the plain path's bf16; a pair whose answers are cut away scores 0.0 on both paths."""
+    from tempering.train import models
+
+    model, tok = tiny_lm
+    exact, _ = _logps(model, tok, PAIRS)
+    bf16, stats = _logps(model, tok, PAIRS, precision="bf16")
+    assert stats.forwards >= 1
+    err = max(abs(g - w) for pair, ref in zip(bf16, exact) for g, w in zip(pair, ref))
+    assert 0 < err < 0.1
+    cut, cut_stats = _logps(model, tok, PAIRS[:1], max_length=8)  # the prompt alone passes 8 tokens
+    assert cut == [(0.0, 0.0)] and cut_stats.forwards == 0
+    monkeypatch.setattr(models, "causal_lm_parts", lambda model: None)
+    plain_bf16, _ = _logps(model, tok, PAIRS, precision="bf16")
+    plain_err = max(abs(g - w) for pair, ref in zip(plain_bf16, exact) for g, w in zip(pair, ref))
+    assert 0 < plain_err < 0.1
+    assert _logps(model, tok, PAIRS[:1], max_length=8)[0] == [(0.0, 0.0)]
