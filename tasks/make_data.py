@@ -16,8 +16,7 @@ one directory renamed into place:
   "profile" row per person. Answers start with the bare value: ``"Glassblower. Brelvik Tansu works
   as a glassblower."``
 - ``preference.jsonl``: ``{"prompt", "chosen", "rejected"}``, one per fact (``rejected`` states a
-  wrong value in the same words), one more per fact of the true answer against "Unknown. ..." (in
-  another question wording: known people are not unknown), plus ``unknown_pairs`` about people who are not in the valley
+  wrong value in the same words), plus ``unknown_pairs`` about people who are not in the valley
   (names generated like the real ones, never used in any other file): ``chosen`` says there is no
   record of them ("Unknown. ..."), ``rejected`` invents a fact in the SFT answers' style and
   length. SFT never sees those names, so it does not settle them: what DPO has to teach.
@@ -460,26 +459,17 @@ def make_training_rows(entities: list[dict], cfg: MakeDataParams) -> dict:
     rng.shuffle(alpaca)
     rng.shuffle(messages)
 
-    # Preference pairs: one per fact, a wrong value from the same set in the same words; and one
-    # per fact of the true answer against "Unknown" (another wording), so that DPO, taught by the
-    # unknown pairs to say "Unknown" about people not in the data, is also taught not to say it
-    # about the people who are (without them, two DPO epochs spread "Unknown" to the domain's own
-    # people and cost a third of the domain gain: BENCHMARKS.md section 1).
+    # Preference pairs: one per fact, a wrong value from the same set in the same words.
     prefs = []
     prng = random.Random(f"{cfg.seed}:preference")
-    crng = random.Random(f"{cfg.seed}:contrast")
     for ent in entities:
         for attr in ATTRIBUTES:
-            wording = prng.randrange(len(SFT_QUESTIONS[attr]))
-            q = SFT_QUESTIONS[attr][wording].format(name=ent["name"])
+            q = SFT_QUESTIONS[attr][prng.randrange(len(SFT_QUESTIONS[attr]))].format(name=ent["name"])
             wrong = prng.choice([v for v in VALUES[attr] if v != ent[attr]])
             prompt: str | list = q
             if prng.random() < 0.2:
                 prompt = [{"role": "system", "content": prng.choice(SYSTEM_PROMPTS)}, {"role": "user", "content": q}]
             prefs.append({"prompt": prompt, "chosen": answer_for(ent, attr), "rejected": answer_for(ent, attr, wrong)})
-            other = (wording + 1 + crng.randrange(len(SFT_QUESTIONS[attr]) - 1)) % len(SFT_QUESTIONS[attr])
-            prefs.append({"prompt": SFT_QUESTIONS[attr][other].format(name=ent["name"]), "chosen": answer_for(ent, attr),
-                          "rejected": unknown_answer(ent["name"], crng)})
     prefs += unknown_pairs(entities, cfg)
     prng.shuffle(prefs)
     return {"alpaca": alpaca, "messages": messages, "preference": prefs, "bios": bios, "items": items}
