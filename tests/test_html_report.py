@@ -602,6 +602,7 @@ def test_replay_sweep_is_plotted_one_curve_per_share(tmp_path):
     assert ">replay share 0<" in block and ">replay share 0.35<" in block   # the legend
     assert "commit <code>0123456789</code> on 2026-12-05 20:00 UTC" in block
     assert block.count("<tr>") >= 3 and ">1 of 2<" in block and ">2 of 2<" in block
+    assert "<code>dpo.epochs: 1</code>" in block   # the params the curves were measured with
     bad = _sweep()
     del bad["records"][1]["share"]
     _write(root, "bench/results-frontier.json", bad)
