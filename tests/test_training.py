@@ -396,6 +396,24 @@ def test_same_fingerprint_resumes_other_fingerprint_restarts(tiny, data, tmp_pat
     assert fp == json.loads((tmp_path / "sft" / "meta.json").read_text())["fingerprint"]
 
 
+def test_a_run_that_crashed_after_its_last_step_still_writes_its_curves(tiny, data, tmp_path):
+    """DVC removes a stage's outputs before it runs. A stage that crashed after training (say in
+    held-out scoring) resumes from its last checkpoint with nothing left to train: its dvclive
+    curves must still be there (DVC fails the stage on a missing output), logged again from the
+    checkpoint's trainer state."""
+    import shutil
+
+    p = make_params(sft={"max_steps": 4, "save_steps": 2, "logging_steps": 1})
+    run_sft(p, tiny, data, tmp_path)
+    loss = tmp_path / "live_sft/plots/metrics/train/loss.tsv"
+    first = loss.read_text().splitlines()
+    shutil.rmtree(tmp_path / "live_sft")   # what `dvc repro` does to the stage's outs
+    again = run_sft(p, tiny, data, tmp_path)
+    assert again["resumed_from"].endswith("checkpoint-4")
+    assert json.loads((tmp_path / "sft.json").read_text())["session_steps"] == 0
+    assert loss.read_text().splitlines() == first and len(first) == 1 + 4
+
+
 # ----------------------------------------------------------------------------- NaN guard
 
 

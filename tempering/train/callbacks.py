@@ -103,7 +103,13 @@ def nan_message(stage: str, step: int, checkpoints: str, what: str) -> str:
 
 
 class LiveCallback(TrainerCallback):
-    """Step-indexed training curves under ``<dir>/plots/metrics`` (what dvc.yaml's plots read)."""
+    """Step-indexed training curves under ``<dir>/plots/metrics`` (what dvc.yaml's plots read).
+
+    On a resume the curves up to the checkpoint are kept: trimmed to it when the folder is there,
+    and logged again from the checkpoint's trainer state when it is not (DVC removes a stage's
+    outputs before running it, so after a crash the folder is gone; a run that crashed after its
+    last step resumes with nothing left to train and would otherwise leave no curves, and DVC would
+    fail the stage on the missing output)."""
 
     def __init__(self, live_dir: str, resume_step: int | None):
         self.dir = Path(live_dir)
@@ -115,21 +121,26 @@ class LiveCallback(TrainerCallback):
             return
         from dvclive import Live
 
-        resume = self.resume_step is not None and self.dir.exists()
-        if resume:
+        kept = self.resume_step is not None and (self.dir / "plots" / "metrics").exists()
+        if kept:
             _trim_live(self.dir, self.resume_step)
-        self.live = Live(dir=str(self.dir), resume=resume, save_dvc_exp=False, dvcyaml=None,
-                         report=None)
+        self.live = Live(dir=str(self.dir), resume=kept, save_dvc_exp=False, dvcyaml=None, report=None)
+        if self.resume_step is not None and not kept:
+            for entry in state.log_history:  # the checkpoint's trainer state: every log up to it
+                if isinstance(entry.get("step"), int) and entry["step"] <= self.resume_step:
+                    self._log(entry, entry["step"])
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if self.live is None or not logs:
-            return
+        if self.live is not None and logs:
+            self._log(logs, state.global_step)
+
+    def _log(self, logs: dict, step: int) -> None:
         values = {k: float(v) for k, v in logs.items()
                   if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))
                   and k not in {"epoch", "total_flos", "step"} and not k.startswith("train_")}
         if not values:
             return
-        self.live.step = state.global_step
+        self.live.step = step
         for key, value in values.items():
             self.live.log_metric(f"train/{key}", value)
         self.live.make_summary()

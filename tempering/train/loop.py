@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tempering.io import atomic_path
-from tempering.train.callbacks import GuardCallback, Timing, setup_wandb
+from tempering.train.callbacks import GuardCallback, LiveCallback, Timing, setup_wandb
 from tempering.train.checkpoints import is_finished
 from tempering.train.models import trainable_parameters, weights_changed
 from tempering.train.precision import Precision
@@ -91,6 +91,10 @@ class TemperingTrainerMixin:
         else:
             self._load_from_checkpoint(str(checkpoint))
         self.guard.restored(self.state)
+        for cb in self.callback_handler.callbacks:  # curves as training would have written them
+            if isinstance(cb, LiveCallback):
+                cb.on_train_begin(self.args, self.state, self.control)
+                cb.on_train_end(self.args, self.state, self.control)
 
     def facts(self) -> TrainFacts:
         return TrainFacts(timing=self.guard.timing())
