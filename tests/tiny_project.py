@@ -18,7 +18,8 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-COPY = ["dvc.yaml", "params.yaml", "tasks", "tempering", "flows", "infra", "benchmarks", ".dvcignore"]
+COPY = ["dvc.yaml", "params.yaml", "tasks", "tempering", "flows", "infra", "benchmarks", ".dvcignore",
+        "bench/results-frontier.json"]  # the report stage plots the committed replay sweep
 
 # Small enough to run in about two minutes on 2 cores, large enough for every stage to do work.
 TINY_OVERRIDES = {
@@ -90,6 +91,7 @@ def build_tiny_project(root: Path, tiny_model_dir: Path, overrides: dict | None 
         if src.is_dir():
             shutil.copytree(src, root / name, ignore=shutil.ignore_patterns("__pycache__"))
         elif src.exists():
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, root / name)
     tiny = make_tiny_model(tiny_model_dir)
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
