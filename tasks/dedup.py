@@ -59,7 +59,7 @@ from tempering.benchmarks import decontamination_sets
 from tempering.cli import stage_main
 from tempering.config import Params
 from tempering.dedup import KINDS, DedupIndex, dedup_rows
-from tempering.io import atomic_path, dump_jsonl, read_jsonl, write_json, write_meta, write_text
+from tempering.io import atomic_path, dump_jsonl, provenance, read_jsonl, write_json, write_meta, write_text
 from tempering.records import DedupRecord, validated
 
 # The params.yaml sections (or single keys) this stage reads, the stage contract: dvc.yaml
@@ -116,7 +116,7 @@ def run(params: Params, data: str, out: str, quarantine: str, metrics: str,
                 dump_jsonl(kept[kind], fh)
         with open(tmp / sft_heldout.FILE, "w", encoding="utf-8") as fh:
             dump_jsonl(held, fh)
-        write_meta(tmp, stage="dedup", params=cfg, started=started,
+        write_meta(tmp, stage="dedup", params=cfg, started=started, reproducible=True,
                    inputs={"data": data, "benchmarks": {n: len(v) for n, v in benches.items()}},
                    extra={"counts": dict({k: len(v) for k, v in kept.items()}, sft_heldout=len(held)),
                           "sft_heldout": summary["sft_heldout"]})
@@ -127,6 +127,7 @@ def run(params: Params, data: str, out: str, quarantine: str, metrics: str,
         dedup_index.save()
     if report:
         write_text(report, render_report(summary))
+    summary["provenance"] = provenance(started)
     write_json(metrics, validated(DedupRecord, summary, metrics))
     return {"out": out, "read": summary["read"], "kept": summary["kept"],
             "exact_duplicate": summary["exact_duplicate"], "near_duplicate": summary["near_duplicate"],

@@ -747,7 +747,7 @@ def run(params: Params, out: str | None = None) -> dict:
     out = out or cfg.out
     with atomic_path(out) as tmp:
         manifest = write_generated(cfg, tmp)
-        write_meta(tmp, stage="make_data", params=cfg, inputs={}, started=started)
+        write_meta(tmp, stage="make_data", params=cfg, inputs={}, started=started, reproducible=True)
     return {"out": out, "counts": manifest["counts"], "dirty_rows": len(manifest["dirty"]),
             "wall_time_s": round(time.time() - started, 2)}
 

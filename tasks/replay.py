@@ -49,7 +49,7 @@ from tempering import TemperingError
 from tempering.cli import stage_main
 from tempering.config import Params, ReplayParams
 from tempering.io import (atomic_path, content_id, hash_path, read_json_or_none, read_jsonl, resolve_model_dir,
-                          write_json, write_jsonl, write_meta)
+                          provenance, write_json, write_jsonl, write_meta)
 
 # The params.yaml sections (or single keys) this stage reads, the stage contract: dvc.yaml
 # lists exactly these under its `params:` (tests/test_stage_contract.py). The two cpt keys decide
@@ -198,9 +198,11 @@ def run(params: Params, base: str, out: str, metrics: str | None = None) -> dict
             tmp.mkdir()
             write_jsonl(tmp / "sft.jsonl", [])
             write_jsonl(tmp / TEXT_FILE, [])
-            write_meta(tmp, stage="replay", params=meta_params, inputs={}, started=started, extra=summary)
+            write_meta(tmp, stage="replay", params=meta_params, inputs={}, started=started, extra=summary,
+                       reproducible=True)
         if metrics:
-            write_json(metrics, {**summary, "wall_time_s": round(time.time() - started, 2)})
+            write_json(metrics, {**summary, "wall_time_s": round(time.time() - started, 2),
+                                 "provenance": provenance(started)})
         return {"out": out, **summary}
 
     import torch
@@ -278,8 +280,12 @@ def run(params: Params, base: str, out: str, metrics: str | None = None) -> dict
         tmp.mkdir()
         write_jsonl(tmp / "sft.jsonl", rows)
         write_jsonl(tmp / TEXT_FILE, [{"id": f"text-{i + 1:05d}", **t} for i, t in enumerate(texts)])
-        write_meta(tmp, stage="replay", params=meta_params, started=started, inputs=inputs, extra=summary)
+        # The cache outcome (hit or miss) is the run's, not the data's: in --metrics only.
+        write_meta(tmp, stage="replay", params=meta_params, started=started, inputs=inputs, reproducible=True,
+                   extra={k: v for k, v in summary.items() if k != "cache"}
+                   | {"text": {k: v for k, v in text_summary.items() if k != "cache"}})
     summary["wall_time_s"] = round(time.time() - started, 2)
+    summary["provenance"] = provenance(started)
     if metrics:
         write_json(metrics, summary)
     return {"out": out, **summary}

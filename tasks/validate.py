@@ -63,7 +63,7 @@ from tempering.cli import stage_main
 from tempering.config import Params, ValidateParams
 from tempering.datacheck import FileSink, ListSink, check_sources, run_checks
 from tempering.filters import KINDS, PreferenceTokenFilter, SFTTokenFilter
-from tempering.io import atomic_path, write_json, write_meta, write_text
+from tempering.io import atomic_path, provenance, write_json, write_meta, write_text
 from tempering.records import ValidateRecord, validated
 
 # The params.yaml sections (or single keys) this stage reads, the stage contract: dvc.yaml
@@ -285,6 +285,7 @@ def run(params: Params, out: str, quarantine: str, report: str, metrics: str, to
 
             write_text(html, templating.render("data_validate.html.j2", metrics=summary, examples=examples,
                                                title="tempering data validation report"))
+        summary["provenance"] = provenance(started)
         write_json(metrics, validated(ValidateRecord, summary, metrics))
         if summary["failed_sources"]:
             worst = max(summary["failed_sources"], key=lambda p: summary["sources"][p]["reject_share"])
@@ -301,7 +302,7 @@ def run(params: Params, out: str, quarantine: str, report: str, metrics: str, to
         if summary["preference_tokens"].get("failed"):
             raise TemperingError(_preference_token_failure(summary["preference_tokens"], report))
         kept_by_kind = {k: sum(s["kept"] for s in summary["sources"].values() if s["kind"] == k) for k in KINDS}
-        write_meta(tmp, stage="validate", params=vp, started=started,
+        write_meta(tmp, stage="validate", params=vp, started=started, reproducible=True,
                    inputs={spec.path: spec.path for spec in vp.sources},
                    extra={"counts": kept_by_kind,
                           "sft_tokens": {"max_length": params.sft.max_length,

@@ -228,9 +228,22 @@ def library_versions(names: Iterable[str] = ("torch", "transformers", "peft", "t
     return out
 
 
+def provenance(started: float) -> dict:
+    """Where and when a stage ran: git SHA, command line, wall time, finish time (never the same
+    twice, so data stages keep it out of their outputs: :func:`write_meta` ``reproducible``)."""
+    return {"git_sha": git_sha(), "argv": sys.argv, "wall_time_s": round(time.time() - started, 2),
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
 def write_meta(out_dir: str | os.PathLike, *, stage: str, params: Any, inputs: dict[str, Any],
-               started: float, extra: dict | None = None) -> dict:
-    """Write ``meta.json`` beside a stage's output: resolved params, input hashes, git SHA, versions."""
+               started: float, extra: dict | None = None, reproducible: bool = False) -> dict:
+    """Write ``meta.json`` beside a stage's output: resolved params, input hashes, library versions
+    and, unless ``reproducible``, the run's :func:`provenance` (git SHA, command, times).
+
+    ``reproducible=True`` is for data stages: the same inputs then give a byte-identical folder, so
+    DVC sees an unchanged output when a code change re-runs the stage without changing its data,
+    and the training stages after it do not re-run. Their provenance goes to the stage's
+    ``--metrics`` instead; which code made the data is in ``dvc.lock`` (every dependency's md5)."""
     if hasattr(params, "model_dump"):
         params = params.model_dump(mode="json")
     meta = {
@@ -238,12 +251,10 @@ def write_meta(out_dir: str | os.PathLike, *, stage: str, params: Any, inputs: d
         "params": params,
         "inputs": {k: (hash_path(v) if isinstance(v, (str, Path)) and Path(v).exists() else v)
                    for k, v in inputs.items()},
-        "git_sha": git_sha(),
         "versions": library_versions(),
-        "argv": sys.argv,
-        "wall_time_s": round(time.time() - started, 2),
-        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+    if not reproducible:
+        meta.update(provenance(started))
     if extra:
         meta.update(extra)
     out_dir = Path(out_dir)

@@ -399,32 +399,88 @@ def score_rows(model, parts, rows: list[Row], n: int, *, batch_tokens: int, devi
     return results
 
 
-def probe(model, parts, *, device, pad_id: int, batch_tokens: int = DEFAULT_BATCH_TOKENS,
-          refine_top: int = REFINE_TOP, softmax_dtype=None) -> str | None:
-    """None when the packed path (:func:`score_rows`, float32) reproduces the model's plain forward
-    on a small probe, else why not (a scaled or soft-capped head, a forward that is not the head of
-    the decoder, an error)."""
+# The probe runs in float32 when the model's half-precision weights take at most this many bytes
+# (they are cast up in place for the probe and back after, exactly: every bf16/fp16 value is a
+# float32 value); larger models are probed in their own dtype with HALF_PROBE_TOLERANCE.
+FP32_PROBE_MAX_BYTES = 4 << 30
+# In float32 the packed and plain forwards agree to rounding (observed < 1e-5 nats).
+FP32_PROBE_TOLERANCE = 1e-3
+# In bf16 the probe's arbitrary tokens have log-probs of -10 to -25 nats each, and the two paths'
+# kernel shapes round differently: a trained 135M model in bf16 differs by up to ~0.5 nats over
+# the probe's tokens with nothing wrong, so a half-precision probe can only catch gross errors.
+HALF_PROBE_TOLERANCE = 0.15
+
+
+def _half_dtypes() -> tuple:
     import torch
 
-    vocab = model.get_input_embeddings().num_embeddings
-    context = [(11 + 7 * i) % vocab for i in range(9)]
-    conts = [[(5 + k) % vocab for k in c] for c in ([0, 1, 2], [0, 3], [4], [0, 1, 5], [0, 1, 2])]
-    rows = pack([(context, c) for c in conts], 64, 64)
+    return (torch.bfloat16, torch.float16)
+
+
+def _upcast_half(model, max_bytes: int) -> list | None:
+    """Cast ``model``'s bf16/fp16 parameters and buffers to float32 in place, for a probe; returns
+    what :func:`_restore` needs to cast them back, or None (nothing cast) when the model has
+    quantized weights (bitsandbytes: not plain floating tensors) or its half-precision tensors
+    take more than ``max_bytes``."""
+    import torch
+
+    tensors = [*model.parameters(), *model.buffers()]
+    if any(t.dtype in (torch.uint8, torch.int8) or type(t).__module__.startswith("bitsandbytes") for t in tensors):
+        return None
+    todo = [t for t in tensors if t.dtype in _half_dtypes()]
+    if not todo or sum(t.numel() * t.element_size() for t in todo) > max_bytes:
+        return None
+    saved = []
+    for t in todo:
+        saved.append((t, t.dtype))
+        t.data = t.data.float()
+    return saved
+
+
+def _restore(saved: list) -> None:
+    for t, dtype in saved:
+        t.data = t.data.to(dtype)
+
+
+def probe(model, parts, *, device, pad_id: int, batch_tokens: int = DEFAULT_BATCH_TOKENS,
+          refine_top: int = REFINE_TOP, softmax_dtype=None, fp32_max_bytes: int = FP32_PROBE_MAX_BYTES) -> str | None:
+    """None when the packed path (:func:`score_rows`) reproduces the model's plain forward on a
+    small probe, else why not (a scaled or soft-capped head, a forward that is not the head of
+    the decoder, an error).
+
+    The probe checks structure (masks, positions, which head), so it runs in float32, where the
+    two paths agree to rounding: a half-precision model (a DPO policy's frozen bf16 base) is cast
+    up for the probe and back after, bit for bit (:data:`FP32_PROBE_MAX_BYTES`). Otherwise bf16's
+    rounding on the probe's improbable tokens (up to ~0.5 nats on a trained model) would hide
+    a real difference of that size, or reject a model with nothing wrong."""
+    import torch
+
+    saved = _upcast_half(model, fp32_max_bytes)
     try:
-        got = score_rows(model, parts, rows, len(conts), batch_tokens=batch_tokens, device=device, pad_id=pad_id,
-                         refine_top=refine_top, softmax_dtype=softmax_dtype)
-        with torch.inference_mode():
-            want = []
-            for c in conts:
-                ids = torch.tensor([context + c[:-1]], device=device)
-                lp = model(ids).logits[0, -len(c):].float().log_softmax(-1)
-                want.append(float(lp[torch.arange(len(c)), torch.tensor(c, device=device)].sum()))
-    except Exception as exc:  # noqa: BLE001 - any failure means: use the plain path
-        return f"{type(exc).__name__}: {exc}"
-    tol = 1e-3 if model.dtype == torch.float32 else 0.15
+        vocab = model.get_input_embeddings().num_embeddings
+        context = [(11 + 7 * i) % vocab for i in range(9)]
+        conts = [[(5 + k) % vocab for k in c] for c in ([0, 1, 2], [0, 3], [4], [0, 1, 5], [0, 1, 2])]
+        rows = pack([(context, c) for c in conts], 64, 64)
+        try:
+            got = score_rows(model, parts, rows, len(conts), batch_tokens=batch_tokens, device=device, pad_id=pad_id,
+                             refine_top=refine_top, softmax_dtype=softmax_dtype)
+            with torch.inference_mode():
+                want = []
+                for c in conts:
+                    ids = torch.tensor([context + c[:-1]], device=device)
+                    lp = model(ids).logits[0, -len(c):].float().log_softmax(-1)
+                    want.append(float(lp[torch.arange(len(c)), torch.tensor(c, device=device)].sum()))
+        except Exception as exc:  # noqa: BLE001 - any failure means: use the plain path
+            return f"{type(exc).__name__}: {exc}"
+        fp32 = saved is not None or not any(t.dtype in _half_dtypes() for t in model.parameters())
+    finally:
+        if saved is not None:
+            _restore(saved)
+    tol = FP32_PROBE_TOLERANCE if fp32 else HALF_PROBE_TOLERANCE
     worst = max(abs(g[0] - w) for g, w in zip(got, want))
     if worst > tol:
-        return f"packed log-likelihood differs from the plain forward by {worst:.3g} (> {tol})"
+        return (f"packed log-likelihood differs from the plain forward by {worst:.3g} (> {tol}, "
+                f"{'float32' if fp32 else 'half precision'})")
     return None
 
 

@@ -47,6 +47,39 @@ def pipeline(tmp_path_factory) -> dict:
     return {"root": root, "gen": gen, "summary": summary}
 
 
+def _folder_bytes(folder: Path) -> dict:
+    return {str(f.relative_to(folder)): f.read_bytes() for f in sorted(folder.rglob("*")) if f.is_file()}
+
+
+def test_data_stages_rerun_to_byte_identical_folders(pipeline, tmp_path, monkeypatch):
+    """make_data, validate and dedup re-run on the same inputs (later, from another commit) write
+    the same bytes, meta.json included, so DVC sees unchanged outputs and training does not re-run
+    after a code change that leaves the data alone; the run's git SHA and times go to --metrics."""
+    import time
+
+    from tempering import io
+
+    root = pipeline["root"]
+    monkeypatch.setattr(io, "git_sha", lambda: "another-commit")
+    time.sleep(1.1)  # a later finished_at, were it still written into the folder
+    make_data.run(Params(), out=str(tmp_path / "generated"))
+    assert _folder_bytes(tmp_path / "generated") == _folder_bytes(pipeline["gen"])
+    sources = tuple(SourceSpec(path=str(pipeline["gen"] / f), kind=k, format=fmt) for f, k, fmt in (
+        ("sft_alpaca.json", "sft", "alpaca"), ("sft_messages.jsonl", "sft", "messages"),
+        ("preference.jsonl", "preference", "pairs"), ("corpus.txt", "text", "text")))
+    params = Params(validate_=ValidateParams(sources=sources), evaluate=bench_params(pipeline["gen"] / "benchmarks"))
+    validate.run(params, out=str(tmp_path / "validated"), quarantine=str(tmp_path / "vq.jsonl"),
+                 report=str(tmp_path / "v.md"), metrics=str(tmp_path / "v.json"))
+    assert _folder_bytes(tmp_path / "validated") == _folder_bytes(root / "validated")
+    dedup.run(params, data=str(root / "validated"), out=str(tmp_path / "clean"), quarantine=str(tmp_path / "dq.jsonl"),
+              metrics=str(tmp_path / "d.json"))
+    assert _folder_bytes(tmp_path / "clean") == _folder_bytes(root / "clean")
+    for name in ("v.json", "d.json"):
+        got = json.loads((tmp_path / name).read_text())["provenance"]
+        assert got["git_sha"] == "another-commit" and got["finished_at"] and got["wall_time_s"] >= 0, name
+        assert json.loads((root / name).read_text())["provenance"]["git_sha"] != "another-commit"
+
+
 def test_generated_data_only_planted_duplicates_removed(pipeline):
     root, gen = pipeline["root"], pipeline["gen"]
     manifest = json.loads((gen / "manifest.json").read_text())

@@ -61,10 +61,15 @@ def test_replay_generates_the_bases_answers_once_then_hits_its_cache(tiny, tmp_p
     answers = replay.generate(*_load(tiny), [bank[0]["prompt"]], max_new_tokens=4, batch_size=1,
                               amp_dtype=choose_precision("auto").autocast_dtype)
     assert rows[0]["messages"][1]["content"] == answers[0]
-    second = replay.run(params, base=str(tiny), out=str(tmp_path / "r2"))
+    second = replay.run(params, base=str(tiny), out=str(tmp_path / "r2"), metrics=str(tmp_path / "m2.json"))
     assert second["cache"] == "hit"
-    assert (tmp_path / "r2/sft.jsonl").read_text() == (tmp_path / "r1/sft.jsonl").read_text()
-    assert json.loads((tmp_path / "r2/meta.json").read_text())["cache"] == "hit"
+    # A hit writes the same folder, byte for byte, meta.json included (DVC sees an unchanged output,
+    # so training does not re-run); the run's own facts (the hit, git SHA, times) are in --metrics.
+    for name in ("sft.jsonl", "meta.json"):
+        assert (tmp_path / "r2" / name).read_bytes() == (tmp_path / "r1" / name).read_bytes(), name
+    m2 = json.loads((tmp_path / "m2.json").read_text())
+    assert m2["cache"] == "hit" and set(m2["provenance"]) == {"git_sha", "argv", "wall_time_s", "finished_at"}
+    assert "cache" not in json.loads((tmp_path / "r2/meta.json").read_text())
     # Other generation knobs are another cache entry.
     assert replay.run(_params(tmp_path, max_new_tokens=3), base=str(tiny), out=str(tmp_path / "r3"))["cache"] == "miss"
 

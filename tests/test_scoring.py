@@ -260,6 +260,38 @@ def test_a_model_whose_forward_is_not_head_of_decoder_is_scored_the_hf_way(tiny)
     assert abs(plain[0][0] - want[0][0]) > 0.01  # the scaling did change the answer
 
 
+def test_the_probe_runs_in_float32_on_half_precision_weights(tiny):
+    """A bf16 model (a DPO policy's frozen base) is probed in float32, cast up and back bit for bit,
+    so a head that differs from the plain forward by far less than bf16's rounding is still
+    caught; probed in its own bf16 (too large to cast up) the same difference passes unseen."""
+    import copy
+
+    import torch
+
+    from tempering.train.models import causal_lm_parts
+
+    _, model, _ = tiny
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    before = {n: t.detach().clone() for n, t in half.state_dict().items()}
+    args = dict(device=torch.device("cpu"), pad_id=0)
+    assert scoring.probe(half, causal_lm_parts(half), **args) is None
+    after = half.state_dict()
+    assert all(after[n].dtype == t.dtype and torch.equal(after[n], t) for n, t in before.items())  # restored exactly
+
+    plain_forward = half.forward
+
+    def forward(*a, **kw):  # a head 1% off: a real structural difference, smaller than bf16's noise bound
+        out = plain_forward(*a, **kw)
+        out.logits = out.logits * 0.99
+        return out
+
+    half.forward = forward
+    why = scoring.probe(half, causal_lm_parts(half), **args)
+    assert why is not None and "float32" in why
+    assert scoring.probe(half, causal_lm_parts(half), **args, fp32_max_bytes=0) is None  # bf16: hidden
+    assert all(t.dtype == torch.bfloat16 for t in half.parameters())
+
+
 def test_rolling_and_generation_match_hf(tiny):
     from lm_eval.api.instance import Instance
 
