@@ -452,10 +452,18 @@ def probe(model, parts, *, device, pad_id: int, batch_tokens: int = DEFAULT_BATC
     two paths agree to rounding: a half-precision model (a DPO policy's frozen bf16 base) is cast
     up for the probe and back after, bit for bit (:data:`FP32_PROBE_MAX_BYTES`). Otherwise bf16's
     rounding on the probe's improbable tokens (up to ~0.5 nats on a trained model) would hide
-    a real difference of that size, or reject a model with nothing wrong."""
+    a real difference of that size, or reject a model with nothing wrong (a DPO policy was
+    refused at 0.481 nats, the plain forward under accelerate's autocast wrapper, the packed one
+    not: the probe now runs both in the same precision)."""
     import torch
 
     saved = _upcast_half(model, fp32_max_bytes)
+    # A model a Trainer prepared under mixed precision has its forward wrapped in autocast by
+    # accelerate (the original kept as ``_original_forward``): the plain forward would then run
+    # in bf16 while the packed one does not. Compare like with like; the wrapper is put back.
+    wrapped = model.__dict__.get("forward") if "_original_forward" in model.__dict__ else None
+    if wrapped is not None:
+        model.forward = model._original_forward
     try:
         vocab = model.get_input_embeddings().num_embeddings
         context = [(11 + 7 * i) % vocab for i in range(9)]
@@ -476,6 +484,8 @@ def probe(model, parts, *, device, pad_id: int, batch_tokens: int = DEFAULT_BATC
     finally:
         if saved is not None:
             _restore(saved)
+        if wrapped is not None:
+            model.forward = wrapped
     tol = FP32_PROBE_TOLERANCE if fp32 else HALF_PROBE_TOLERANCE
     worst = max(abs(g[0] - w) for g, w in zip(got, want))
     if worst > tol:

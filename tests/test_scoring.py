@@ -278,6 +278,20 @@ def test_the_probe_runs_in_float32_on_half_precision_weights(tiny):
     after = half.state_dict()
     assert all(after[n].dtype == t.dtype and torch.equal(after[n], t) for n, t in before.items())  # restored exactly
 
+    # As a Trainer leaves a model under bf16 mixed precision: accelerate's autocast wrapper on its
+    # forward. The probe compares the packed path with the unwrapped forward, then puts it back.
+    import types
+
+    from accelerate.utils import convert_outputs_to_fp32
+
+    mixed = copy.deepcopy(model)
+    mixed._original_forward = mixed.forward
+    wrapper = types.MethodType(convert_outputs_to_fp32(
+        torch.autocast("cpu", dtype=torch.bfloat16)(mixed.forward.__func__)), mixed)
+    mixed.forward = wrapper
+    assert scoring.probe(mixed, causal_lm_parts(mixed), **args) is None
+    assert mixed.forward is wrapper
+
     plain_forward = half.forward
 
     def forward(*a, **kw):  # a head 1% off: a real structural difference, smaller than bf16's noise bound
