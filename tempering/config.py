@@ -393,7 +393,7 @@ class InterpolationParams(_Section):
     enabled: bool = True
     # The grid, any order, each in (0, 1]; 1.0 = as trained. More points = a finer choice and
     # a longer export (one dev scoring each).
-    alphas: tuple[float, ...] = (1.0, 0.7, 0.5, 0.4, 0.3)
+    alphas: tuple[float, ...] = (1.0, 0.85, 0.8, 0.7, 0.5, 0.3)
 
     @field_validator("alphas")
     @classmethod
