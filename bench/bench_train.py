@@ -99,7 +99,7 @@ SEED = 42
 SFT_ARMS = ("defaults_trl", "tuned_trl", "tempering")
 DPO_ARMS = ("defaults_trl", "tuned_trl", "tempering")
 SFT_ABLATIONS = ("tempering_no_selective_head", "tempering_packed")
-DPO_ABLATIONS = ("tempering_no_compact_head",)
+DPO_ABLATIONS = ("tempering_no_compact_head", "tempering_no_shared_prompts")
 PACKED_ARMS = ("tempering_packed",)  # other batches by construction: not in the same-batches check
 
 
@@ -229,8 +229,21 @@ def _count_tokens(trainer, record: dict) -> None:
     if "seq_lengths" in getattr(trainer.train_dataset, "column_names", ()):
         trainer.data_collator = counting_collator
 
-    def pre(module, args, kwargs):
+    def top(module, args, kwargs):
+        # The batch as the arm's trainer forwards it (every DPO arm calls the model with its
+        # [chosen; rejected] rows): counted here, so that tempering's shared-prompt forward, whose
+        # decoder sees packed rows under a 4D mask, is counted on the same tokens as the others.
         if not torch.is_grad_enabled():
+            return
+        mask = kwargs.get("attention_mask")
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if mask is not None and mask.dim() == 2 and ids is not None:
+            record["tokens"] += int(mask.sum())
+            record["sig"].append(_batch_digest(ids, mask))
+            record["counted_above"] = True
+
+    def pre(module, args, kwargs):
+        if not torch.is_grad_enabled() or record.pop("counted_above", False):
             return
         mask = kwargs.get("attention_mask")
         ids = kwargs.get("input_ids", args[0] if args else None)
@@ -242,6 +255,7 @@ def _count_tokens(trainer, record: dict) -> None:
         elif ids is not None:
             record["tokens"] += int(ids.numel())
 
+    model.register_forward_pre_hook(top, with_kwargs=True)
     decoder.register_forward_pre_hook(pre, with_kwargs=True)
 
 
@@ -580,7 +594,7 @@ def tempering_sft(base: str, rows: list[dict], steps: int, batch: int, out: str,
 
 
 def tempering_dpo(base: str, rows: list[dict], steps: int, batch: int, out: str, *, data_id: str,
-                  compact_head: bool | None = None, **_):
+                  compact_head: bool | None = None, shared_prompts: bool = True, **_):
     """The dpo stage's code path (tasks/dpo.py), the base standing in for the SFT model."""
     from tempering.train.data import dpo_dataset, load_tokenizer, tokenizer_hash
     from tempering.train.dpo import build_dpo_trainer, dpo_config, reference_cache_key
@@ -602,7 +616,7 @@ def tempering_dpo(base: str, rows: list[dict], steps: int, batch: int, out: str,
     trainer = build_dpo_trainer(model, tok, dpo_dataset([dict(r) for r in rows]), args,
                                 adapter=cfg.adapter, max_prompt_length=cfg.max_prompt_length, stage="dpo",
                                 checkpoints=out, live_dir=None, tracking=p.tracking, ref_cache_key=key,
-                                compact_head=compact_head)
+                                compact_head=compact_head, shared_prompts=shared_prompts)
     trainer._bench_cfg = cfg
     return trainer
 
@@ -619,6 +633,7 @@ DPO_BUILDERS = {
     "tuned_trl": tuned_dpo,
     "tempering": tempering_dpo,
     "tempering_no_compact_head": lambda *a, **k: tempering_dpo(*a, **k, compact_head=False),
+    "tempering_no_shared_prompts": lambda *a, **k: tempering_dpo(*a, **k, shared_prompts=False),
 }
 
 SFT_SETTINGS = {
@@ -638,8 +653,10 @@ DPO_SETTINGS = {
     "tuned_trl": "DPOConfig(gradient_checkpointing=False, bf16, model_init_kwargs dtype bf16, max_length as "
                  "tempering, precompute_ref_log_probs=True, precompute_ref_batch_size=2x batch)",
     "tempering": "params.yaml dpo through tempering.train (reference log-probs precomputed and cached by "
-                 "content, compact fused head on completion tokens, frozen base bf16)",
+                 "content, compact fused head on completion tokens, each pair's prompt run once, frozen base bf16)",
     "tempering_no_compact_head": "tempering with TRL's fused head as is (build_dpo_trainer(compact_head=False))",
+    "tempering_no_shared_prompts": "tempering with each pair's prompt run twice, as TRL does "
+                                   "(build_dpo_trainer(shared_prompts=False))",
 }
 
 
@@ -841,9 +858,15 @@ def summarize_method(kind: str, run: dict, arms: list[str], flops_tok: float | N
         abl["selective_lm_head"] = {"speedup": ratio("tempering", "tempering_no_selective_head"),
                                     "what": "tokens/s of tempering over tempering with TRL's loss head, same batches"}
     if "tempering_no_compact_head" in arms:
-        abl["compact_dpo_head"] = {"speedup": ratio("tempering", "tempering_no_compact_head"),
-                                   "what": "tokens/s of tempering over tempering with TRL's fused head as is, "
+        # The shared-prompt forward sits on the compact head: without the head, prompts run twice too.
+        ref = "tempering_no_shared_prompts" if "tempering_no_shared_prompts" in arms else "tempering"
+        abl["compact_dpo_head"] = {"speedup": ratio(ref, "tempering_no_compact_head"),
+                                   "what": f"tokens/s of {ref} over tempering with TRL's fused head as is, "
                                            "same batches"}
+    if "tempering_no_shared_prompts" in arms:
+        abl["shared_dpo_prompts"] = {"speedup": ratio("tempering", "tempering_no_shared_prompts"),
+                                     "what": "tokens/s of tempering over tempering with each pair's prompt run "
+                                             "twice, same batches"}
     if "tempering_packed" in arms and "tempering" in arms:
         padded, packed = out["arms"]["tempering"], out["arms"]["tempering_packed"]
         check = next((rd["packing_loss_check"] for rd in rounds if "packing_loss_check" in rd), None)

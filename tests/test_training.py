@@ -170,10 +170,16 @@ def test_sft_full_finetune_saves_a_model(tiny, data, tmp_path):
 
 def test_dpo_starts_from_the_sft_model_and_learns(sft_done, tiny, data, tmp_path):
     from tasks.dpo import run
+    from tempering.train.dpo import SHARED_PROMPT_BATCHES
 
+    before = dict(SHARED_PROMPT_BATCHES)
     run(make_params(), base=str(tiny), sft=str(sft_done / "sft"), data=str(data), out=str(tmp_path / "dpo"),
         checkpoints=str(tmp_path / "ck"), metrics=str(tmp_path / "dpo.json"), live=str(tmp_path / "live"))
     m = json.loads((tmp_path / "dpo.json").read_text())
+    # Every batch (the reference precompute's and the 4 training steps') ran each prompt once; the
+    # reference log-probs checked below come from that shared forward.
+    assert SHARED_PROMPT_BATCHES["shared"] - before["shared"] >= 5
+    assert SHARED_PROMPT_BATCHES["unshared"] == before["unshared"]
     # At step 1 the policy (SFT merged + fresh LoRA) equals the reference (adapter disabled), so
     # the sigmoid DPO loss is exactly log 2. That alone holds for any reference equal to the policy.
     assert m["train_loss_first"] == pytest.approx(math.log(2), abs=1e-4)

@@ -14,6 +14,7 @@ import contextlib
 import copy
 import json
 import time
+import weakref
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,11 @@ from tempering.train.losses import install_compact_lm_head
 from tempering.train.loop import TemperingTrainerMixin, TrainFacts, trainer_arguments
 from tempering.train.models import peft_config
 from tempering.train.precision import Precision
+
+# Models whose forward runs each pair's prompt once (a weak set: nothing stuck on the model).
+_SHARED: weakref.WeakSet = weakref.WeakSet()
+# Batches the shared-prompt forward packed, and those it left to the unshared path (tests, benches).
+SHARED_PROMPT_BATCHES = {"shared": 0, "unshared": 0}
 
 
 def dpo_config(cfg, tracking, *, output_dir: str, precision: Precision, run_name: str, **extra) -> DPOConfig:
@@ -57,7 +63,9 @@ def reference_cache_key(*, data: str, reference: str, tokenizer: str, max_length
     """Content address of a DPO reference log-prob set: the preference data, the reference model
     (its weights' hash), the tokenizer + chat template, the max lengths and the autocast precision
     (bf16 and fp32 log-probs differ), plus the TRL version (its tokenization of pairs)."""
-    return content_id({"v": 1, "data": data, "reference": reference, "tokenizer": tokenizer,
+    # v2: the reference runs each pair's prompt once (install_shared_prompt_forward): the same
+    # log-probs up to rounding, so v1 sets are not reused.
+    return content_id({"v": 2, "data": data, "reference": reference, "tokenizer": tokenizer,
                        "max_length": max_length, "max_prompt_length": max_prompt_length,
                        "precision": precision, "trl": trl.__version__}, 32)
 
@@ -108,6 +116,146 @@ def attach_reference_logps(trainer, dataset, key: str | None, batch_size: int) -
     return dataset.add_column("ref_chosen_logps", chosen).add_column("ref_rejected_logps", rejected), facts
 
 
+def shared_prompt_rows(input_ids, attention_mask, labels):
+    """The packed rows of a DPO batch whose chosen and rejected answers share their prompt, or None.
+
+    TRL's DPO batch is ``[chosen rows; rejected rows]``: row i and row B + i are one pair, each
+    ``prompt + answer`` flush left, with labels -100 on the prompt and the padding. Each pair
+    becomes one :class:`tempering.scoring.Row`: the prompt once, then both answers as a prefix tree
+    (tokens they begin with in common run once). Returns ``(rows, order)``: ``order`` lists, row by
+    row of the batch (chosen rows first), ``(pair, request)`` whose targets that row's labels hold
+    in order. None when the batch is not laid out that way (an odd size, other padding, prompts
+    that differ within a pair, labels not one contiguous answer): the caller runs it unshared."""
+    from tempering.scoring import Row
+
+    n = input_ids.shape[0]
+    if n == 0 or n % 2:
+        return None
+    half = n // 2
+    ids, am, lab = input_ids.tolist(), attention_mask.tolist(), labels.tolist()
+    parts = []
+    for r in range(n):
+        length = sum(am[r])
+        if any(v != 1 for v in am[r][:length]):
+            return None  # not flush left
+        first = next((k for k in range(length) if lab[r][k] != -100), length)
+        if any(lab[r][k] != ids[r][k] for k in range(first, length)) or any(v != -100 for v in lab[r][length:]):
+            return None  # the answer is not one contiguous labelled span
+        parts.append((ids[r][:first], ids[r][first:length]))
+    rows = []
+    for i in range(half):
+        (prompt, chosen), (other, rejected) = parts[i], parts[half + i]
+        if prompt != other or not prompt:
+            return None
+        row = Row.start(tuple(prompt))
+        for request, answer in enumerate((chosen, rejected)):
+            if answer:
+                row.add(request, answer)
+        rows.append(row)
+    return rows
+
+
+def install_shared_prompt_forward(model, output_cls) -> bool:
+    """Run each DPO pair's prompt once: on top of the compact head (which must be installed),
+    ``model(..., labels=..., fused_lm_head=True)`` packs a ``[chosen; rejected]`` batch into one
+    row per pair (:func:`shared_prompt_rows`), the answers attending to the prompt and to their
+    own tokens only (a 4D mask, positions restarting after the prompt: ``tempering.scoring``'s
+    packed layout, now with gradients), and returns TRL's ``FusedCausalLMOutput`` in the batch's
+    own layout. The same log-probs as the unshared forward, up to rounding; fewer tokens by the
+    prompt's length per pair. A batch that is not laid out that way, or a model without a
+    decoder + LM head that takes 4D masks, keeps the compact head's path. Returns whether installed."""
+    import torch
+
+    from tempering.scoring import attention_mask as packed_mask
+    from tempering.train.models import causal_lm_parts
+
+    inner = getattr(model, "module", model)
+    if hasattr(inner, "peft_config"):
+        inner = inner.get_base_model()
+    if inner in _SHARED:
+        return True
+    parts = causal_lm_parts(model)
+    if parts is None:
+        return False
+    if getattr(inner.config, "_attn_implementation", None) not in ("sdpa", "eager"):
+        return False
+    compact = inner.forward
+
+    def forward(*args, fused_lm_head=False, labels=None, shift_labels=None, num_items_in_batch=None, **kwargs):
+        # PEFT passes these through; anything else (images, cached states, ...) keeps the plain path.
+        extra = {k for k, v in kwargs.items() if k not in ("input_ids", "attention_mask", "use_cache", "return_dict")
+                 and not (k in ("inputs_embeds", "output_attentions", "output_hidden_states") and not v)}
+        packed = None
+        if fused_lm_head and labels is not None and shift_labels is None and not args and not extra \
+                and kwargs.get("input_ids") is not None and kwargs.get("attention_mask") is not None:
+            packed = shared_prompt_rows(kwargs["input_ids"], kwargs["attention_mask"], labels)
+        if packed is not None:
+            target = labels[:, 1:]
+            mask2 = target != -100
+            picked_targets = target[mask2]
+            half = len(packed)
+            order = sorted(range(half), key=lambda i: -len(packed[i].tokens))
+            batch = [packed[i] for i in order]
+            base, offset = {}, 0
+            for b, row in enumerate(batch):
+                base[order[b]] = offset
+                offset += len(row.heads)
+            # The head's inputs in the batch's target order: chosen rows (pairs 0..B-1), then rejected.
+            sel, expected = [], []
+            for request in (0, 1):
+                for i, row in enumerate(packed):
+                    for _, slots, answer in (r for r in row.requests if r[0] == request):
+                        sel.extend(base[i] + k for k in slots)
+                        expected.extend(answer)
+            if expected != picked_targets.tolist():
+                packed = None  # the labels are not the answers the rows hold: score unshared
+        if packed is None:
+            if fused_lm_head:
+                SHARED_PROMPT_BATCHES["unshared"] += 1
+            return compact(*args, fused_lm_head=fused_lm_head, labels=labels, shift_labels=shift_labels,
+                           num_items_in_batch=num_items_in_batch, **kwargs)
+        SHARED_PROMPT_BATCHES["shared"] += 1
+        device = kwargs["input_ids"].device
+        width = len(batch[0].tokens)
+        ids = torch.zeros((half, width), dtype=torch.long)
+        pos = torch.zeros((half, width), dtype=torch.long)
+        flat = []
+        for b, row in enumerate(batch):
+            ids[b, :len(row.tokens)] = torch.tensor(row.tokens)
+            pos[b, :len(row.tokens)] = torch.tensor(row.positions)
+            flat.extend(b * width + h for h in row.heads)
+        mask = torch.from_numpy(packed_mask(batch)).to(device)
+        if inner.config._attn_implementation == "eager":
+            mask = torch.zeros(mask.shape, dtype=inner.dtype, device=device).masked_fill_(
+                ~mask, torch.finfo(inner.dtype).min)
+        decoder, head = parts
+        hidden = decoder(input_ids=ids.to(device), attention_mask=mask, position_ids=pos.to(device),
+                         use_cache=False).last_hidden_state
+        picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, torch.tensor(flat, device=device))
+        logits_unique = head(picked).float()
+        logits = logits_unique.index_select(0, torch.tensor(sel, device=device, dtype=torch.long))
+        logz = torch.logsumexp(logits, dim=-1)
+        log_probs = logits.gather(-1, picked_targets[:, None]).squeeze(-1) - logz
+        with torch.no_grad():
+            entropy = logz - (torch.softmax(logits, dim=-1) * logits).sum(-1)
+            mean_logits = logits.mean(-1)
+            is_top1 = logits.argmax(-1) == picked_targets
+
+        def full(x):
+            return x.new_zeros(mask2.shape).masked_scatter(mask2, x)
+
+        log_probs_full = full(log_probs)
+        denom = mask2.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
+        return output_cls(loss=-log_probs_full.sum() / denom, log_probs=log_probs_full,
+                          entropy=full(entropy), mean_logits=full(mean_logits),
+                          is_top1=torch.zeros(mask2.shape, dtype=torch.bool, device=device)
+                          .masked_scatter(mask2, is_top1), label_mask=mask2)
+
+    inner.forward = forward
+    _SHARED.add(inner)
+    return True
+
+
 class TemperingDPOTrainer(TemperingTrainerMixin, DPOTrainer):
     """``DPOTrainer`` stopping on a non-finite loss before the optimizer step.
 
@@ -117,20 +265,28 @@ class TemperingDPOTrainer(TemperingTrainerMixin, DPOTrainer):
     ``ref_cache_key``: TRL's reference-log-prob precompute is replaced by a content-addressed
     cache under this key (see :func:`reference_cache_key`; None: computed, not cached);
     ``compact_head``: :func:`~tempering.train.losses.install_compact_lm_head` on the policy
-    before the reference precompute and on both models after construction."""
+    before the reference precompute and on both models after construction; ``shared_prompts``
+    (with ``compact_head``): :func:`install_shared_prompt_forward` on top of it, each pair's
+    prompt run once."""
 
     def __init__(self, *args, max_prompt_length: int, ref_cache_key: str | None = None,
-                 compact_head: bool = False, **kwargs):
+                 compact_head: bool = False, shared_prompts: bool = False, **kwargs):
         # Set before DPOTrainer.__init__, which prepares the datasets and precomputes the reference.
         self.max_prompt_length = max_prompt_length
         self.ref_cache_key = ref_cache_key
         self.compact_head = compact_head
+        self.shared_prompts = shared_prompts
         self.reference_caches: dict[str, ReferenceCache] = {}
         super().__init__(*args, **kwargs)
         if compact_head:
-            install_compact_lm_head(self.model, FusedCausalLMOutput)
+            self._install_heads(self.model)
             if self.ref_model is not None:
-                install_compact_lm_head(self.ref_model, FusedCausalLMOutput)
+                self._install_heads(self.ref_model)
+
+    def _install_heads(self, model) -> None:
+        install_compact_lm_head(model, FusedCausalLMOutput)
+        if self.shared_prompts:
+            install_shared_prompt_forward(model, FusedCausalLMOutput)
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         dataset = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
@@ -147,7 +303,7 @@ class TemperingDPOTrainer(TemperingTrainerMixin, DPOTrainer):
 
     def _precompute_ref_logps(self, dataset, name, batch_size):
         if self.compact_head:
-            install_compact_lm_head(self.model, FusedCausalLMOutput)
+            self._install_heads(self.model)
         key = self.ref_cache_key
         if key and name != "train":  # the held-out split has its own reference set
             key = content_id({"key": key, "split": name}, 32)
@@ -164,7 +320,7 @@ class TemperingDPOTrainer(TemperingTrainerMixin, DPOTrainer):
 def build_dpo_trainer(model, tokenizer, dataset, args, *, adapter, max_prompt_length: int, stage: str,
                       checkpoints: str, live_dir: str | None, tracking, resume_step: int | None = None,
                       ref_cache_key: str | None = None, eval_dataset=None, cfg=None,
-                      compact_head: bool | None = None) -> TemperingDPOTrainer:
+                      compact_head: bool | None = None, shared_prompts: bool = True) -> TemperingDPOTrainer:
     """A :class:`TemperingDPOTrainer` for the dpo stage. The reference is the model as passed (the
     SFT result): with LoRA the ``model`` gets a fresh adapter and the reference is the same
     network with the adapter disabled (no second copy); with ``full`` it is the untouched model.
@@ -177,7 +333,8 @@ def build_dpo_trainer(model, tokenizer, dataset, args, *, adapter, max_prompt_le
     it LoRA runs the reference forward every step, and ``full`` keeps a frozen copy.
     ``compact_head``: :func:`~tempering.train.losses.install_compact_lm_head` (None = off CUDA
     only, the default; False = TRL's own fused head, for the speed ablation in
-    ``bench/bench_train.py``)."""
+    ``bench/bench_train.py``). ``shared_prompts`` (with the compact head): each pair's prompt runs
+    once in the policy's forward (:func:`install_shared_prompt_forward`; False for the ablation)."""
     import torch
 
     callbacks = stage_callbacks(live_dir, tracking, resume_step, cfg)
@@ -192,4 +349,4 @@ def build_dpo_trainer(model, tokenizer, dataset, args, *, adapter, max_prompt_le
         model=model, ref_model=ref_model, args=args, train_dataset=dataset, eval_dataset=eval_dataset,
         processing_class=tokenizer, peft_config=config, callbacks=callbacks, stage=stage,
         checkpoints=checkpoints, max_prompt_length=max_prompt_length, ref_cache_key=ref_cache_key,
-        compact_head=compact)
+        compact_head=compact, shared_prompts=compact and shared_prompts)
