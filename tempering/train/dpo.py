@@ -27,7 +27,7 @@ from tempering import TemperingError
 from tempering.io import content_id, read_json, write_json
 from tempering.train.callbacks import stage_callbacks
 from tempering.train.data import cache_root
-from tempering.train.losses import install_compact_lm_head
+from tempering.train.losses import fused_head_output, install_compact_lm_head
 from tempering.train.loop import TemperingTrainerMixin, TrainFacts, trainer_arguments
 from tempering.train.models import peft_config
 from tempering.train.precision import Precision
@@ -191,8 +191,7 @@ def install_shared_prompt_forward(model, output_cls) -> bool:
             packed = shared_prompt_rows(kwargs["input_ids"], kwargs["attention_mask"], labels)
         if packed is not None:
             target = labels[:, 1:]
-            mask2 = target != -100
-            picked_targets = target[mask2]
+            picked_targets = target[target != -100]
             half = len(packed)
             order = sorted(range(half), key=lambda i: -len(packed[i].tokens))
             batch = [packed[i] for i in order]
@@ -232,24 +231,8 @@ def install_shared_prompt_forward(model, output_cls) -> bool:
         hidden = decoder(input_ids=ids.to(device), attention_mask=mask, position_ids=pos.to(device),
                          use_cache=False).last_hidden_state
         picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, torch.tensor(flat, device=device))
-        logits_unique = head(picked).float()
-        logits = logits_unique.index_select(0, torch.tensor(sel, device=device, dtype=torch.long))
-        logz = torch.logsumexp(logits, dim=-1)
-        log_probs = logits.gather(-1, picked_targets[:, None]).squeeze(-1) - logz
-        with torch.no_grad():
-            entropy = logz - (torch.softmax(logits, dim=-1) * logits).sum(-1)
-            mean_logits = logits.mean(-1)
-            is_top1 = logits.argmax(-1) == picked_targets
-
-        def full(x):
-            return x.new_zeros(mask2.shape).masked_scatter(mask2, x)
-
-        log_probs_full = full(log_probs)
-        denom = mask2.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
-        return output_cls(loss=-log_probs_full.sum() / denom, log_probs=log_probs_full,
-                          entropy=full(entropy), mean_logits=full(mean_logits),
-                          is_top1=torch.zeros(mask2.shape, dtype=torch.bool, device=device)
-                          .masked_scatter(mask2, is_top1), label_mask=mask2)
+        logits = head(picked).float().index_select(0, torch.tensor(sel, device=device, dtype=torch.long))
+        return fused_head_output(logits, labels, output_cls, num_items_in_batch)
 
     inner.forward = forward
     _SHARED.add(inner)

@@ -1,7 +1,8 @@
 """Loss kernels that make CPU training fast, with the same loss as the model's own.
 
 Owns :func:`selective_lm_loss` (SFT and CPT: the LM head and softmax only at trained positions)
-and :func:`install_compact_lm_head` (DPO: TRL's fused LM head scoring only labelled positions).
+and :func:`install_compact_lm_head` (DPO: TRL's fused LM head scoring only labelled positions;
+:func:`fused_head_output` builds its output, for it and DPO's shared-prompt forward).
 Both split the model with :func:`tempering.train.models.causal_lm_parts`; torch is imported
 inside functions and trl not at all (TRL's output class is passed in).
 """
@@ -52,8 +53,6 @@ def install_compact_lm_head(model, output_cls) -> bool:
 
     ``output_cls`` is TRL's ``FusedCausalLMOutput`` (passed in by :mod:`tempering.train.dpo`, so
     this module does not import trl). Installing twice is a no-op."""
-    import torch
-
     inner = getattr(model, "module", model)
     if hasattr(inner, "peft_config"):
         inner = inner.get_base_model()
@@ -72,28 +71,39 @@ def install_compact_lm_head(model, output_cls) -> bool:
                          num_items_in_batch=num_items_in_batch, **kwargs)
         kwargs["use_cache"] = False
         hidden = inner.get_decoder()(*args, **kwargs).last_hidden_state[:, :-1]
-        target = labels[:, 1:]
-        mask = target != -100
-        picked = target[mask]
+        mask = labels[:, 1:] != -100
         logits = inner.get_output_embeddings()(hidden[mask]).float()
-        logz = torch.logsumexp(logits, dim=-1)
-        log_probs = logits.gather(-1, picked[:, None]).squeeze(-1) - logz
-        with torch.no_grad():
-            entropy = logz - (torch.softmax(logits, dim=-1) * logits).sum(-1)
-            mean_logits = logits.mean(-1)
-            is_top1 = logits.argmax(-1) == picked
-
-        def full(x):
-            return x.new_zeros(mask.shape).masked_scatter(mask, x)
-
-        log_probs_full = full(log_probs)
-        denom = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
-        return output_cls(loss=-log_probs_full.sum() / denom, log_probs=log_probs_full,
-                                   entropy=full(entropy), mean_logits=full(mean_logits),
-                                   is_top1=torch.zeros(mask.shape, dtype=torch.bool, device=mask.device)
-                                   .masked_scatter(mask, is_top1), label_mask=mask)
+        return fused_head_output(logits, labels, output_cls, num_items_in_batch)
 
     inner.forward = forward
     _COMPACT.add(inner)
     return True
+
+
+def fused_head_output(logits, labels, output_cls, num_items_in_batch=None):
+    """TRL's ``FusedCausalLMOutput`` (``output_cls``) from float32 ``logits`` at the labelled
+    positions only (row-major order of ``labels[:, 1:] != -100``): the log-prob of each target,
+    and DPO's metrics (entropy, mean logit, top-1) without gradients, zero where there is no
+    label; the loss is the mean negative log-prob (or over ``num_items_in_batch``)."""
+    import torch
+
+    target = labels[:, 1:]
+    mask = target != -100
+    picked = target[mask]
+    logz = torch.logsumexp(logits, dim=-1)
+    log_probs = logits.gather(-1, picked[:, None]).squeeze(-1) - logz
+    with torch.no_grad():
+        entropy = logz - (torch.softmax(logits, dim=-1) * logits).sum(-1)
+        mean_logits = logits.mean(-1)
+        is_top1 = logits.argmax(-1) == picked
+
+    def full(x):
+        return x.new_zeros(mask.shape).masked_scatter(mask, x)
+
+    log_probs_full = full(log_probs)
+    denom = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
+    return output_cls(loss=-log_probs_full.sum() / denom, log_probs=log_probs_full,
+                      entropy=full(entropy), mean_logits=full(mean_logits),
+                      is_top1=torch.zeros(mask.shape, dtype=torch.bool, device=mask.device)
+                      .masked_scatter(mask, is_top1), label_mask=mask)
 
