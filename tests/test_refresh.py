@@ -212,6 +212,9 @@ def _wire_snapshot(root: Path, source: Path) -> None:
     (root / "dvc.yaml").write_text(head + "\n  validate:\n" + validate)
 
 
+# Two whole `dvc repro` runs (95 s on 2 cores): `slow`, so it runs in `make test-e2e` (CI runs both
+# suites) and the default suite stays under 10 minutes.
+@pytest.mark.slow
 def test_refresh_two_snapshots_on_the_tiny_model(tiny_project: Path, tmp_path: Path, prefect_harness):
     root = copy_project(tiny_project, tmp_path / "project")
     source = tmp_path / "source"
