@@ -166,7 +166,7 @@ def install_shared_prompt_forward(model, output_cls) -> bool:
     decoder + LM head that takes 4D masks, keeps the compact head's path. Returns whether installed."""
     import torch
 
-    from tempering.scoring import attention_mask as packed_mask
+    from tempering.scoring import forward_rows
     from tempering.train.models import causal_lm_parts
 
     inner = getattr(model, "module", model)
@@ -215,23 +215,10 @@ def install_shared_prompt_forward(model, output_cls) -> bool:
                            num_items_in_batch=num_items_in_batch, **kwargs)
         SHARED_PROMPT_BATCHES["shared"] += 1
         device = kwargs["input_ids"].device
-        width = len(batch[0].tokens)
-        ids = torch.zeros((half, width), dtype=torch.long)
-        pos = torch.zeros((half, width), dtype=torch.long)
-        flat = []
-        for b, row in enumerate(batch):
-            ids[b, :len(row.tokens)] = torch.tensor(row.tokens)
-            pos[b, :len(row.tokens)] = torch.tensor(row.positions)
-            flat.extend(b * width + h for h in row.heads)
-        mask = torch.from_numpy(packed_mask(batch)).to(device)
-        if inner.config._attn_implementation == "eager":
-            mask = torch.zeros(mask.shape, dtype=inner.dtype, device=device).masked_fill_(
-                ~mask, torch.finfo(inner.dtype).min)
-        decoder, head = parts
-        hidden = decoder(input_ids=ids.to(device), attention_mask=mask, position_ids=pos.to(device),
-                         use_cache=False).last_hidden_state
-        picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, torch.tensor(flat, device=device))
-        logits = head(picked).float().index_select(0, torch.tensor(sel, device=device, dtype=torch.long))
+        # The packed forward that scores benchmarks, here with gradients (it sets neither no_grad
+        # nor autocast): the heads' hidden states and logits, in the batch's row order.
+        _, logits = forward_rows(inner, parts, batch, device=device, pad_id=0)
+        logits = logits.float().index_select(0, torch.tensor(sel, device=device, dtype=torch.long))
         return fused_head_output(logits, labels, output_cls, num_items_in_batch)
 
     inner.forward = forward
