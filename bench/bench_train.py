@@ -98,8 +98,9 @@ env.setup()  # offline, no telemetry (the same defaults every stage uses)
 SEED = 42
 SFT_ARMS = ("defaults_trl", "tuned_trl", "tempering")
 DPO_ARMS = ("defaults_trl", "tuned_trl", "tempering")
-SFT_ABLATIONS = ("tempering_no_selective_head", "tempering_packed")
-DPO_ABLATIONS = ("tempering_no_compact_head", "tempering_no_shared_prompts")
+SFT_ABLATIONS = ("tempering_no_selective_head", "tempering_no_shared_prefix", "tempering_sdpa", "tuned_trl_sdpa",
+                 "tempering_packed")
+DPO_ABLATIONS = ("tempering_no_compact_head", "tempering_no_shared_prompts", "tempering_sdpa", "tuned_trl_sdpa")
 PACKED_ARMS = ("tempering_packed",)  # other batches by construction: not in the same-batches check
 
 
@@ -482,12 +483,22 @@ def _defaults_common(out: str, steps: int, batch: int) -> dict:
                 disable_tqdm=True, **_device_kw())
 
 
-def _tuned_common(out: str, steps: int, batch: int, max_length: int, precision) -> dict:
+def _tuned_common(out: str, steps: int, batch: int, max_length: int, precision, attention: str = "auto") -> dict:
+    from tempering.train.models import attention_implementation
+
     kw = dict(output_dir=out, max_steps=steps, per_device_train_batch_size=batch, report_to="none",
               disable_tqdm=True, save_strategy="no", gradient_checkpointing=False, max_length=max_length,
               bf16=precision.bf16, fp16=precision.fp16, **_device_kw())
+    init = {}
     if precision.name in ("bf16", "fp16"):
-        kw["model_init_kwargs"] = {"dtype": "bfloat16" if precision.bf16 else "float16"}
+        init["dtype"] = "bfloat16" if precision.bf16 else "float16"
+    # The attention kernel that is fastest here, as tempering picks it (eager on a CPU at these
+    # lengths): a setting TRL takes too (model_init_kwargs). attention="sdpa": the model's own.
+    impl = attention_implementation(attention, precision.device, max_length)
+    if impl:
+        init["attn_implementation"] = impl
+    if init:
+        kw["model_init_kwargs"] = init
     return kw
 
 
@@ -505,11 +516,11 @@ def sft_prompt_completion(rows: list[dict]) -> list[dict]:
 
 
 def tuned_sft(base: str, rows: list[dict], steps: int, batch: int, out: str, *, max_length: int, precision,
-              model_init_kwargs: dict | None = None, **_):
+              model_init_kwargs: dict | None = None, attention: str = "auto", **_):
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
-    kw = _tuned_common(out, steps, batch, max_length, precision)
+    kw = _tuned_common(out, steps, batch, max_length, precision, attention)
     if model_init_kwargs:
         kw["model_init_kwargs"] = {**kw.get("model_init_kwargs", {}), **model_init_kwargs}
     args = SFTConfig(**kw, train_sampling_strategy="group_by_length", completion_only_loss=True,
@@ -545,13 +556,14 @@ def _timed_dpo_class():
     return TimedDPOTrainer
 
 
-def tuned_dpo(base: str, rows: list[dict], steps: int, batch: int, out: str, *, max_length: int, precision, **_):
+def tuned_dpo(base: str, rows: list[dict], steps: int, batch: int, out: str, *, max_length: int, precision,
+              attention: str = "auto", **_):
     from datasets import Dataset
     from trl import DPOConfig
 
     # Not train_sampling_strategy="group_by_length": TRL's sampler refuses DPO rows ("Can only
     # automatically infer lengths ... 'input_ids'"); the batch plan gives every arm grouped batches.
-    args = DPOConfig(**_tuned_common(out, steps, batch, max_length, precision), precompute_ref_log_probs=True,
+    args = DPOConfig(**_tuned_common(out, steps, batch, max_length, precision, attention), precompute_ref_log_probs=True,
                      precompute_ref_batch_size=2 * batch)
     return _timed_dpo_class()(model=base, args=args, train_dataset=Dataset.from_list(_dpo_rows(rows)),
                               peft_config=_lora())
@@ -567,10 +579,10 @@ def _params(steps: int, batch: int, overrides=()):
 
 
 def tempering_sft(base: str, rows: list[dict], steps: int, batch: int, out: str, *, packing: bool = False,
-                  selective_head: bool | None = None, overrides=(), **_):
+                  selective_head: bool | None = None, shared_prefix: bool = True, overrides=(), **_):
     """The sft stage's code path (tasks/sft.py) without the file I/O around it."""
     from tempering.train.data import load_tokenizer, pack_sft, tokenize_sft, tokenizer_hash
-    from tempering.train.models import apply_adapter, load_model
+    from tempering.train.models import apply_adapter, load_model, use_attention
     from tempering.train.precision import choose_precision
     from tempering.train.sft import build_sft_trainer, sft_config
     from tempering.io import content_id
@@ -584,35 +596,39 @@ def tempering_sft(base: str, rows: list[dict], steps: int, batch: int, out: str,
     if cfg.packing:
         ds, _ = pack_sft(ds, cfg.max_length)
     model = load_model(base, method=cfg.adapter.method, precision=precision, frozen=cfg.adapter.frozen_dtype)
+    use_attention(model, cfg.attention, precision.device, cfg.max_length)
     model = apply_adapter(model, cfg.adapter, seed=cfg.seed)
     args = sft_config(cfg, p.tracking, output_dir=out, precision=precision, run_name="bench",
                       disable_tqdm=True)
     trainer = build_sft_trainer(model, tok, ds, args, stage="sft", checkpoints=out, live_dir=None,
-                                tracking=p.tracking, cfg=cfg, selective_head=selective_head)
+                                tracking=p.tracking, cfg=cfg, selective_head=selective_head,
+                                shared_prefix=shared_prefix)
     trainer._bench_cfg = cfg
     return trainer
 
 
 def tempering_dpo(base: str, rows: list[dict], steps: int, batch: int, out: str, *, data_id: str,
-                  compact_head: bool | None = None, shared_prompts: bool = True, **_):
+                  compact_head: bool | None = None, shared_prompts: bool = True, overrides=(), **_):
     """The dpo stage's code path (tasks/dpo.py), the base standing in for the SFT model."""
     from tempering.train.data import dpo_dataset, load_tokenizer, tokenizer_hash
     from tempering.train.dpo import build_dpo_trainer, dpo_config, reference_cache_key
-    from tempering.train.models import cast_frozen, load_merged
+    from tempering.train.models import cast_frozen, load_merged, use_attention
     from tempering.train.precision import choose_precision
 
-    p = _params(steps, batch)
+    p = _params(steps, batch, overrides)
     cfg = p.dpo
     precision = choose_precision(cfg.precision)
     tok = load_tokenizer(base)
     model = load_merged(base, [])
     model.config.use_cache = False
+    attention = use_attention(model, cfg.attention, precision.device, cfg.max_length)
     model = cast_frozen(model, cfg.adapter, precision)
     args = dpo_config(cfg, p.tracking, output_dir=out, precision=precision, run_name="bench",
                       disable_tqdm=True)
     key = reference_cache_key(data=data_id, reference=tokenizer_hash(base) + "-base",
                               tokenizer=tokenizer_hash(base), max_length=cfg.max_length,
-                              max_prompt_length=cfg.max_prompt_length, precision=precision.name)
+                              max_prompt_length=cfg.max_prompt_length, precision=precision.name,
+                              attention=attention)
     trainer = build_dpo_trainer(model, tok, dpo_dataset([dict(r) for r in rows]), args,
                                 adapter=cfg.adapter, max_prompt_length=cfg.max_prompt_length, stage="dpo",
                                 checkpoints=out, live_dir=None, tracking=p.tracking, ref_cache_key=key,
@@ -626,6 +642,9 @@ SFT_BUILDERS = {
     "tuned_trl": tuned_sft,
     "tempering": tempering_sft,
     "tempering_no_selective_head": lambda *a, **k: tempering_sft(*a, **k, selective_head=False),
+    "tempering_no_shared_prefix": lambda *a, **k: tempering_sft(*a, **k, shared_prefix=False),
+    "tempering_sdpa": lambda *a, **k: tempering_sft(*a, **k, overrides=["sft.attention=sdpa"]),
+    "tuned_trl_sdpa": lambda *a, **k: tuned_sft(*a, **k, attention="sdpa"),
     "tempering_packed": lambda *a, **k: tempering_sft(*a, **k, packing=True),
 }
 DPO_BUILDERS = {
@@ -634,29 +653,39 @@ DPO_BUILDERS = {
     "tempering": tempering_dpo,
     "tempering_no_compact_head": lambda *a, **k: tempering_dpo(*a, **k, compact_head=False),
     "tempering_no_shared_prompts": lambda *a, **k: tempering_dpo(*a, **k, shared_prompts=False),
+    "tempering_sdpa": lambda *a, **k: tempering_dpo(*a, **k, overrides=["dpo.attention=sdpa"]),
+    "tuned_trl_sdpa": lambda *a, **k: tuned_dpo(*a, **k, attention="sdpa"),
 }
 
 SFT_SETTINGS = {
     "defaults_trl": "SFTConfig defaults (+use_cpu off CUDA): messages rows, gradient checkpointing, float32 "
                     "weights, max_length 1024, loss on every token",
-    "tuned_trl": "SFTConfig(gradient_checkpointing=False, bf16, model_init_kwargs dtype bf16, max_length as "
-                 "tempering, train_sampling_strategy=group_by_length, completion_only_loss=True on prompt/"
-                 "completion rows, loss_type=nll (chunked head), padding_free/packing off: FlashAttention only)",
-    "tempering": "params.yaml sft through tempering.train (selective LM head, frozen base bf16, no gradient "
-                 "checkpointing, every assistant turn in the loss)",
+    "tuned_trl": "SFTConfig(gradient_checkpointing=False, bf16, model_init_kwargs dtype bf16 and attn_implementation "
+                 "eager on CPU, max_length as tempering, train_sampling_strategy=group_by_length, "
+                 "completion_only_loss=True on prompt/completion rows, loss_type=nll (chunked head), "
+                 "padding_free/packing off: FlashAttention only)",
+    "tempering": "params.yaml sft through tempering.train (selective LM head, the batch's common prefix run once, "
+                 "attention auto = eager on CPU, frozen base bf16, no gradient checkpointing, every assistant "
+                 "turn in the loss)",
     "tempering_no_selective_head": "tempering with TRL's own loss head (build_sft_trainer(selective_head=False))",
+    "tempering_no_shared_prefix": "tempering with every row's prefix run in full (build_sft_trainer(shared_prefix=False))",
+    "tempering_sdpa": "tempering with sft.attention=sdpa (the model's own kernel)",
+    "tuned_trl_sdpa": "tuned_trl without attn_implementation (the model's own kernel, sdpa)",
     "tempering_packed": "tempering with sft.packing=true (best-fit decreasing blocks of max_length)",
 }
 DPO_SETTINGS = {
     "defaults_trl": "DPOConfig defaults (+use_cpu off CUDA): gradient checkpointing, float32 weights, "
                     "reference forward (adapter disabled) on every step",
-    "tuned_trl": "DPOConfig(gradient_checkpointing=False, bf16, model_init_kwargs dtype bf16, max_length as "
-                 "tempering, precompute_ref_log_probs=True, precompute_ref_batch_size=2x batch)",
+    "tuned_trl": "DPOConfig(gradient_checkpointing=False, bf16, model_init_kwargs dtype bf16 and attn_implementation "
+                 "eager on CPU, max_length as tempering, precompute_ref_log_probs=True, "
+                 "precompute_ref_batch_size=2x batch)",
     "tempering": "params.yaml dpo through tempering.train (reference log-probs precomputed and cached by "
                  "content, compact fused head on completion tokens, each pair's prompt run once, frozen base bf16)",
     "tempering_no_compact_head": "tempering with TRL's fused head as is (build_dpo_trainer(compact_head=False))",
     "tempering_no_shared_prompts": "tempering with each pair's prompt run twice, as TRL does "
                                    "(build_dpo_trainer(shared_prompts=False))",
+    "tempering_sdpa": "tempering with dpo.attention=sdpa (the model's own kernel)",
+    "tuned_trl_sdpa": "tuned_trl without attn_implementation (the model's own kernel, sdpa)",
 }
 
 
@@ -867,6 +896,17 @@ def summarize_method(kind: str, run: dict, arms: list[str], flops_tok: float | N
         abl["shared_dpo_prompts"] = {"speedup": ratio("tempering", "tempering_no_shared_prompts"),
                                      "what": "tokens/s of tempering over tempering with each pair's prompt run "
                                              "twice, same batches"}
+    if "tempering_no_shared_prefix" in arms:
+        abl["shared_sft_prefix"] = {"speedup": ratio("tempering", "tempering_no_shared_prefix"),
+                                    "what": "tokens/s of tempering over tempering with every row's prefix run in "
+                                            "full, same batches"}
+    for arm, name in (("tempering", "tempering_sdpa"), ("tuned_trl", "tuned_trl_sdpa")):
+        if name in arms and arm in arms:
+            abl[f"eager_attention_{arm}"] = {"speedup": ratio(arm, name),
+                                             "what": f"tokens/s of {arm} (eager attention) over {name} (sdpa), "
+                                                     "same batches"}
+    if "tempering_sdpa" in arms and "tuned_trl_sdpa" in arms:
+        sp["tempering_sdpa_vs_tuned_trl_sdpa"] = ratio("tempering_sdpa", "tuned_trl_sdpa")
     if "tempering_packed" in arms and "tempering" in arms:
         padded, packed = out["arms"]["tempering"], out["arms"]["tempering_packed"]
         check = next((rd["packing_loss_check"] for rd in rounds if "packing_loss_check" in rd), None)

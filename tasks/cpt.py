@@ -87,7 +87,7 @@ def run(params: Params, base: str, data: str, out: str, checkpoints: str, metric
     from tempering.train.checkpoints import checkpoint_step, fingerprint, prepare_checkpoints
     from tempering.train.data import load_tokenizer, pack_text, split_eval
     from tempering.train.loop import train
-    from tempering.train.models import apply_adapter, load_model, merged_float32, snapshot_trainable
+    from tempering.train.models import apply_adapter, load_model, merged_float32, snapshot_trainable, use_attention
     from tempering.train.precision import choose_precision, quiet_transformers, setup_torch
     from tempering.train.sft import build_sft_trainer, sft_config
 
@@ -112,6 +112,7 @@ def run(params: Params, base: str, data: str, out: str, checkpoints: str, metric
                        "replay": replay_stats})
     model = load_model(base_dir, method=cfg.adapter.method, precision=precision, section="cpt",
                        frozen=cfg.adapter.frozen_dtype)
+    attention = use_attention(model, cfg.attention, precision.device, cfg.block_size)
     model = apply_adapter(model, cfg.adapter, seed=cfg.seed)
     before = snapshot_trainable(model)
     args = sft_config(cfg, params.tracking, output_dir=checkpoints,
@@ -133,7 +134,7 @@ def run(params: Params, base: str, data: str, out: str, checkpoints: str, metric
         merged.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
 
-    summary.update({"enabled": True, "precision": precision.name, "device": precision.device,
+    summary.update({"enabled": True, "precision": precision.name, "device": precision.device, "attention": attention,
                     "threads": threads, "data": data_stats, "method": cfg.adapter.method,
                     "wall_time_s": round(time.time() - started, 2)})
     curve = summary.pop("loss_curve")

@@ -133,9 +133,11 @@ def _score_heldout(policy, tokenizer, heldout: list[dict], cfg, precision, base_
     """The held-out pairs through the DPO model, the SFT model (its reference) and the base:
     (the aggregate report, each model's per-pair log-probs)."""
     from tempering import preference
-    from tempering.train.models import load_merged
+    from tempering.train.models import load_merged, use_attention
 
     def logps(model):
+        if not hasattr(model, "peft_config"):  # a freshly loaded model: the policy's kernel
+            use_attention(model, cfg.attention, precision.device, cfg.max_length)
         return preference.completion_logps(model, tokenizer, heldout, max_length=cfg.max_length,
                                            max_prompt_length=cfg.max_prompt_length, precision=precision)
 
@@ -204,7 +206,7 @@ def run(params: Params, base: str, sft: str, data: str, out: str, checkpoints: s
     from tempering.train.data import dpo_dataset, load_tokenizer, split_eval, tokenizer_hash
     from tempering.train.dpo import build_dpo_trainer, dpo_config, reference_cache_key
     from tempering.train.loop import save_trained, train
-    from tempering.train.models import apply_adapter, cast_frozen, frozen_dtype, snapshot_trainable
+    from tempering.train.models import apply_adapter, cast_frozen, frozen_dtype, snapshot_trainable, use_attention
     from tempering.train.precision import choose_precision, quiet_transformers, setup_torch
 
     rows, heldout = heldout_split(rows, cfg.heldout_share, cfg.seed)
@@ -220,6 +222,7 @@ def run(params: Params, base: str, sft: str, data: str, out: str, checkpoints: s
     tokenizer = load_tokenizer(tok_dir)
     model = _policy_base(base_dir, sft_dir, cfg.adapter.method, precision)
     model.config.use_cache = False
+    attention = use_attention(model, cfg.attention, precision.device, cfg.max_length)
     if cfg.adapter.method == "full":  # merging left the weights frozen (peft freezes the base)
         apply_adapter(model, cfg.adapter)
     else:  # the frozen SFT model in the autocast dtype (see tempering.train.models.frozen_dtype)
@@ -232,7 +235,7 @@ def run(params: Params, base: str, sft: str, data: str, out: str, checkpoints: s
                                               "frozen": str(frozen_dtype(cfg.adapter.method, precision,
                                                                          cfg.adapter.frozen_dtype))}),
         tokenizer=tokenizer_hash(tok_dir), max_length=cfg.max_length,
-        max_prompt_length=cfg.max_prompt_length, precision=precision.name)
+        max_prompt_length=cfg.max_prompt_length, precision=precision.name, attention=attention)
     resume_step = checkpoint_step(resume)
     if eval_set is not None or heldout:  # the reference log-probs are cached per split
         ref_key = content_id({"ref": ref_key, "eval_share": cfg.eval_share, "seed": cfg.seed,
@@ -256,13 +259,15 @@ def run(params: Params, base: str, sft: str, data: str, out: str, checkpoints: s
         heldout_meta = {"file": preference.HELDOUT_FILE, "pairs": len(heldout),
                         "prompts": summary["heldout"]["prompts"],
                         "scoring": {"max_length": cfg.max_length, "max_prompt_length": cfg.max_prompt_length,
-                                    "precision": precision.name, "tokenizer": tokenizer_hash(out),
+                                    "precision": precision.name, "attention": attention,
+                                    "tokenizer": tokenizer_hash(out),
                                     "version": preference.SCORING_VERSION}}
     else:
         heldout_meta = {"file": None, "pairs": 0, "reason": NOTE_NO_HELDOUT.format(share=cfg.heldout_share) if
                         cfg.heldout_share <= 0 else NOTE_ONE_PROMPT.format(pairs=len(rows))}
 
     summary.update({"enabled": True, "trained": True, "precision": precision.name, "device": precision.device,
+                    "attention": attention,
                     "threads": threads, "pairs": len(dataset) + len(heldout), "train_pairs": len(train_set),
                     "heldout_pairs": len(heldout),
                     "eval_pairs": len(eval_set) if eval_set is not None else 0, "method": cfg.adapter.method,

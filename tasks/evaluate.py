@@ -61,8 +61,8 @@ from tempering.io import (POINTER_FILE, atomic_path, content_id, dump_jsonl, has
                           resolve_model_dir, write_json, write_meta)
 from tempering.records import EvaluateRecord, validated
 # The scoring library (tempering/scorecard.py) owns the scoring names: import them from there.
-from tempering.scorecard import (SCORING_VERSION, TASK_VERSION, _amp_dtype, _device, bundle, drift_records,
-                                 drift_summary, generations, load_model, multiple_choice)
+from tempering.scorecard import (SCORING_VERSION, TASK_VERSION, _amp_dtype, _device, attention_kernel, bundle,
+                                 drift_records, drift_summary, generations, load_model, multiple_choice)
 
 # The params.yaml sections (or single keys) this stage reads, the stage contract: dvc.yaml
 # lists exactly these under its `params:` (tests/test_stage_contract.py).
@@ -93,6 +93,7 @@ def scoring_key(cfg: EvaluateParams, info: dict, model_hash: str) -> dict:
             "versions": {p: version(p) for p in ("torch", "transformers", "lm-eval")},
             "amp": str(_amp_dtype(cfg)), "precision": cfg.precision, "batch_size": cfg.batch_size,
             "max_length": cfg.max_length, "backend": getattr(cfg, "backend", "hf"),
+            "attention": attention_kernel(cfg),
             "batch_tokens": getattr(cfg, "batch_tokens", None),
             "rescore_tolerance": getattr(cfg, "rescore_tolerance", None),
             "generation": cfg.generation.model_dump(mode="json")}
@@ -131,7 +132,7 @@ def cached_scores(model_dir: Path, cfg: EvaluateParams, info: dict, model_hash: 
     gens = _read_cached(_cache_file(cfg, gen_key, "generation"), gen_key)
     missing = [name for name, v in mc.items() if v is None]
     if missing or gens is None:
-        model, tok = load_model(model_dir)
+        model, tok = load_model(model_dir, cfg.attention)
         if missing:
             sub = dict(info, specs={n: info["specs"][n] for n in missing})
             for name, value in multiple_choice(model, tok, sub, cfg).items():
@@ -157,8 +158,8 @@ def cached_drift(cand_dir: Path, base_dir: Path, cfg: EvaluateParams, key: dict)
             cached = read_json(path)
             if cached["key"] == json.loads(json.dumps(key)):
                 return cached["records"], "hit"
-    cand, tok = load_model(cand_dir)
-    base, _ = load_model(base_dir)
+    cand, tok = load_model(cand_dir, cfg.attention)
+    base, _ = load_model(base_dir, cfg.attention)
     records = drift_records(cand, base, tok, rows, cfg)
     del cand, base
     write_json(path, {"key": key, "records": records})
@@ -251,7 +252,8 @@ def alignment_scores(cand_dir: Path, rows: list[dict], scoring: dict) -> list[di
     from tempering import preference
     from tempering.train.precision import Precision
 
-    model, tok = load_model(cand_dir)
+    # the dpo stage's kernel (kernels round differently); sets from before it was recorded: auto
+    model, tok = load_model(cand_dir, str(scoring.get("attention", "auto")))
     precision = Precision(str(scoring["precision"]), _device(), "as the dpo stage scored the held-out pairs")
     lengths = {"max_length": int(scoring["max_length"]), "max_prompt_length": int(scoring["max_prompt_length"])}
     logps = preference.completion_logps(model, tok, rows, precision=precision, **lengths)
@@ -353,8 +355,8 @@ def cached_heldout(cand_dir: Path, base_dir: Path, path: str | None, cfg: Evalua
     hit = "hit"
     if value is None:
         hit = "miss"
-        cand, tok = load_model(cand_dir)
-        base, _ = load_model(base_dir)
+        cand, tok = load_model(cand_dir, cfg.attention)
+        base, _ = load_model(base_dir, cfg.attention)
         models = (("candidate", cand), ("base", base))
         scored = {who: scorecard.heldout_nll(m, tok, rows, max_length=hcfg.max_length, batch_size=hcfg.batch_size,
                                              cfg=cfg) for who, m in models}

@@ -237,9 +237,9 @@ def _log(msg: str) -> None:
 def _interpolate(params: Params, merged, tokenizer, origin: str, prompts, reference) -> tuple[dict, dict | None]:
     """The dev sweep on ``merged`` (float32, as trained): leaves it at the kept alpha. Returns
     (the sweep record, the alpha-1 merge check when the kept alpha is below 1, else None)."""
-    from tempering import interpolate
+    from tempering import interpolate, scorecard
     from tempering.train.data import load_tokenizer
-    from tempering.train.models import load_merged
+    from tempering.train.models import load_merged, use_attention
 
     cfg = params.export
     origin_dir = resolve_model_dir(origin)
@@ -254,6 +254,8 @@ def _interpolate(params: Params, merged, tokenizer, origin: str, prompts, refere
                    "token_agreement": (sum(scores) / len(scores)) if scores else 1.0}
     base_model = load_merged(origin_dir, [])
     base_model.eval()
+    for model in (merged, base_model):  # scored as evaluate scores (the kernel is not saved)
+        use_attention(model, params.evaluate.attention, scorecard._device(), training=False)
     record = interpolate.sweep(merged, tokenizer, base_model, load_tokenizer(origin_dir), cfg.interpolation,
                                params.evaluate, params.gate, log=_log)
     record["origin"] = str(origin)

@@ -149,11 +149,20 @@ def bundle(cfg: EvaluateParams, gate: GateParams | None = None) -> dict:
 # ----------------------------------------------------------------------------- scoring
 
 
-def load_model(model_dir: Path):
-    """(model, tokenizer) in float32 on the scoring device (:func:`tempering.train.models.load_for_inference`)."""
+def load_model(model_dir: Path, attention: str = "auto"):
+    """(model, tokenizer) in float32 on the scoring device, with ``evaluate.attention``'s kernel
+    (:func:`tempering.train.models.load_for_inference`)."""
     from tempering.train.models import load_for_inference
 
-    return load_for_inference(model_dir, _device())
+    return load_for_inference(model_dir, _device(), attention)
+
+
+def attention_kernel(cfg: EvaluateParams) -> str:
+    """The attention kernel ``evaluate.attention`` gives a scored model here (in the score caches'
+    keys: kernels round differently)."""
+    from tempering.train.models import attention_implementation
+
+    return attention_implementation(cfg.attention, _device(), training=False) or "default"
 
 
 def _device() -> str:

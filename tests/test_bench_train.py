@@ -71,6 +71,9 @@ def test_every_arm_on_a_tiny_model_sees_the_same_batches(bench, tmp_path):
                 assert a["loss_last"] is not None and a["loss_last"] == a["loss_last"], (kind, arm)  # finite
             assert len(rnd["loadavg_start"]) == 3 and len(rnd["loadavg_end"]) == 3
     assert res["peak"]["bf16_gflops"] > 0 and res["sft"]["arms"]["tempering"]["mfu"]["median"] > 0
+    assert {"selective_lm_head", "shared_sft_prefix", "eager_attention_tempering",
+            "eager_attention_tuned_trl", "packing"} <= set(res["sft"]["ablations"])
+    assert {"compact_dpo_head", "shared_dpo_prompts", "eager_attention_tempering"} <= set(res["dpo"]["ablations"])
     # The cross-run reference cache: a rebuild reads the log-probs back.
     assert all(rnd["tempering_rebuild"]["cache_hit"] for rnd in res["dpo"]["rounds"])
 

@@ -59,15 +59,17 @@ class ReferenceCache:
 
 
 def reference_cache_key(*, data: str, reference: str, tokenizer: str, max_length: int, max_prompt_length: int,
-                        precision: str) -> str:
+                        precision: str, attention: str = "sdpa") -> str:
     """Content address of a DPO reference log-prob set: the preference data, the reference model
-    (its weights' hash), the tokenizer + chat template, the max lengths and the autocast precision
-    (bf16 and fp32 log-probs differ), plus the TRL version (its tokenization of pairs)."""
+    (its weights' hash), the tokenizer + chat template, the max lengths, the autocast precision
+    and the attention kernel (bf16 and fp32 log-probs differ, and kernels round differently), plus
+    the TRL version (its tokenization of pairs)."""
     # v2: the reference runs each pair's prompt once (install_shared_prompt_forward): the same
     # log-probs up to rounding, so v1 sets are not reused.
     return content_id({"v": 2, "data": data, "reference": reference, "tokenizer": tokenizer,
                        "max_length": max_length, "max_prompt_length": max_prompt_length,
-                       "precision": precision, "trl": trl.__version__}, 32)
+                       "precision": precision, "trl": trl.__version__,
+                       **({"attention": attention} if attention != "sdpa" else {})}, 32)
 
 
 def reference_logps_path(key: str) -> Path:

@@ -7,7 +7,8 @@ side (:func:`peft_config`: LoRA/rsLoRA/DoRA, QLoRA, prefix and prompt tuning;
 :func:`apply_adapter`, :func:`live_adapter`, :func:`merge_adapter`, :func:`is_adapter_dir`),
 merging in float32 (:func:`load_merged`, :func:`merged_float32`, :func:`cast_frozen`),
 trainable-weight snapshots (:func:`snapshot_trainable`, :func:`weights_changed`), the decoder +
-LM head split of a causal LM (:func:`causal_lm_parts`) and a model folder's ``meta.json``
+LM head split of a causal LM (:func:`causal_lm_parts`), the attention kernel
+(:func:`attention_implementation`, :func:`use_attention`) and a model folder's ``meta.json``
 (:func:`model_meta`).
 
 The only module of tempering and tasks that imports peft (inside functions, like torch and
@@ -26,6 +27,37 @@ from tempering.train.data import load_tokenizer
 from tempering.train.precision import Precision
 
 ADAPTER_METHODS = ("lora", "prefix", "prompt")  # frozen base + small trainable adapter (qlora apart)
+
+# ``attention: auto`` trains with eager attention on a CPU up to this max_length. Eager keeps each
+# layer's [batch, heads, T, T] attention weights for the backward (~6 bytes an entry: 3.4 GB over
+# SmolLM2's 30 layers at batch 8 and T = 512); past it, sdpa's flash kernel (memory linear in T).
+EAGER_TRAIN_MAX_LENGTH = 512
+
+
+def attention_implementation(setting: str, device: str, max_length: int | None = None, *,
+                             training: bool = True) -> str | None:
+    """The attention kernel for ``setting`` (a stage's ``attention``): eager, sdpa, or for ``auto``
+    eager on a CPU (training: up to :data:`EAGER_TRAIN_MAX_LENGTH` tokens) and None otherwise
+    (the model's own, sdpa). Measured on this 2-core AVX512-BF16 CPU, bf16 autocast, SmolLM2-135M
+    (BENCHMARKS §2): an SFT step (forward + backward, batch 8, rows of 58-184 tokens) runs
+    1.18-1.27x faster with eager than with sdpa, whose CPU flash kernel is slow at these lengths
+    (its backward was 16% of a step); benchmark scoring (no gradients) 1.15x."""
+    if setting != "auto":
+        return setting
+    if device != "cpu":
+        return None
+    if training and (max_length is None or max_length > EAGER_TRAIN_MAX_LENGTH):
+        return None
+    return "eager"
+
+
+def use_attention(model, setting: str, device: str, max_length: int | None = None, *, training: bool = True) -> str:
+    """Switch a loaded (not yet peft-wrapped) model to :func:`attention_implementation`'s kernel;
+    returns the kernel the model now uses (recorded in the stage's metrics)."""
+    impl = attention_implementation(setting, device, max_length, training=training)
+    if impl and getattr(model.config, "_attn_implementation", None) != impl:
+        model.set_attn_implementation(impl)
+    return str(getattr(model.config, "_attn_implementation", None))
 
 
 PROMPT_LEARNING = ("prefix", "prompt")
@@ -87,9 +119,11 @@ def load_model(folder: str | os.PathLike, *, method: str = "lora", precision: Pr
     return model
 
 
-def load_for_inference(folder: str | os.PathLike, device: str | None = None):
+def load_for_inference(folder: str | os.PathLike, device: str | None = None, attention: str | None = "auto"):
     """(model, tokenizer) of a saved model for scoring or generation: float32 weights (autocast
-    picks the compute dtype), eval mode, KV cache on, on ``device`` (default: CUDA when present).
+    picks the compute dtype), eval mode, KV cache on, on ``device`` (default: CUDA when present),
+    the attention kernel :func:`use_attention` picks for ``attention`` (no gradients; None: the
+    model's own).
     The one loader of evaluate, export's sweep and the replay stage."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -99,7 +133,10 @@ def load_for_inference(folder: str | os.PathLike, device: str | None = None):
         raise TemperingError(f"{folder}: not a Hugging Face model folder (no config.json)")
     tok = load_tokenizer(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-    model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
+    if attention is not None:
+        use_attention(model, attention, torch.device(device).type, training=False)
     model.eval()
     return model, tok
 
