@@ -248,6 +248,16 @@ def _count_tokens(trainer, record: dict) -> None:
             return
         mask = kwargs.get("attention_mask")
         ids = kwargs.get("input_ids", args[0] if args else None)
+        cache = kwargs.get("past_key_values")
+        if cache is not None and ids is not None:
+            # SFT's shared prefix (tempering.train.losses): one row's prefix fills an empty cache,
+            # then every row's rest runs against it. Counted once, on the whole batch it stands for.
+            if cache.get_seq_length() == 0:
+                record["prefix_ids"] = ids
+                return
+            prefix = record.pop("prefix_ids", None)
+            if prefix is not None:
+                ids = torch.cat([prefix.expand(ids.shape[0], -1), ids], dim=1)
         if mask is not None and mask.dim() == 2 and ids is not None:
             record["tokens"] += int(mask.sum())
             record["sig"].append(_batch_digest(ids, mask))
