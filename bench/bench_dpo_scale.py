@@ -90,7 +90,7 @@ def measure(workspace: Path, a_grid, b_grid, pairs_every: int, log=print) -> dic
                     p.copy_(weights[n])
             del weights
             pt = interpolate.dev_point(a, model, tok, dev_info, dev_cfg, base_mc, drift_rows, base_lp, gate,
-                                       gate.metric)
+                                       gate.metric, params.export.interpolation.headroom)
             scores = preference.completion_logps(model, tok, rows, max_length=params.dpo.max_length,
                                                  max_prompt_length=params.dpo.max_prompt_length, precision=precision)
             d = pt["drift"] or {}

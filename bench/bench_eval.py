@@ -2,7 +2,8 @@
 
     .venv/bin/python bench/bench_eval.py --model models/base \
         [--hellaswag 200] [--arc-easy 100] [--arc-challenge 100] [--boolq 100] [--piqa 0] \
-        [--repeats 2] [--per-set] [--no-reference] [--parity-only] [--json bench/results-eval.json]
+        [--repeats 2] [--per-set] [--no-reference] [--parity-only] [--attention auto|eager|sdpa] \
+        [--json bench/results-eval.json]
 
 The requests are exactly those the ``evaluate`` stage sends: the shipped benchmarks as
 ``params.yaml`` lists them (files in ``benchmarks/``; only the item counts changed) go through ``tempering.scorecard.bundle`` and lm-eval's ``simple_evaluate`` with the
@@ -296,6 +297,8 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=2, help="timed calls per arm, alternating")
     ap.add_argument("--per-set", action="store_true", help="also time each benchmark alone (one call per arm)")
     ap.add_argument("--precision", choices=["auto", "fp32"], default="auto", help="evaluate.precision")
+    ap.add_argument("--attention", choices=["auto", "eager", "sdpa"], default="auto",
+                    help="evaluate.attention: the attention kernel both arms score with")
     ap.add_argument("--batch-size", type=int, default=None, help="hf requests per forward (default: params.yaml)")
     ap.add_argument("--batch-tokens", type=int, default=None, help="tempering tokens per forward (default: params.yaml)")
     ap.add_argument("--peak-repeats", type=int, default=10, help="matmul repeats for the peak (best of)")
@@ -335,7 +338,7 @@ def main(argv=None) -> int:
                     spec[key] = str(ROOT / spec[key])
             benches.append(dict(spec, chat=False, limit=getattr(a, name)))
     common = params.evaluate.model_dump(mode="json", by_alias=True)
-    common.update(benchmarks=benches, limit=None, precision=a.precision,
+    common.update(benchmarks=benches, limit=None, precision=a.precision, attention=a.attention,
                   cache_dir=str(Path(os.environ.get("TMPDIR", "/tmp")) / "tempering-bench-eval"))
     if a.batch_size:
         common["batch_size"] = a.batch_size
@@ -347,7 +350,7 @@ def main(argv=None) -> int:
     cfg_tl = EvaluateParams.model_validate(dict(common, backend="tempering"))
     info = bundle(cfg_hf)
     requests = record_requests(info)
-    model, tok = load_model(folder)
+    model, tok = load_model(folder, a.attention)
     arms = build_arms(model, tok, cfg_hf, cfg_tl)
     work_tokens = request_tokens(arms["hf"], requests)
     decoder, head = causal_lm_parts(model)
@@ -383,6 +386,7 @@ def main(argv=None) -> int:
                           "cuda": torch.cuda.is_available(), "loadavg_start": [round(x, 2) for x in load_start]},
               "versions": {p: __import__(p.replace("-", "_")).__version__ for p in ("torch", "transformers", "lm_eval")},
               "model": str(folder), "autocast": amp, "peak": peak,
+              "attention": str(model.config._attn_implementation),
               "settings": {"hf": {"batch_size": cfg_hf.batch_size, "softmax": "float32"},
                            "tempering": {"batch_tokens": cfg_tl.batch_tokens, "softmax": "float32",
                                          "rescore_tolerance": cfg_tl.rescore_tolerance}},

@@ -397,6 +397,10 @@ class InterpolationParams(_Section):
     # The grid, any order, each in (0, 1]; 1.0 = as trained. More points = a finer choice and
     # a longer export (one dev scoring each).
     alphas: tuple[float, ...] = (1.0, 0.85, 0.8, 0.7, 0.5, 0.3)
+    # Share of each gate drift limit a kept alpha's dev drift must stay under (of gate.max_kl,
+    # and of gate.max_perplexity_ratio's excess over 1): the gate re-measures drift on its own
+    # texts, and a point just inside on dev lands outside there. 0 = the gate's limits as they are.
+    headroom: float = Field(0.05, ge=0.0, lt=1.0)
 
     @field_validator("alphas")
     @classmethod

@@ -86,20 +86,32 @@ def _drift_bounds(records: list[dict], gate: GateParams, seed: int) -> dict:
             "perplexity_ratio": math.exp(gap.estimate), "perplexity_ratio_upper": math.exp(gap.ci[1])}
 
 
-def within_limits(drift: dict | None, gate: GateParams) -> bool | None:
-    """Whether a point's dev drift (upper interval ends) is within the gate's limits; None when
-    there is nothing to judge (no dev drift texts, or no limits)."""
+def limits(gate: GateParams, headroom: float = 0.0) -> tuple[float | None, float | None]:
+    """(KL limit, perplexity-ratio limit) a dev point must keep its upper interval ends within:
+    the gate's, less ``headroom`` (export.interpolation.headroom) of each: of the KL limit, and of
+    the perplexity ratio's excess over 1."""
+    kl = gate.max_kl * (1.0 - headroom) if gate.max_kl is not None else None
+    ratio = 1.0 + (gate.max_perplexity_ratio - 1.0) * (1.0 - headroom) \
+        if gate.max_perplexity_ratio is not None else None
+    return kl, ratio
+
+
+def within_limits(drift: dict | None, gate: GateParams, headroom: float = 0.0) -> bool | None:
+    """Whether a point's dev drift (upper interval ends) is within the gate's limits less
+    ``headroom`` (:func:`limits`); None when there is nothing to judge (no dev drift texts, or
+    no limits)."""
     if not drift or not drift.get("texts"):
         return None
+    max_kl, max_ratio = limits(gate, headroom)
     checks = []
-    if gate.max_kl is not None:
-        checks.append(drift["kl_upper"] <= gate.max_kl)
-    if gate.max_perplexity_ratio is not None:
-        checks.append(drift["perplexity_ratio_upper"] <= gate.max_perplexity_ratio)
+    if max_kl is not None:
+        checks.append(drift["kl_upper"] <= max_kl)
+    if max_ratio is not None:
+        checks.append(drift["perplexity_ratio_upper"] <= max_ratio)
     return all(checks) if checks else None
 
 
-def choose(points: list[dict], gate: GateParams) -> tuple[float, str]:
+def choose(points: list[dict], gate: GateParams, headroom: float = 0.0) -> tuple[float, str]:
     """(alpha, reason). The rule: among the alphas whose dev drift is within the gate's limits,
     the largest mean dev domain gain (a tie goes to the smaller alpha: the same gain for less
     drift); with no dev domain benchmark, the largest alpha within the limits. When no alpha is
@@ -108,7 +120,7 @@ def choose(points: list[dict], gate: GateParams) -> tuple[float, str]:
     if not points:
         raise ValueError("no sweep points")
     by_alpha = sorted(points, key=lambda p: -p["alpha"])
-    judged = [(p, within_limits(p.get("drift"), gate)) for p in by_alpha]
+    judged = [(p, within_limits(p.get("drift"), gate, headroom)) for p in by_alpha]
     has_domain = all(p.get("domain_gain") is not None for p in points)
 
     def gain(p):
@@ -127,16 +139,18 @@ def choose(points: list[dict], gate: GateParams) -> tuple[float, str]:
         d = best["drift"]
         what = (f"the largest dev domain gain ({best['domain_gain']:+.3f})" if has_domain
                 else "the largest alpha (no dev domain benchmark)")
+        room = f" less {headroom:.0%} headroom" if headroom else ""
         return best["alpha"], (f"alpha {best['alpha']:g}: {what} among the {len(ok)} of {len(points)} alphas whose "
-                               f"dev drift is within the gate's limits (KL upper {d['kl_upper']:.3f}, perplexity "
+                               f"dev drift is within the gate's limits{room} (KL upper {d['kl_upper']:.3f}, perplexity "
                                f"ratio upper {d['perplexity_ratio_upper']:.3f})")
     best = min(by_alpha, key=lambda p: (p["drift"]["kl_upper"], p["alpha"]))
-    return best["alpha"], (f"alpha {best['alpha']:g}: no alpha keeps dev drift within the gate's limits; the "
+    return best["alpha"], (f"alpha {best['alpha']:g}: no alpha keeps dev drift within the gate's limits"
+                           f"{f' less {headroom:.0%} headroom' if headroom else ''}; the "
                            f"least dev KL (upper {best['drift']['kl_upper']:.3f}) was kept and the gate will judge it")
 
 
 def dev_point(alpha: float, model, tok, dev_info: dict | None, dev_cfg: EvaluateParams, base_mc: dict,
-              drift_rows: list[dict], base_lp, gate: GateParams, metric: str) -> dict:
+              drift_rows: list[dict], base_lp, gate: GateParams, metric: str, headroom: float = 0.0) -> dict:
     """One alpha's dev scores: each dev domain benchmark's accuracy and gain over the base, and
     the dev drift (KL from the base and the perplexity ratio, with their upper interval ends)."""
     from tempering import scorecard
@@ -155,7 +169,7 @@ def dev_point(alpha: float, model, tok, dev_info: dict | None, dev_cfg: Evaluate
         summary = scorecard.drift_summary(records)  # point values per kind: which texts drift
         point["drift"]["by_kind"] = {kind: {"kl": summary[f"kl_{kind}"], "perplexity_ratio": summary[f"perplexity_ratio_{kind}"]}
                                      for kind in ("text", "chat") if f"kl_{kind}" in summary}
-    point["within_limits"] = within_limits(point["drift"], gate)
+    point["within_limits"] = within_limits(point["drift"], gate, headroom)
     point["seconds"] = round(time.time() - t0, 2)
     return point
 
@@ -183,19 +197,21 @@ def sweep(model, tok, base_model, base_tok, cfg: InterpolationParams, evaluate: 
     points = []
     for alpha in cfg.alphas:
         interp.set(alpha)
-        point = dev_point(alpha, model, tok, dev_info, dev_cfg, base_mc, drift_rows, base_lp, gate, metric)
+        point = dev_point(alpha, model, tok, dev_info, dev_cfg, base_mc, drift_rows, base_lp, gate, metric,
+                          cfg.headroom)
         points.append(point)
         d = point["drift"] or {}
         log(f"export.interpolation: alpha {alpha:g}: dev domain gain "
             f"{'n/a' if point['domain_gain'] is None else format(point['domain_gain'], '+.3f')}, KL "
             f"{d.get('kl', float('nan')):.3f} (upper {d.get('kl_upper', float('nan')):.3f}), perplexity ratio "
             f"{d.get('perplexity_ratio', float('nan')):.3f} ({point['seconds']:.0f} s)")
-    alpha, reason = choose(points, gate)
+    alpha, reason = choose(points, gate, cfg.headroom)
     interp.set(alpha)
     norm = interp.delta_norm()
     del interp, base_lp
     log(f"export.interpolation: kept {reason}")
     return {"alphas": list(cfg.alphas), "points": points, "chosen": alpha, "reason": reason,
+            "headroom": cfg.headroom,
             "metric": metric, "delta_norm": round(norm, 4),
             "base": {name: {metric: v[metric], "n": v["n"]} for name, v in base_mc.items()},
             "dev": {"benchmarks": {n: {"path": b.get("path"), "n": b.get("n"), "items_hash": b.get("items_hash")}

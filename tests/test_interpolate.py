@@ -34,6 +34,34 @@ def test_the_perplexity_limit_counts_too():
     assert within_limits(points[0]["drift"], GATE.model_copy(update={"max_perplexity_ratio": None})) is True
 
 
+def test_headroom_keeps_a_point_just_inside_the_limit_out():
+    """The 2026-12-06 default run: alpha 0.85 at dev KL upper 0.2996 was kept, and the gate,
+    re-measuring on its own texts, found 0.309. With 5% headroom (0.285) 0.8 is kept instead."""
+    from tempering.interpolate import limits
+
+    points = [_pt(1.0, 0.375, 0.394, 1.157), _pt(0.85, 0.354, 0.2996, 1.139), _pt(0.8, 0.333, 0.271, 1.126),
+              _pt(0.7, 0.292, 0.222, 1.120)]
+    assert choose(points, GATE)[0] == 0.85
+    alpha, reason = choose(points, GATE, headroom=0.05)
+    assert alpha == 0.8 and "less 5% headroom" in reason
+    assert limits(GATE, 0.05) == pytest.approx((0.285, 1.19))
+    assert limits(GATE) == pytest.approx((0.3, 1.2))
+    # the perplexity ratio's headroom is taken from its excess over 1
+    assert within_limits(_pt(0.5, 0.1, 0.1, 1.195)["drift"], GATE, 0.05) is False
+    assert within_limits(_pt(0.5, 0.1, 0.1, 1.195)["drift"], GATE) is True
+    # with nothing within even the reduced limits, the least drift is kept and the reason says so
+    alpha, reason = choose([_pt(1.0, 0.4, 0.299), _pt(0.9, 0.3, 0.29)], GATE, headroom=0.05)
+    assert alpha == 0.9 and "within the gate's limits less 5% headroom" in reason
+
+
+def test_headroom_is_validated():
+    from tempering.config import ParamsError
+
+    assert from_dict({}).export.interpolation.headroom == 0.05
+    with pytest.raises(ParamsError, match="headroom"):
+        from_dict({"export": {"interpolation": {"headroom": 1.0}}})
+
+
 def test_a_tie_in_gain_goes_to_the_smaller_alpha():
     points = [_pt(1.0, 0.4, 0.2), _pt(0.8, 0.4, 0.1), _pt(0.5, 0.3, 0.05)]
     assert choose(points, GATE)[0] == 0.8
