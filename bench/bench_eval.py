@@ -411,7 +411,7 @@ def main(argv=None) -> int:
     print(f"parity vs hf bf16 {result['parity']}", flush=True)
 
     if not a.no_reference:  # untimed: hf in float32 (the reference), tempering bf16 without re-scoring
-        from tasks.evaluate import scoring_lm
+        from tempering.scorecard import scoring_lm
 
         t = time.perf_counter()
         exact = scoring_lm(model, tok, cfg_hf.model_copy(update={"precision": "fp32"})).loglikelihood(
