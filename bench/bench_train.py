@@ -1,6 +1,6 @@
 """Training speed: TRL's defaults, TRL tuned for speed, and tempering, SFT and DPO, on the same batches.
 
-    .venv/bin/python bench/bench_train.py --base models/base --data data/clean \
+    MALLOC_ARENA_MAX=2 .venv/bin/python bench/bench_train.py --base models/base --data data/clean \
         [--epoch] [--repeats 3] [--sft-steps 6] [--dpo-steps 4] [--warmup 1] [--batch 8] \
         [--no-ablations] [--only sft|dpo] [--json bench/results-train.json]
 
@@ -15,7 +15,9 @@ defaults_trl
     Off CUDA it adds ``use_cpu=True``, without which TRL's default ``bf16=True`` refuses to start.
 tuned_trl
     The best settings TRL itself offers here: ``gradient_checkpointing=False``, bf16 autocast with
-    ``model_init_kwargs={"dtype": "bfloat16"}`` (the base stored in bf16), the same ``max_length``
+    ``model_init_kwargs={"dtype": "bfloat16"}`` (the base stored in bf16) and, on a CPU,
+    ``"attn_implementation": "eager"`` (the kernel tempering's ``attention: auto`` picks; faster
+    than sdpa here for TRL too), the same ``max_length``
     as tempering, ``train_sampling_strategy="group_by_length"``. SFT: prompt/completion rows (the
     prompt is every turn before the last assistant turn) with ``completion_only_loss=True`` and TRL's
     default ``loss_type="nll"`` (its chunked log-prob head; ``chunked_nll`` is a deprecated alias).
@@ -26,16 +28,22 @@ tuned_trl
 tempering
     The sft/dpo stages' own code path through ``tempering.train`` with the ``params.yaml``
     settings (only the step count changed): our chat-template tokenization (every assistant turn
-    in the loss), frozen base in bf16, no gradient checkpointing, LM-head logits only at target
-    tokens (SFT), TRL's fused DPO head scoring only completion tokens, the reference log-probs
-    precomputed once and cached by content (DPO).
+    in the loss), frozen base in bf16, no gradient checkpointing, eager attention on a CPU, LM-head
+    logits only at target tokens and the batch's common prefix run once (SFT), TRL's fused DPO
+    head scoring only completion tokens, the reference log-probs precomputed once and cached by
+    content (DPO).
 
 Ablations (unless ``--no-ablations``), each tempering with one of its own speed sources off:
-``tempering_no_selective_head`` (SFT loss through TRL's head), ``tempering_no_compact_head``
-(DPO with TRL's fused head as is), ``tempering_packed`` (SFT with ``sft.packing: true``: best-fit
-decreasing blocks of ``max_length``; other batches by construction, so it is compared on tokens/s,
-steps per epoch and loss, never on the same-batches check). The cross-run reference cache is
-measured as the DPO precompute of a cold build against a rebuild that hits the cache.
+``tempering_no_selective_head`` (SFT loss through TRL's head), ``tempering_no_shared_prefix``
+(SFT with every row's prefix run in full), ``tempering_sdpa`` / ``tuned_trl_sdpa`` (either arm
+with the model's own attention kernel), ``tempering_no_compact_head`` (DPO with TRL's fused head
+as is), ``tempering_no_shared_prompts`` (DPO with each pair's prompt run twice),
+``tempering_packed`` (SFT with ``sft.packing: true``: best-fit decreasing blocks of
+``max_length``; other batches by construction, so it is compared on tokens/s, steps per epoch
+and loss, never on the same-batches check). The cross-run reference cache is measured as the
+DPO precompute of a cold build against a rebuild that hits the cache. ``MALLOC_ARENA_MAX=2``:
+every arm trains in its own thread, and glibc's per-thread arenas grew 8 SFT arms to 24 GB
+without it.
 
 Same batches. Rows longer than ``max_length`` (and DPO pairs whose prompt is longer than
 ``max_prompt_length``) are left out, so no arm truncates differently. One batch plan is drawn
