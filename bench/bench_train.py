@@ -29,13 +29,12 @@ tempering
     The sft/dpo stages' own code path through ``tempering.train`` with the ``params.yaml``
     settings (only the step count changed): our chat-template tokenization (every assistant turn
     in the loss), frozen base in bf16, no gradient checkpointing, eager attention on a CPU, LM-head
-    logits only at target tokens and the batch's common prefix run once (SFT), TRL's fused DPO
+    logits only at target tokens (SFT), TRL's fused DPO
     head scoring only completion tokens, the reference log-probs precomputed once and cached by
     content (DPO).
 
 Ablations (unless ``--no-ablations``), each tempering with one of its own speed sources off:
-``tempering_no_selective_head`` (SFT loss through TRL's head), ``tempering_no_shared_prefix``
-(SFT with every row's prefix run in full), ``tempering_sdpa`` / ``tuned_trl_sdpa`` (either arm
+``tempering_no_selective_head`` (SFT loss through TRL's head), ``tempering_sdpa`` / ``tuned_trl_sdpa`` (either arm
 with the model's own attention kernel), ``tempering_no_compact_head`` (DPO with TRL's fused head
 as is), ``tempering_no_shared_prompts`` (DPO with each pair's prompt run twice),
 ``tempering_packed`` (SFT with ``sft.packing: true``: best-fit decreasing blocks of
@@ -106,7 +105,7 @@ env.setup()  # offline, no telemetry (the same defaults every stage uses)
 SEED = 42
 SFT_ARMS = ("defaults_trl", "tuned_trl", "tempering")
 DPO_ARMS = ("defaults_trl", "tuned_trl", "tempering")
-SFT_ABLATIONS = ("tempering_no_selective_head", "tempering_no_shared_prefix", "tempering_sdpa", "tuned_trl_sdpa",
+SFT_ABLATIONS = ("tempering_no_selective_head", "tempering_sdpa", "tuned_trl_sdpa",
                  "tempering_packed")
 DPO_ABLATIONS = ("tempering_no_compact_head", "tempering_no_shared_prompts", "tempering_sdpa", "tuned_trl_sdpa")
 PACKED_ARMS = ("tempering_packed",)  # other batches by construction: not in the same-batches check
@@ -256,16 +255,6 @@ def _count_tokens(trainer, record: dict) -> None:
             return
         mask = kwargs.get("attention_mask")
         ids = kwargs.get("input_ids", args[0] if args else None)
-        cache = kwargs.get("past_key_values")
-        if cache is not None and ids is not None:
-            # SFT's shared prefix (tempering.train.losses): one row's prefix fills an empty cache,
-            # then every row's rest runs against it. Counted once, on the whole batch it stands for.
-            if cache.get_seq_length() == 0:
-                record["prefix_ids"] = ids
-                return
-            prefix = record.pop("prefix_ids", None)
-            if prefix is not None:
-                ids = torch.cat([prefix.expand(ids.shape[0], -1), ids], dim=1)
         if mask is not None and mask.dim() == 2 and ids is not None:
             record["tokens"] += int(mask.sum())
             record["sig"].append(_batch_digest(ids, mask))
@@ -597,7 +586,7 @@ def _params(steps: int, batch: int, overrides=()):
 
 
 def tempering_sft(base: str, rows: list[dict], steps: int, batch: int, out: str, *, packing: bool = False,
-                  selective_head: bool | None = None, shared_prefix: bool = True, overrides=(), **_):
+                  selective_head: bool | None = None, overrides=(), **_):
     """The sft stage's code path (tasks/sft.py) without the file I/O around it."""
     from tempering.train.data import load_tokenizer, pack_sft, tokenize_sft, tokenizer_hash
     from tempering.train.models import apply_adapter, load_model, use_attention
@@ -619,8 +608,7 @@ def tempering_sft(base: str, rows: list[dict], steps: int, batch: int, out: str,
     args = sft_config(cfg, p.tracking, output_dir=out, precision=precision, run_name="bench",
                       disable_tqdm=True)
     trainer = build_sft_trainer(model, tok, ds, args, stage="sft", checkpoints=out, live_dir=None,
-                                tracking=p.tracking, cfg=cfg, selective_head=selective_head,
-                                shared_prefix=shared_prefix)
+                                tracking=p.tracking, cfg=cfg, selective_head=selective_head)
     trainer._bench_cfg = cfg
     return trainer
 
@@ -660,7 +648,6 @@ SFT_BUILDERS = {
     "tuned_trl": tuned_sft,
     "tempering": tempering_sft,
     "tempering_no_selective_head": lambda *a, **k: tempering_sft(*a, **k, selective_head=False),
-    "tempering_no_shared_prefix": lambda *a, **k: tempering_sft(*a, **k, shared_prefix=False),
     "tempering_sdpa": lambda *a, **k: tempering_sft(*a, **k, overrides=["sft.attention=sdpa"]),
     "tuned_trl_sdpa": lambda *a, **k: tuned_sft(*a, **k, attention="sdpa"),
     "tempering_packed": lambda *a, **k: tempering_sft(*a, **k, packing=True),
@@ -682,11 +669,9 @@ SFT_SETTINGS = {
                  "eager on CPU, max_length as tempering, train_sampling_strategy=group_by_length, "
                  "completion_only_loss=True on prompt/completion rows, loss_type=nll (chunked head), "
                  "padding_free/packing off: FlashAttention only)",
-    "tempering": "params.yaml sft through tempering.train (selective LM head, the batch's common prefix run once, "
-                 "attention auto = eager on CPU, frozen base bf16, no gradient checkpointing, every assistant "
+    "tempering": "params.yaml sft through tempering.train (selective LM head, attention auto = eager on CPU, frozen base bf16, no gradient checkpointing, every assistant "
                  "turn in the loss)",
     "tempering_no_selective_head": "tempering with TRL's own loss head (build_sft_trainer(selective_head=False))",
-    "tempering_no_shared_prefix": "tempering with every row's prefix run in full (build_sft_trainer(shared_prefix=False))",
     "tempering_sdpa": "tempering with sft.attention=sdpa (the model's own kernel)",
     "tuned_trl_sdpa": "tuned_trl without attn_implementation (the model's own kernel, sdpa)",
     "tempering_packed": "tempering with sft.packing=true (best-fit decreasing blocks of max_length)",
@@ -914,10 +899,6 @@ def summarize_method(kind: str, run: dict, arms: list[str], flops_tok: float | N
         abl["shared_dpo_prompts"] = {"speedup": ratio("tempering", "tempering_no_shared_prompts"),
                                      "what": "tokens/s of tempering over tempering with each pair's prompt run "
                                              "twice, same batches"}
-    if "tempering_no_shared_prefix" in arms:
-        abl["shared_sft_prefix"] = {"speedup": ratio("tempering", "tempering_no_shared_prefix"),
-                                    "what": "tokens/s of tempering over tempering with every row's prefix run in "
-                                            "full, same batches"}
     for arm, name in (("tempering", "tempering_sdpa"), ("tuned_trl", "tuned_trl_sdpa")):
         if name in arms and arm in arms:
             abl[f"eager_attention_{arm}"] = {"speedup": ratio(arm, name),

@@ -49,7 +49,6 @@ def run(params: Params, base: str, data: str, out: str, checkpoints: str, metric
     from tempering.train.checkpoints import checkpoint_step, fingerprint, prepare_checkpoints
     from tempering.train.data import load_tokenizer, pack_sft, split_eval, tokenize_sft, tokenizer_hash
     from tempering.train.loop import save_trained, train
-    from tempering.train.losses import SHARED_PREFIX_BATCHES
     from tempering.train.models import apply_adapter, load_model, snapshot_trainable, use_attention
     from tempering.train.precision import choose_precision, quiet_transformers, setup_torch
     from tempering.train.sft import build_sft_trainer, sft_config
@@ -97,11 +96,8 @@ def run(params: Params, base: str, data: str, out: str, checkpoints: str, metric
                                 checkpoints=checkpoints, live_dir=live,
                                 tracking=params.tracking, resume_step=resume_step,
                                 eval_dataset=eval_set, cfg=cfg)
-    shared_before = dict(SHARED_PREFIX_BATCHES)
     summary = train(trainer, resume, before)
     save_trained(trainer, tokenizer, out, base=base_hash)
-    # training batches whose common prefix (the template's system turn) ran once, and the others
-    summary["shared_prefix_batches"] = {k: SHARED_PREFIX_BATCHES[k] - v for k, v in shared_before.items()}
 
     summary.update({"precision": precision.name, "device": precision.device, "threads": threads, "attention": attention,
                     "data": data_stats, "method": cfg.adapter.method,

@@ -71,40 +71,11 @@ def test_every_arm_on_a_tiny_model_sees_the_same_batches(bench, tmp_path):
                 assert a["loss_last"] is not None and a["loss_last"] == a["loss_last"], (kind, arm)  # finite
             assert len(rnd["loadavg_start"]) == 3 and len(rnd["loadavg_end"]) == 3
     assert res["peak"]["bf16_gflops"] > 0 and res["sft"]["arms"]["tempering"]["mfu"]["median"] > 0
-    assert {"selective_lm_head", "shared_sft_prefix", "eager_attention_tempering",
+    assert {"selective_lm_head", "eager_attention_tempering",
             "eager_attention_tuned_trl", "packing"} <= set(res["sft"]["ablations"])
     assert {"compact_dpo_head", "shared_dpo_prompts", "eager_attention_tempering"} <= set(res["dpo"]["ablations"])
     # The cross-run reference cache: a rebuild reads the log-probs back.
     assert all(rnd["tempering_rebuild"]["cache_hit"] for rnd in res["dpo"]["rounds"])
-
-
-def test_the_shared_sft_prefix_is_counted_on_the_whole_batch(bench, tmp_path):
-    """Rows that open with the same system turn: tempering runs it once (the decoder sees one
-    row's prefix, then every row's rest), yet every arm counts and digests the same batches."""
-    from tempering.io import write_jsonl
-    from tempering.testing import make_tiny_model
-    from tempering.train.losses import SHARED_PREFIX_BATCHES
-
-    model = make_tiny_model(tmp_path / "tiny")
-    system = {"role": "system", "content": "you are a helpful assistant who answers every question"}
-    rows = [{"messages": [system, {"role": "user", "content": f"where does person {i} live"},
-                          {"role": "assistant", "content": f"person {i} lives in town {i % 5}"}]}
-            for i in range(16)]
-    data = tmp_path / "data"
-    data.mkdir()
-    write_jsonl(data / "sft.jsonl", rows)
-    write_jsonl(data / "preference.jsonl", [])
-    out = tmp_path / "train.json"
-    before = SHARED_PREFIX_BATCHES["shared"]
-    assert bench.main(["--base", str(model), "--data", str(data), "--repeats", "1", "--only", "sft",
-                       "--arms", "tuned_trl,tempering,tempering_no_shared_prefix", "--sft-steps", "2",
-                       "--warmup", "1", "--batch", "4", "--peak-rounds", "1", "--peak-size", "128",
-                       "--json", str(out)]) == 0
-    assert SHARED_PREFIX_BATCHES["shared"] - before >= 3  # tempering's warm-up and timed steps
-    r = json.loads(out.read_text())["sft"]
-    assert r["same_batches"] is True, r["same_batches_detail"]
-    tokens = {arm: rnd["tokens"] for arm, rnd in r["rounds"][0]["arms"].items()}
-    assert len(set(tokens.values())) == 1, tokens
 
 
 def test_qlora_refuses_without_cuda(bench, tmp_path):

@@ -60,9 +60,7 @@ def test_the_real_model_goes_through_every_stage(smollm2_project: Path):
         assert m["steps"] > 0 and math.isfinite(m["train_loss_last"]) and m["weights_changed"] is True
     # The real model's own answers to the general prompts were validated and rehearsed in SFT.
     sft = json.loads((root / "metrics/sft.json").read_text())
-    # SmolLM2's template opens every conversation with the same system turn: it ran once per batch,
-    # and every stage trained and scored with eager attention (attention: auto on a CPU)
-    assert sft["shared_prefix_batches"]["shared"] > 0, sft["shared_prefix_batches"]
+    # every stage trained and scored with eager attention (attention: auto on a CPU)
     assert sft["attention"] == "eager" and json.loads((root / "metrics/dpo.json").read_text())["attention"] == "eager"
     replay = sft["data"]["replay"]
     assert replay["available"] >= 6 and replay["replay_rows"] > 0, replay

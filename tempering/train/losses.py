@@ -1,7 +1,6 @@
 """Loss kernels that make CPU training fast, with the same loss as the model's own.
 
-Owns :func:`selective_lm_loss` (SFT and CPT: the LM head and softmax only at trained positions,
-and a prefix every row of the batch begins with run once, :func:`shared_prefix_length`)
+Owns :func:`selective_lm_loss` (SFT and CPT: the LM head and softmax only at trained positions)
 and :func:`install_compact_lm_head` (DPO: TRL's fused LM head scoring only labelled positions;
 :func:`fused_head_output` builds its output, for it and DPO's shared-prompt forward).
 Both split the model with :func:`tempering.train.models.causal_lm_parts`; torch is imported
@@ -17,68 +16,14 @@ from tempering.train.models import causal_lm_parts
 # Models whose forward already is the compact head (a weak set: no attribute stuck on the model).
 _COMPACT: weakref.WeakSet = weakref.WeakSet()
 
-# The fewest tokens a batch's common prefix must have to be run once: the prefix's own pass (one
-# row) costs a fixed overhead per layer, which a few tokens saved on each row do not repay.
-MIN_SHARED_PREFIX = 8
-# Batches selective_lm_loss ran with a shared prefix / without one (for tests and benchmarks).
-SHARED_PREFIX_BATCHES = {"shared": 0, "unshared": 0}
 
-
-def shared_prefix_length(input_ids, attention_mask, labels) -> int:
-    """How many leading tokens every row of a flush-left batch has in common, with no target among
-    the tokens they predict (the chat template's system turn and the user header, in SFT), or 0
-    when that is under :data:`MIN_SHARED_PREFIX` or the batch has one row."""
-    batch, width = input_ids.shape
-    if batch < 2:
-        return 0
-    same = (input_ids == input_ids[:1]).all(0)
-    if attention_mask is not None:
-        same &= (attention_mask == 1).all(0)
-    length = int(same.long().cumprod(0).sum())
-    # hidden state j predicts token j + 1: no prefix position may predict a target
-    trained = (labels[:, 1:] != -100).any(0).nonzero()
-    first = int(trained[0, 0]) if len(trained) else width
-    length = min(length, first, width - 1)
-    return length if length >= MIN_SHARED_PREFIX else 0
-
-
-def _prefix_once(decoder, inputs: dict, length: int):
-    """The decoder's hidden states at positions ``length``.. of every row, the common prefix of
-    ``length`` tokens having run once: its keys and values (a KV cache, repeated across the batch)
-    serve every row, and gradients flow back through them to the prefix's single pass. The same
-    result as the full forward up to rounding; the rows' attention mask keeps covering the prefix."""
-    import torch
-    from transformers import DynamicCache
-
-    ids = inputs["input_ids"]
-    batch, width = ids.shape
-    cache = DynamicCache(config=decoder.config)
-    decoder(input_ids=ids[:1, :length], past_key_values=cache, use_cache=True)
-    cache.batch_repeat_interleave(batch)
-    positions = torch.arange(length, width, device=ids.device).expand(batch, -1)
-    return decoder(input_ids=ids[:, length:], attention_mask=inputs.get("attention_mask"), position_ids=positions,
-                   past_key_values=cache, use_cache=True).last_hidden_state
-
-
-def _takes_cache(decoder) -> bool:
-    import inspect
-
-    flag = "is_activation_checkpointing" if hasattr(type(decoder), "is_activation_checkpointing") \
-        else "is_gradient_checkpointing"  # transformers 5.x renamed it
-    return "past_key_values" in inspect.signature(decoder.forward).parameters and not getattr(decoder, flag, False)
-
-
-def selective_lm_loss(model, inputs: dict, num_items_in_batch=None, shared_prefix: bool = True):
+def selective_lm_loss(model, inputs: dict, num_items_in_batch=None):
     """Causal-LM cross-entropy computing logits only where a label is trained.
 
     Same loss as the model's own (shifted labels, -100 ignored, sum / number of target tokens),
     but the LM head (49k x 576 for SmolLM2, ~20% of a forward) and the float32 softmax run only
-    on target positions (assistant tokens in SFT) instead of every position. With
-    ``shared_prefix``, a prefix every row begins with (:func:`shared_prefix_length`; SmolLM2's
-    default system turn is ~24 tokens of a ~90-token conversation) runs once per batch
-    (:func:`_prefix_once`); packed blocks (``position_ids``), single rows, short prefixes and
-    gradient checkpointing keep the plain forward. Returns None when the model does not have the
-    decoder + LM head layout (the caller falls back)."""
+    on target positions (assistant tokens in SFT) instead of every position. Returns None when
+    the model does not have the decoder + LM head layout (the caller falls back)."""
     import torch.nn.functional as F
 
     parts = causal_lm_parts(model)
@@ -86,16 +31,9 @@ def selective_lm_loss(model, inputs: dict, num_items_in_batch=None, shared_prefi
         return None
     decoder, head = parts
     labels = inputs["labels"]
-    length = 0
-    if shared_prefix and "position_ids" not in inputs and _takes_cache(decoder):
-        length = shared_prefix_length(inputs["input_ids"], inputs.get("attention_mask"), labels)
-    SHARED_PREFIX_BATCHES["shared" if length else "unshared"] += 1
-    if length:
-        hidden = _prefix_once(decoder, inputs, length)[:, :-1]
-    else:
-        kwargs = {k: inputs[k] for k in ("input_ids", "attention_mask", "position_ids") if k in inputs}
-        hidden = decoder(**kwargs, use_cache=False).last_hidden_state[:, :-1]
-    target = labels[:, length + 1:]
+    kwargs = {k: inputs[k] for k in ("input_ids", "attention_mask", "position_ids") if k in inputs}
+    hidden = decoder(**kwargs, use_cache=False).last_hidden_state[:, :-1]
+    target = labels[:, 1:]
     keep = target != -100
     logits = head(hidden[keep]).float()
     loss = F.cross_entropy(logits, target[keep], reduction="sum")

@@ -39,9 +39,10 @@ def attention_implementation(setting: str, device: str, max_length: int | None =
     """The attention kernel for ``setting`` (a stage's ``attention``): eager, sdpa, or for ``auto``
     eager on a CPU (training: up to :data:`EAGER_TRAIN_MAX_LENGTH` tokens) and None otherwise
     (the model's own, sdpa). Measured on this 2-core AVX512-BF16 CPU, bf16 autocast, SmolLM2-135M
-    (BENCHMARKS §2): an SFT step (forward + backward, batch 8, rows of 58-184 tokens) runs
-    1.18-1.27x faster with eager than with sdpa, whose CPU flash kernel is slow at these lengths
-    (its backward was 16% of a step); benchmark scoring (no gradients) 1.15x."""
+    (BENCHMARKS §2): eager beats sdpa, whose CPU flash kernel is slow at these lengths (its
+    backward was 16% of an SFT step). An isolated forward + backward (batch 8, rows of 58-184
+    tokens) ran 1.18-1.27x faster, the trainer's steps 1.09x (tuned TRL's 1.24x), the sft stage
+    1.24x; benchmark scoring (no gradients) 1.15x."""
     if setting != "auto":
         return setting
     if device != "cpu":

@@ -41,9 +41,8 @@ class TemperingSFTTrainer(TemperingTrainerMixin, SFTTrainer):
     ~35% slower (SmolLM2-135M, batch 8, fp32: 3.4 vs 2.5 s/step); it pays off on GPUs, where it
     saves the logits' memory. Same loss: labels carry the -100 mask."""
 
-    def __init__(self, *args, plain_loss: bool = False, shared_prefix: bool = True, **kwargs):
+    def __init__(self, *args, plain_loss: bool = False, **kwargs):
         self.plain_loss = plain_loss
-        self.shared_prefix = shared_prefix
         super().__init__(*args, **kwargs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -52,7 +51,7 @@ class TemperingSFTTrainer(TemperingTrainerMixin, SFTTrainer):
                                         num_items_in_batch=num_items_in_batch)
         inputs["use_cache"] = False
         if not return_outputs:
-            loss = selective_lm_loss(model, inputs, num_items_in_batch, shared_prefix=self.shared_prefix)
+            loss = selective_lm_loss(model, inputs, num_items_in_batch)
             if loss is not None:
                 return loss
         return Trainer.compute_loss(self, model, inputs, return_outputs=return_outputs,
@@ -61,15 +60,14 @@ class TemperingSFTTrainer(TemperingTrainerMixin, SFTTrainer):
 
 def build_sft_trainer(model, tokenizer, dataset, args, *, stage: str, checkpoints: str,
                       live_dir: str | None, tracking, resume_step: int | None = None, eval_dataset=None,
-                      cfg=None, selective_head: bool | None = None, shared_prefix: bool = True) -> TemperingSFTTrainer:
+                      cfg=None, selective_head: bool | None = None) -> TemperingSFTTrainer:
     """A :class:`TemperingSFTTrainer` for a stage. Packed datasets (a ``seq_lengths`` column, see
     :func:`~tempering.train.data.pack_sft`) get the packed collator. ``selective_head``: the
     loss through :func:`~tempering.train.losses.selective_lm_loss` (None = off CUDA only, the
-    default; False = TRL's own loss, for the speed ablation in ``bench/bench_train.py``);
-    ``shared_prefix``: its batch-wide common prefix run once (False: the bench's ablation)."""
+    default; False = TRL's own loss, for the speed ablation in ``bench/bench_train.py``)."""
     plain = not str(args.device).startswith("cuda") if selective_head is None else bool(selective_head)
     collator = packed_collator(tokenizer.pad_token_id) if "seq_lengths" in dataset.column_names else None
     return TemperingSFTTrainer(
         model=model, args=args, train_dataset=dataset, eval_dataset=eval_dataset, processing_class=tokenizer,
-        data_collator=collator, stage=stage, checkpoints=checkpoints, plain_loss=plain, shared_prefix=shared_prefix,
+        data_collator=collator, stage=stage, checkpoints=checkpoints, plain_loss=plain,
         callbacks=stage_callbacks(live_dir, tracking, resume_step, cfg))
