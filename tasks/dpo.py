@@ -212,7 +212,7 @@ def run(params: Params, base: str, sft: str, data: str, out: str, checkpoints: s
     rows, heldout = heldout_split(rows, cfg.heldout_share, cfg.seed)
     dataset = dpo_dataset(rows, source=str(data_file))
     train_set, eval_set = split_eval(dataset, cfg.eval_share, cfg.seed)
-    fp = fingerprint(cfg, data=data_hash, base=base_hash, sft=sft_hash)
+    fp = fingerprint(cfg, stage_file=__file__, data=data_hash, base=base_hash, sft=sft_hash)
     resume = prepare_checkpoints(checkpoints, fp)
 
     threads = setup_torch()

@@ -113,14 +113,17 @@ def _read_cached(path: Path, key: dict):
     return None
 
 
-def cached_scores(model_dir: Path, cfg: EvaluateParams, info: dict, model_hash: str) -> tuple[dict, str, dict]:
+def cached_scores(model_dir: Path, cfg: EvaluateParams, info: dict, model_hash: str,
+                  work: dict | None = None) -> tuple[dict, str, dict]:
     """Scores of a model, cached per benchmark: (scores, "hit" | "partial" | "miss", key).
 
     Each benchmark's results are cached under :func:`scoring_key` with that benchmark's own
     definition in place of the bundle hash, so a change to one benchmark re-scores only it; the
     greedy generations under the generation benchmarks' definitions. Every model is cached, the
     candidate too: re-running evaluate after a promotion costs no scoring. ``key`` (with the
-    bundle hash) is what the registry stores beside a promoted model's results."""
+    bundle hash) is what the registry stores beside a promoted model's results. ``work``, when
+    given, receives where the time went: loading, benchmark scoring (with the scorer's counts) and
+    the greedy generations, in seconds."""
     key = scoring_key(cfg, info, model_hash)
     hashed = {name: {k: v for k, v in meta.items() if k != "data_file"} for name, meta in info["benchmarks"].items()}
 
@@ -131,16 +134,23 @@ def cached_scores(model_dir: Path, cfg: EvaluateParams, info: dict, model_hash: 
     mc = {name: _read_cached(_cache_file(cfg, bench_key(name)), bench_key(name)) for name in info["specs"]}
     gens = _read_cached(_cache_file(cfg, gen_key, "generation"), gen_key)
     missing = [name for name, v in mc.items() if v is None]
+    work = {} if work is None else work
     if missing or gens is None:
+        t = time.perf_counter()
         model, tok = load_model(model_dir, cfg.attention)
+        work["load_s"] = round(time.perf_counter() - t, 2)
         if missing:
+            t, scorer = time.perf_counter(), {}
             sub = dict(info, specs={n: info["specs"][n] for n in missing})
-            for name, value in multiple_choice(model, tok, sub, cfg).items():
+            for name, value in multiple_choice(model, tok, sub, cfg, stats=scorer).items():
                 mc[name] = value
                 write_json(_cache_file(cfg, bench_key(name)), {"key": bench_key(name), "value": value})
+            work.update(benchmarks_s=round(time.perf_counter() - t, 2), scorer=scorer)
         if gens is None:
+            t = time.perf_counter()
             gens = generations(model, tok, info, cfg)
             write_json(_cache_file(cfg, gen_key, "generation"), {"key": gen_key, "value": gens})
+            work["generations_s"] = round(time.perf_counter() - t, 2)
         del model
     status = "hit" if not missing else ("miss" if len(missing) == len(mc) else "partial")
     return {"mc": mc, "generation": gens}, status, key
@@ -395,12 +405,13 @@ def run(params: Params, model: str, base: str, samples: str, metrics: str, regis
     timings: dict[str, float] = {}
     cand_hash = hash_path(cand_dir)
     t0 = time.time()
-    scores["candidate"], hit, cand_key = cached_scores(cand_dir, cfg, info, cand_hash)
+    work: dict[str, dict] = {"candidate": {}, "base": {}, "production": {}}
+    scores["candidate"], hit, cand_key = cached_scores(cand_dir, cfg, info, cand_hash, work["candidate"])
     timings["candidate"] = round(time.time() - t0, 2)
     models["candidate"] = {"path": str(model), "hash": cand_hash, "cache": hit, "score_key": cand_key}
     base_hash = hash_path(base_dir)
     t0 = time.time()
-    scores["base"], hit, base_key = cached_scores(base_dir, cfg, info, base_hash)
+    scores["base"], hit, base_key = cached_scores(base_dir, cfg, info, base_hash, work["base"])
     timings["base"] = round(time.time() - t0, 2)
     models["base"] = {"path": str(base), "hash": base_hash, "cache": hit}
     prod = production_model(registry, registry_name, alias, champion)
@@ -413,7 +424,7 @@ def run(params: Params, model: str, base: str, samples: str, metrics: str, regis
         if stored is not None and set(stored["mc"]) == set(info["specs"]):
             scores["production"], hit = stored, "registry"
         else:
-            scores["production"], hit, _ = cached_scores(prod_dir, cfg, info, prod_hash)
+            scores["production"], hit, _ = cached_scores(prod_dir, cfg, info, prod_hash, work["production"])
         timings["production"] = round(time.time() - t0, 2)
         models["production"] = {"path": str(prod_dir), "hash": prod_hash, "version": version, "cache": hit}
     t0 = time.time()
@@ -480,7 +491,8 @@ def run(params: Params, model: str, base: str, samples: str, metrics: str, regis
               "drift": dict(drift_summary(drift), cache=drift_hit) if drift else {"texts": 0, "cache": drift_hit},
               "alignment": alignment_summary(align_source, align_rows, align_hit),
               "sft_heldout": held_summary,
-              "timings_s": timings, "wall_time_s": round(time.time() - started, 2)}
+              "timings_s": timings, "work": {who: w for who, w in work.items() if w},
+              "wall_time_s": round(time.time() - started, 2)}
     write_meta(samples, stage="evaluate", params=cfg, started=started,
                inputs={"candidate": cand_hash, "base": base_hash, "bundle": info["hash"],
                        **({"heldout": hash_path(align_source["path"])} if "path" in align_source else {}),

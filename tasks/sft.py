@@ -65,7 +65,7 @@ def run(params: Params, base: str, data: str, out: str, checkpoints: str, metric
     # The rows trained on, not just the file: the replay mix changes them (tokenize cache, resume).
     data_hash, base_hash = content_id({"file": hash_path(data_file), "ids": [r["id"] for r in rows]}), \
         hash_path(base_dir)
-    fp = fingerprint(cfg, data=data_hash, base=base_hash)
+    fp = fingerprint(cfg, stage_file=__file__, data=data_hash, base=base_hash)
     resume = prepare_checkpoints(checkpoints, fp)
 
     threads = setup_torch()

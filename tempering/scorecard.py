@@ -254,11 +254,13 @@ def run_lm_eval(lm, info: dict):
                 yield spec, res, sorted(results["samples"].get(task, []), key=lambda s: s["doc_id"])
 
 
-def multiple_choice(model, tok, info: dict, cfg: EvaluateParams) -> dict:
+def multiple_choice(model, tok, info: dict, cfg: EvaluateParams, stats: dict | None = None) -> dict:
     """lm-eval on a loaded model: {name: {acc, acc_norm, n, samples: [per-item rows]}}.
 
     lm-eval builds the requests, computes acc/acc_norm and logs every item; ``scoring_lm`` picks
-    who computes the log-likelihoods (``evaluate.backend``)."""
+    who computes the log-likelihoods (``evaluate.backend``). ``stats``, when given, receives what
+    the tempering scorer did (:class:`tempering.scoring.Stats`: requests, forwards, tokens, the
+    near-ties re-scored in float32 and their seconds)."""
     lm = scoring_lm(model, tok, cfg)
     out: dict[str, dict] = {}
     for spec, res, samples in run_lm_eval(lm, info):
@@ -267,6 +269,8 @@ def multiple_choice(model, tok, info: dict, cfg: EvaluateParams) -> dict:
         out[spec.name] = {"acc": float(res["acc,none"]),
                           "acc_norm": float(res.get("acc_norm,none", res["acc,none"])),
                           "n": len(rows), "samples": rows}
+    if stats is not None and hasattr(lm, "stats"):
+        stats.update({k: round(v, 2) if isinstance(v, float) else v for k, v in lm.stats.as_dict().items()})
     del lm
     return out
 

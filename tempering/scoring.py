@@ -26,9 +26,10 @@ tokenization, chat template, ``loglikelihood_rolling`` and ``generate_until``) w
   bf16's error. Rows that are bare contexts (one-token answers: BoolQ) skip the 4D mask and run
   plain causal attention;
 - **near-ties re-scored in float32**: after a bf16 pass, each item's choices (lm-eval's requests
-  of one document) are checked with :func:`near_tie`: if any log-likelihood may be off by up to
-  ``rescore_tolerance`` nats and that could change the item's ``acc``, ``acc_norm`` or
-  ``acc_bytes`` decision, the item's requests are scored again without autocast. Decisions then
+  of one document) are checked with :func:`near_tie_members`: if any log-likelihood may be off
+  by up to ``rescore_tolerance`` nats and that could change the item's ``acc``, ``acc_norm`` or
+  ``acc_bytes`` decision, the choices that contend (and the best) are scored again without
+  autocast; the others keep their bf16 scores, which cannot win either way. Decisions then
   equal float32's whenever bf16's error per request is within the tolerance (docs/evaluation.md
   has the measured error behind the default).
 
@@ -209,26 +210,37 @@ def choice_lengths(continuation: str | None) -> list[float]:
                                         len(bare.encode()))]
 
 
-def near_tie(lls: list[float], lengths: list[list[float]], tolerance: float) -> bool:
-    """Could an item's decision change if every log-likelihood in ``lls`` were off by up to
-    ``tolerance``?
+def near_tie_members(lls: list[float], lengths: list[list[float]], tolerance: float) -> list[int]:
+    """The choices of an item whose exact scores can decide it, if every log-likelihood in ``lls``
+    may be off by up to ``tolerance``: [] when the decision is safe.
 
     Checked for the raw log-likelihoods (``acc``: argmax) and for each normalisation in
     ``lengths`` (per request, the same number of lengths each, as :func:`choice_lengths`:
-    ``acc_norm``, ``acc_bytes``): the decision is safe when the best choice's lowest possible
-    value, (ll - tolerance) / length, is above every other choice's highest, (ll + tolerance) /
-    length. One choice is never a tie; a tolerance of 0 (or less) never finds one."""
+    ``acc_norm``, ``acc_bytes``). Under each, a choice contends when its highest possible value,
+    (ll + tolerance) / length, reaches the best choice's lowest, (ll - tolerance) / length; the
+    members are the contenders and the best, over every normalisation. Re-scoring only them
+    gives float32's decisions: a choice that contends under no normalisation stays below the
+    best's float32 value there, whichever precision its own score is in. One choice is never a
+    tie; a tolerance of 0 (or less) never finds one."""
     if tolerance <= 0 or len(lls) < 2:
-        return False
+        return []
     count = min((len(x) for x in lengths), default=0) if len(lengths) == len(lls) else 0
     norms = [[1.0] * len(lls)] + [[x[k] for x in lengths] for k in range(count)]
+    members: set[int] = set()
     for norm in norms:
         values = [ll / n for ll, n in zip(lls, norm)]
         best = max(range(len(lls)), key=values.__getitem__)
         floor = (lls[best] - tolerance) / norm[best]
-        if any((ll + tolerance) / n >= floor for k, (ll, n) in enumerate(zip(lls, norm)) if k != best):
-            return True
-    return False
+        contenders = [k for k, (ll, n) in enumerate(zip(lls, norm)) if k != best and (ll + tolerance) / n >= floor]
+        if contenders:
+            members.update(contenders, [best])
+    return sorted(members)
+
+
+def near_tie(lls: list[float], lengths: list[list[float]], tolerance: float) -> bool:
+    """Could an item's decision change if every log-likelihood in ``lls`` were off by up to
+    ``tolerance``? (:func:`near_tie_members` is not empty.)"""
+    return bool(near_tie_members(lls, lengths, tolerance))
 
 
 # ----------------------------------------------------------------------------- the head in bf16
@@ -684,9 +696,10 @@ def _define():
                 self.mixed_precision_dtype = saved
 
         def _near_ties(self, requests, results, items) -> list[int]:
-            """Indices of the requests whose item is at a near-tie (:func:`near_tie`) under
-            ``rescore_tolerance``: every request of such an item, in request order. Items are
-            lm-eval's documents where known (``items``), else requests with the same context."""
+            """Indices of the requests to score again, in request order: of each item at a
+            near-tie under ``rescore_tolerance``, the choices that can decide it
+            (:func:`near_tie_members`). Items are lm-eval's documents where known (``items``),
+            else requests with the same context."""
             groups: dict = {}
             for i, (strings, ctx, _) in enumerate(requests):
                 key = items[i] if items is not None and items[i] is not None else ("context", tuple(ctx))
@@ -694,8 +707,9 @@ def _define():
             redo = []
             for members in groups.values():
                 lengths = [choice_lengths(requests[i][0][1] if requests[i][0] else None) for i in members]
-                if near_tie([results[i][0] for i in members], lengths, self.rescore_tolerance):
-                    redo += members
+                tied = near_tie_members([results[i][0] for i in members], lengths, self.rescore_tolerance)
+                if tied:
+                    redo += [members[k] for k in tied]
                     self.stats.rescored_groups += 1
             return sorted(redo)
 

@@ -139,6 +139,11 @@ def test_the_base_knows_the_general_items_and_not_the_domain(lab):
     assert [c.kind for c in verdict.checks if not c.passed] == ["gain"]
     # Every model's scores are cached by content: the base is the candidate here, scored once.
     assert record["models"]["candidate"]["cache"] == "miss" and record["models"]["base"]["cache"] == "hit"
+    # Where the scoring time went: only the model that was scored has a record of it.
+    work = record["work"]
+    assert set(work) == {"candidate"} and work["candidate"]["benchmarks_s"] > 0, work
+    scorer = work["candidate"]["scorer"]
+    assert scorer["requests"] >= sum(b["n"] for b in record["benchmarks"].values()) and scorer["seconds"] > 0
 
 
 def test_good_candidate_is_promoted(lab):

@@ -8,6 +8,7 @@ sample of every shipped benchmark, in bf16 (the pipeline's setting) and in float
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import random
@@ -379,17 +380,19 @@ def test_items_are_lm_eval_documents_else_shared_contexts(tiny):
     ctx = [5, 6, 7]
     reqs = [((None, None), ctx, [8]), ((None, None), ctx, [9]), ((None, None), ctx, [10]), ((None, None), [4], [8])]
     results = [(-1.0, False), (-3.0, False), (-1.2, False), (-1.1, False)]
-    # one item {0, 1, 2} (0 and 2 tie); [4] alone is never a tie
-    assert lm._near_ties(reqs, results, None) == [0, 1, 2]
+    # one item {0, 1, 2}: 0 and 2 tie, 1 is 2 nats behind and cannot win (not re-scored);
+    # [4] alone is never a tie
+    assert lm._near_ties(reqs, results, None) == [0, 2]
     # documents: {0, 1} is decided (margin 2), {2, 3} ties (though their contexts differ)
     assert lm._near_ties(reqs, results, [("t", 0), ("t", 0), ("t", 1), ("t", 1)]) == [2, 3]
     assert lm.stats.rescored_groups == 2
 
 
 def near_tie_requests(model, tok, n: int = 24):
-    """Requests whose choices are one-token answers at (near-)tied float32 log-likelihoods, four per
-    context (adjacent in the model's own ranking); every fourth context is a clear case instead
-    (the best and the worst token). Returns (requests, group sizes)."""
+    """Requests whose choices are one-token answers at (near-)tied float32 log-likelihoods, three
+    per context (adjacent in the model's own ranking), plus the context's worst token, which can
+    never win; every fourth context is a clear case instead (the best and the worst token).
+    Returns (requests, group sizes)."""
     import torch
 
     rnd = random.Random(0)
@@ -400,7 +403,7 @@ def near_tie_requests(model, tok, n: int = 24):
         with torch.no_grad():
             order = model(torch.tensor([ctx])).logits[0, -1].argsort().tolist()
         mid = rnd.randrange(50, vocab - 50)
-        tokens = order[mid:mid + 4] if g % 4 else [order[-1], order[0]]
+        tokens = order[mid:mid + 3] + [order[0]] if g % 4 else [order[-1], order[0]]
         groups.append(len(tokens))
         reqs += [((None, None), ctx, [t]) for t in tokens]
     return reqs, groups
@@ -415,10 +418,21 @@ def argmaxes(results, groups) -> list[int]:
     return out
 
 
+def test_near_tie_members_are_the_contenders_under_any_normalisation():
+    members = scoring.near_tie_members
+    assert members([-1.0, -1.2, -3.0, -1.4], [], 0.5) == [0, 1, 3]  # -3.0 cannot reach -1.5
+    assert members([-1.0, -3.0], [], 0.5) == [] and members([-1.0, -1.1], [], 0) == []
+    # raw: 0 is safe (margin 4.4); per character, 1 (-0.5) and 0 (-0.56) tie: both, and not 2
+    assert members([-5.6, -10.0, -30.0], [[10.0], [20.0], [20.0]], 0.5) == [0, 1]
+    # the union over normalisations: raw ties 0 and 2, per character 1 and 2
+    assert members([-5.0, -8.0, -5.3], [[5.0], [40.0], [24.0]], 0.5) == [0, 1, 2]
+    assert members([-5.0, -8.0, -5.3], [], 0.5) == [0, 2]
+
+
 def test_bf16_near_ties_are_rescored_and_decide_as_hf_float32(tiny):
     """bf16 rounding flips near-tied decisions (tolerance 0: nothing re-scored, some decisions
-    differ from hf's float32); with a tolerance above bf16's error, exactly the near-tied items are
-    scored again in float32 and every decision is hf float32's."""
+    differ from hf's float32); with a tolerance above bf16's error, exactly the contending choices
+    of the near-tied items are scored again in float32 and every decision is hf float32's."""
     import torch
 
     _, model, tok = tiny
@@ -434,17 +448,21 @@ def test_bf16_near_ties_are_rescored_and_decide_as_hf_float32(tiny):
     lm = tempering_lm(model, tok, mixed_precision_dtype=torch.bfloat16, rescore_tolerance=TINY_TOL)
     got = lm._loglikelihood_tokens(reqs, disable_tqdm=True)
     assert argmaxes(got, groups) == argmaxes(want, groups)
-    clear = sum(groups[g] for g in range(0, len(groups), 4))
     assert lm.stats.rescored_groups == len(groups) - len(range(0, len(groups), 4))  # the near-ties only
-    assert lm.stats.rescored_requests == len(reqs) - clear and lm.stats.rescore_seconds > 0
-    k = 0
+    k, redone = 0, set()
     for g, n in enumerate(groups):
-        for i in range(k, k + n):
-            if g % 4:  # re-scored: float32, hf's up to summation order
-                assert abs(got[i][0] - want[i][0]) <= FP32_TOL and got[i][1] == want[i][1], (i, got[i], want[i])
-            else:  # decided: the bf16 result as it was
-                assert got[i] == bf16[i]
+        tied = {k + m for m in scoring.near_tie_members([r[0] for r in bf16[k:k + n]], [], TINY_TOL)}
+        assert bool(tied) == bool(g % 4), g
+        redone |= tied
         k += n
+    assert lm.stats.rescored_requests == len(redone) and lm.stats.rescore_seconds > 0
+    ends = set(itertools.accumulate(groups))
+    assert not any(i + 1 in ends for i in redone)  # the worst token of a near-tied item cannot win: kept
+    for i in range(len(reqs)):
+        if i in redone:  # re-scored: float32, hf's up to summation order
+            assert abs(got[i][0] - want[i][0]) <= FP32_TOL and got[i][1] == want[i][1], (i, got[i], want[i])
+        else:  # decided, or unable to win: the bf16 result as it was
+            assert got[i] == bf16[i]
 
 
 def test_rescored_results_are_exactly_the_float32_scorer(tiny):

@@ -37,3 +37,16 @@ def test_fingerprint_changes_with_params_and_inputs():
     assert fingerprint(p1, data="a") == fingerprint(p1, data="a")
     assert fingerprint(p1, data="a") != fingerprint(p2, data="a")
     assert fingerprint(p1, data="a") != fingerprint(p1, data="b")
+
+
+def test_fingerprint_changes_with_the_training_code(tmp_path):
+    """A finished checkpoint of other code is not this code's model: the stage's module (and
+    tempering.train's sources, and the training libraries' versions) are in the fingerprint."""
+    p = from_dict({}).sft
+    stage = tmp_path / "sft.py"
+    stage.write_text("STEP = 1\n")
+    first = fingerprint(p, stage_file=stage, data="a")
+    assert fingerprint(p, stage_file=stage, data="a") == first
+    stage.write_text("STEP = 2\n")
+    assert fingerprint(p, stage_file=stage, data="a") != first
+    assert fingerprint(p, data="a") != first

@@ -1,7 +1,7 @@
 """Checkpoints: which one a stage resumes from, and whether it belongs to this run.
 
 Owns the one parser of checkpoint names (:func:`checkpoint_step`), the run fingerprint
-(:func:`fingerprint`: params section + input hashes), complete checkpoints
+(:func:`fingerprint`: params section + input hashes + the training code), complete checkpoints
 (:func:`valid_checkpoints`), resume-or-wipe (:func:`prepare_checkpoints`) and finished runs
 (:func:`is_finished`). Plain files and JSON: no torch, transformers or trl.
 """
@@ -20,10 +20,35 @@ from tempering.io import content_id, read_json, write_json
 FINGERPRINT_FILE = "fingerprint.json"
 
 
-def fingerprint(section, **inputs: str) -> str:
-    """Hash of a stage's params section plus its input hashes: checkpoints resume only under it."""
+# The libraries whose versions are part of the training code (a new one may train differently).
+TRAINING_LIBRARIES = ("torch", "transformers", "trl", "peft", "accelerate")
+
+
+def training_code_id(stage_file: str | os.PathLike | None = None) -> str:
+    """Hash of the code that trains: every source file of ``tempering.train``, the stage's own
+    module (``stage_file``, e.g. tasks/sft.py) and the versions of :data:`TRAINING_LIBRARIES`."""
+    import hashlib
+    from importlib import metadata
+
+    files = sorted(Path(__file__).parent.glob("*.py"))
+    if stage_file is not None:
+        files.append(Path(stage_file))
+    sources = {p.name if p.parent == Path(__file__).parent else f"stage/{p.name}": hashlib.sha256(p.read_bytes()).hexdigest()
+               for p in files}
+    versions = {}
+    for lib in TRAINING_LIBRARIES:
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            versions[lib] = metadata.version(lib)
+    return content_id({"sources": sources, "versions": versions}, 32)
+
+
+def fingerprint(section, *, stage_file: str | os.PathLike | None = None, **inputs: str) -> str:
+    """Hash of a stage's params section, its input hashes and the training code
+    (:func:`training_code_id`): checkpoints resume only under it. A code change restarts training
+    as DVC re-runs the stage for it, so a finished checkpoint of older code is never passed off as
+    this code's model; a crash resumes, since the code is the same."""
     params = section.model_dump(mode="json") if hasattr(section, "model_dump") else section
-    return content_id({"params": params, "inputs": inputs}, 32)
+    return content_id({"params": params, "inputs": inputs, "code": training_code_id(stage_file)}, 32)
 
 
 def checkpoint_step(path: str | os.PathLike | None) -> int | None:
