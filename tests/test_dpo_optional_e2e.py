@@ -4,7 +4,9 @@ model passed through dpo; then the same project with dpo.enabled: false.
 
 Kept cheap: a copy of the session's reproduced project (DVC cache included), so only validate,
 dedup, dpo and export re-run, and only up to `export` (evaluate and later stages read
-models/export alone, which the main tiny-project run covers).
+models/export alone, which the main tiny-project run covers). Still two more `dvc repro` runs
+(about 50 s on 2 cores): `slow`, so it runs in `make test-e2e` and CI, and the default suite
+keeps its 10-minute budget.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import yaml
 
 from tiny_project import copy_project, dvc, git_commit
@@ -29,6 +32,7 @@ def _set_params(root: Path, **sections) -> None:
     git_commit(root, "params")
 
 
+@pytest.mark.slow
 def test_sft_only_project_and_dpo_disabled_reach_export(tiny_project: Path, tmp_path: Path):
     root = copy_project(tiny_project, tmp_path / "sft_only")
     sources = yaml.safe_load((root / "params.yaml").read_text())["validate"]["sources"]
