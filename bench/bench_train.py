@@ -29,13 +29,12 @@ tempering
     The sft/dpo stages' own code path through ``tempering.train`` with the ``params.yaml``
     settings (only the step count changed): our chat-template tokenization (every assistant turn
     in the loss), frozen base in bf16, no gradient checkpointing, eager attention on a CPU, LM-head
-    logits only at target tokens (SFT), TRL's fused DPO
-    head scoring only completion tokens, the reference log-probs precomputed once and cached by
-    content (DPO).
+    logits only at target tokens (SFT), TRL's fused DPO head scoring only completion tokens, the
+    reference log-probs precomputed once and cached by content (DPO).
 
 Ablations (unless ``--no-ablations``), each tempering with one of its own speed sources off:
-``tempering_no_selective_head`` (SFT loss through TRL's head), ``tempering_sdpa`` / ``tuned_trl_sdpa`` (either arm
-with the model's own attention kernel), ``tempering_no_compact_head`` (DPO with TRL's fused head
+``tempering_no_selective_head`` (SFT loss through TRL's head), ``tempering_sdpa`` /
+``tuned_trl_sdpa`` (either arm with the model's own attention kernel), ``tempering_no_compact_head`` (DPO with TRL's fused head
 as is), ``tempering_no_shared_prompts`` (DPO with each pair's prompt run twice),
 ``tempering_packed`` (SFT with ``sft.packing: true``: best-fit decreasing blocks of
 ``max_length``; other batches by construction, so it is compared on tokens/s, steps per epoch
@@ -105,8 +104,7 @@ env.setup()  # offline, no telemetry (the same defaults every stage uses)
 SEED = 42
 SFT_ARMS = ("defaults_trl", "tuned_trl", "tempering")
 DPO_ARMS = ("defaults_trl", "tuned_trl", "tempering")
-SFT_ABLATIONS = ("tempering_no_selective_head", "tempering_sdpa", "tuned_trl_sdpa",
-                 "tempering_packed")
+SFT_ABLATIONS = ("tempering_no_selective_head", "tempering_sdpa", "tuned_trl_sdpa", "tempering_packed")
 DPO_ABLATIONS = ("tempering_no_compact_head", "tempering_no_shared_prompts", "tempering_sdpa", "tuned_trl_sdpa")
 PACKED_ARMS = ("tempering_packed",)  # other batches by construction: not in the same-batches check
 
@@ -669,8 +667,8 @@ SFT_SETTINGS = {
                  "eager on CPU, max_length as tempering, train_sampling_strategy=group_by_length, "
                  "completion_only_loss=True on prompt/completion rows, loss_type=nll (chunked head), "
                  "padding_free/packing off: FlashAttention only)",
-    "tempering": "params.yaml sft through tempering.train (selective LM head, attention auto = eager on CPU, frozen base bf16, no gradient checkpointing, every assistant "
-                 "turn in the loss)",
+    "tempering": "params.yaml sft through tempering.train (selective LM head, attention auto = eager on CPU, "
+                 "frozen base bf16, no gradient checkpointing, every assistant turn in the loss)",
     "tempering_no_selective_head": "tempering with TRL's own loss head (build_sft_trainer(selective_head=False))",
     "tempering_sdpa": "tempering with sft.attention=sdpa (the model's own kernel)",
     "tuned_trl_sdpa": "tuned_trl without attn_implementation (the model's own kernel, sdpa)",
