@@ -250,10 +250,10 @@ def pair_error(requests: list, bf16: list, exact: list) -> dict:
 
 
 def tolerance_sweep(requests: list, bf16: list, exact: list, tolerances) -> list[dict]:
-    """Per tolerance: the requests the near-tie rule (tempering.scoring.near_tie, on the bf16
-    results, items = lm-eval's documents) would re-score, and the decisions that then match the
-    exact ones (re-scored requests take the exact values)."""
-    from tempering.scoring import choice_lengths, near_tie
+    """Per tolerance: the requests the scorer's near-tie rule (tempering.scoring.near_tie_members,
+    on the bf16 results, items = lm-eval's documents) would re-score, and the decisions that then
+    match the exact ones (re-scored requests take the exact values)."""
+    from tempering.scoring import choice_lengths, near_tie_members
 
     items: dict = {}
     for i, req in enumerate(requests):
@@ -265,10 +265,10 @@ def tolerance_sweep(requests: list, bf16: list, exact: list, tolerances) -> list
         redo = 0
         for members in items.values():
             lengths = [choice_lengths(requests[i].args[1]) for i in members]
-            if near_tie([bf16[i][0] for i in members], lengths, tol):
-                redo += len(members)
-                for i in members:
-                    mixed[i] = exact[i]
+            tied = [members[k] for k in near_tie_members([bf16[i][0] for i in members], lengths, tol)]
+            redo += len(tied)
+            for i in tied:
+                mixed[i] = exact[i]
         got = decisions(requests, mixed)
         same = sum(got[k] == want[k] for k in want)
         out.append({"tolerance": tol, "rescored_requests": redo, "rescored_share": round(redo / len(requests), 4),
