@@ -57,6 +57,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import math
 import os
 import platform
 import sys
@@ -73,6 +74,10 @@ env.setup()  # offline, no telemetry (the same defaults every stage uses)
 
 # The shipped benchmarks, as params.yaml's evaluate.benchmarks names them (files, formats).
 SETS = ("hellaswag", "arc_easy", "arc_challenge", "boolq", "piqa")
+# rescore_tolerance values the sweep replays (nats per sqrt(continuation tokens)).
+SWEEP = (0.03, 0.04, 0.05, 0.06, 0.07, 0.08, 0.1, 0.13, 0.15)
+# The rule before 2026-12-06, replayed for comparison: these nats for every choice alike.
+FLAT_SWEEP = (0.1, 0.15, 0.3)
 
 
 def matmul_peak(dtype_name: str, n: int = 2048, repeats: int = 10) -> float:
@@ -118,15 +123,20 @@ def record_requests(info: dict) -> list:
     return rec.requests
 
 
+def encoded(lm, req) -> tuple[list[int], list[int]]:
+    """(context tokens, continuation tokens) of one request, as lm-eval's loglikelihood encodes it."""
+    context, continuation = req.args
+    if context:
+        return lm._encode_pair(context, continuation)
+    # lm-eval's empty-context rule: the prefix token is the context
+    return [lm.prefix_token_id], lm.tok_encode(continuation, add_special_tokens=False)
+
+
 def request_tokens(lm, requests: list) -> int:
     """Tokens lm-eval's hf backend runs through the model for these requests (the workload)."""
     total = 0
     for req in requests:
-        context, continuation = req.args
-        if context:
-            ctx, cont = lm._encode_pair(context, continuation)
-        else:  # lm-eval's empty-context rule: the prefix token is the context
-            ctx, cont = [lm.prefix_token_id], lm.tok_encode(continuation, add_special_tokens=False)
+        ctx, cont = encoded(lm, req)
         total += min(len(ctx) + len(cont), lm.max_length + 1) - 1
     return total
 
@@ -226,52 +236,125 @@ def quantiles(values: list[float], qs=(0.5, 0.9, 0.99, 0.999)) -> dict:
     return out
 
 
-def pair_error(requests: list, bf16: list, exact: list) -> dict:
-    """Quantiles, over every pair of choices of one item, of the smallest tolerance the near-tie
-    rule needs for that pair's bf16 errors (e_a, e_b) never to flip its order: for each of the
-    rule's normalisations w = 1 / length (raw: w = 1), |e_a w_a - e_b w_b| / (w_a + w_b), the
-    largest of them (raw: half the difference of the two errors)."""
+def pair_needs(requests: list, bf16: list, exact: list, tokens: list[int]) -> list[tuple[float, float]]:
+    """For every pair of choices of one item: the smallest ``rescore_tolerance`` the near-tie
+    rule needs for that pair's bf16 errors (e_a, e_b) never to flip its order, in the rule's unit
+    and in plain nats. The rule's bound of a choice is the tolerance times r = sqrt(its
+    continuation ``tokens``) (tempering.scoring.choice_tolerance); for each of its normalisations
+    w = 1 / length (raw: w = 1) the pair needs |e_a w_a - e_b w_b| / (r_a w_a + r_b w_b), and the
+    largest of them. In nats: the same with r = 1, one bound for every choice alike (the rule
+    before 2026-12-06)."""
     from tempering.scoring import choice_lengths
 
     items: dict = {}
     for i, req in enumerate(requests):
         items.setdefault((req.task_name, req.doc_id), []).append(i)
-    needed = []
+    out = []
     for members in items.values():
         for x in members:
             for y in members:
                 if x < y:
                     ex, ey = bf16[x][0] - exact[x][0], bf16[y][0] - exact[y][0]
-                    worst = abs(ex - ey) / 2
+                    rx, ry = math.sqrt(max(tokens[x], 1)), math.sqrt(max(tokens[y], 1))
+                    worst, flat = abs(ex - ey) / (rx + ry), abs(ex - ey) / 2
                     for lx, ly in zip(choice_lengths(requests[x].args[1]), choice_lengths(requests[y].args[1])):
-                        worst = max(worst, abs(ex / lx - ey / ly) / (1 / lx + 1 / ly))
-                    needed.append(worst)
-    return dict(quantiles(needed), pairs=len(needed))
+                        worst = max(worst, abs(ex / lx - ey / ly) / (rx / lx + ry / ly))
+                        flat = max(flat, abs(ex / lx - ey / ly) / (1 / lx + 1 / ly))
+                    out.append((worst, flat))
+    return out
 
 
-def tolerance_sweep(requests: list, bf16: list, exact: list, tolerances) -> list[dict]:
-    """Per tolerance: the requests the scorer's near-tie rule (tempering.scoring.near_tie_members,
-    on the bf16 results, items = lm-eval's documents) would re-score, and the decisions that then
-    match the exact ones (re-scored requests take the exact values)."""
-    from tempering.scoring import choice_lengths, near_tie_members
+def pair_error(requests: list, bf16: list, exact: list, tokens: list[int]) -> dict:
+    """Quantiles of :func:`pair_needs` over every pair of choices of one item (``nats``: the
+    plain-nats bound)."""
+    needs = pair_needs(requests, bf16, exact, tokens)
+    return dict(quantiles([n[0] for n in needs]), pairs=len(needs), nats=quantiles([n[1] for n in needs]))
+
+
+def bf16_analysis(requests: list, raw: list, exact: list, context: list[int], tokens: list[int]) -> dict:
+    """What bf16 without re-scoring (``raw``) does against float32 (``exact``): decisions, the
+    error per request, the tolerance each pair of choices needs (overall and per benchmark) and
+    the sweep of the near-tie rule over :data:`SWEEP` (and of the old flat rule over
+    :data:`FLAT_SWEEP`)."""
+    return {"parity_fp32_tempering_bf16_no_rescoring": parity(requests, exact, raw),
+            "bf16_error": quantiles([abs(x[0] - y[0]) for x, y in zip(raw, exact)]),
+            "bf16_pair_error": pair_error(requests, raw, exact, tokens),
+            "bf16_pair_error_by_set": {
+                name: pair_error(reqs, [raw[i] for i in idx], [exact[i] for i in idx], [tokens[i] for i in idx])
+                for name, (reqs, idx) in split_by_set(requests).items()},
+            "tolerance_sweep": tolerance_sweep(requests, raw, exact, SWEEP, context, tokens),
+            "flat_tolerance_sweep": tolerance_sweep(requests, raw, exact, FLAT_SWEEP, context, tokens, scaled=False)}
+
+
+def load_dump(path: str) -> tuple[list, list, list, list[int], list[int]]:
+    """(requests, bf16, exact, context tokens, continuation tokens) from a ``--dump`` file; the
+    requests carry what the analysis reads (benchmark, document, choice, continuation)."""
+    from types import SimpleNamespace
+
+    import gzip
+
+    text = gzip.decompress(Path(path).read_bytes()).decode() if path.endswith(".gz") else Path(path).read_text()
+    rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+    requests = [SimpleNamespace(task_name=r["set"], doc_id=r["doc"], idx=r["choice"], doc={},
+                                args=("", r["continuation"])) for r in rows]
+    return (requests, [(r["bf16"], False) for r in rows], [(r["exact"], False) for r in rows],
+            [r["context_tokens"] for r in rows], [r["continuation_tokens"] for r in rows])
+
+
+def split_by_set(requests: list) -> dict:
+    """{benchmark: (its requests, their indices in ``requests``)}."""
+    out: dict = {}
+    for i, req in enumerate(requests):
+        reqs, idx = out.setdefault(req.task_name, ([], []))
+        reqs.append(req)
+        idx.append(i)
+    return out
+
+
+def dump_requests(path: str, requests: list, bf16: list, exact: list, context: list[int],
+                  tokens: list[int]) -> None:
+    """One JSON line per request: where it comes from, its token counts, both log-likelihoods."""
+    with open(path, "w") as fh:
+        for i, req in enumerate(requests):
+            fh.write(json.dumps({"set": req.task_name, "doc": req.doc_id, "choice": req.idx,
+                                 "continuation": req.args[1], "context_tokens": context[i],
+                                 "continuation_tokens": tokens[i], "bf16": bf16[i][0],
+                                 "exact": exact[i][0]}) + "\n")
+
+
+def tolerance_sweep(requests: list, bf16: list, exact: list, tolerances, context: list[int],
+                    tokens: list[int], scaled: bool = True) -> list[dict]:
+    """Per tolerance: the requests the scorer's near-tie rule (tempering.scoring.near_tie_members
+    with each request's choice_tolerance of its continuation ``tokens``, on the bf16 results,
+    items = lm-eval's documents) would re-score, the tokens that costs (each re-scored item's
+    ``context`` once plus its re-scored continuations, as the packed path runs them), and the
+    decisions that then match the exact ones (re-scored requests take the exact values);
+    ``pairs_covered``: the share of pairs of choices whose bf16 errors the bounds cover
+    (:func:`pair_needs` at most the tolerance), i.e. that cannot flip however near they tie.
+    ``scaled=False`` replays the rule before 2026-12-06: the tolerance in nats for every choice."""
+    from tempering.scoring import choice_lengths, choice_tolerance, near_tie_members
 
     items: dict = {}
     for i, req in enumerate(requests):
         items.setdefault((req.task_name, req.doc_id), []).append(i)
     want = decisions(requests, exact)
+    needs = [n[0 if scaled else 1] for n in pair_needs(requests, bf16, exact, tokens)]
     out = []
     for tol in tolerances:
         mixed = list(bf16)
-        redo = 0
+        redo = cost = 0
         for members in items.values():
             lengths = [choice_lengths(requests[i].args[1]) for i in members]
-            tied = [members[k] for k in near_tie_members([bf16[i][0] for i in members], lengths, tol)]
+            tols = [choice_tolerance(tol, tokens[i]) if scaled else tol for i in members]
+            tied = [members[k] for k in near_tie_members([bf16[i][0] for i in members], lengths, tols)]
             redo += len(tied)
+            cost += (context[tied[0]] + sum(tokens[i] for i in tied)) if tied else 0
             for i in tied:
                 mixed[i] = exact[i]
         got = decisions(requests, mixed)
         same = sum(got[k] == want[k] for k in want)
         out.append({"tolerance": tol, "rescored_requests": redo, "rescored_share": round(redo / len(requests), 4),
+                    "rescored_tokens": cost, "pairs_covered": round(sum(n <= tol for n in needs) / max(len(needs), 1), 4),
                     "same_decision": same, "same_decision_share": round(same / len(want), 4)})
     return out
 
@@ -307,7 +390,19 @@ def main(argv=None) -> int:
     ap.add_argument("--parity-only", action="store_true",
                     help="no peak, warm-up or timing: each arm scores the requests once, parity is reported")
     ap.add_argument("--json", default=None, help="write the results here")
+    ap.add_argument("--dump", default=None,
+                    help="with the reference: write one JSON line per request (benchmark, doc, context and "
+                         "continuation tokens, bf16 without re-scoring, hf float32) for offline analysis")
+    ap.add_argument("--from-dump", default=None, metavar="DUMP",
+                    help="no model: the bf16-vs-float32 analysis (pair errors, tolerance sweep) of a --dump file")
     a = ap.parse_args(argv)
+    if a.from_dump:
+        result = dict(dump=a.from_dump, **bf16_analysis(*load_dump(a.from_dump)))
+        text = json.dumps(result, indent=2)
+        if a.json:
+            Path(a.json).write_text(text + "\n")
+        print(text if not a.json else f"wrote {a.json}")
+        return 0
     if a.parity_only:
         a.repeats, a.per_set, a.peak_repeats = 1, False, 0
 
@@ -422,17 +517,18 @@ def main(argv=None) -> int:
         result["reference"] = {"arm": "hf, float32 (no autocast), untimed", "seconds_one_call": round(fp32_seconds, 1)}
         result["parity_fp32"] = parity(requests, exact, tl_results)
         result["parity_fp32_hf_bf16"] = parity(requests, exact, runs["hf"][0]["results"])
-        result["parity_fp32_tempering_bf16_no_rescoring"] = parity(requests, exact, raw)
-        result["bf16_error"] = quantiles([abs(x[0] - y[0]) for x, y in zip(raw, exact)])
-        result["bf16_pair_error"] = pair_error(requests, raw, exact)
-        result["tolerance_sweep"] = tolerance_sweep(requests, raw, exact,
-                                                    (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5))
+        pairs = [encoded(arms["tempering"], req) for req in requests]
+        context, tokens = [len(c) for c, _ in pairs], [len(t) for _, t in pairs]
+        result.update(bf16_analysis(requests, raw, exact, context, tokens))
+        if a.dump:
+            dump_requests(a.dump, requests, raw, exact, context, tokens)
         print(f"parity vs hf fp32 {result['parity_fp32']}\nhf bf16 vs hf fp32 {result['parity_fp32_hf_bf16']}\n"
               f"tempering bf16 without re-scoring vs hf fp32 {result['parity_fp32_tempering_bf16_no_rescoring']}\n"
               f"bf16 error per request {result['bf16_error']}\n"
               f"tolerance needed per pair of choices {result['bf16_pair_error']}", flush=True)
         for row in result["tolerance_sweep"]:
-            print(f"  tolerance {row['tolerance']}: re-scored {row['rescored_share']:.1%}, "
+            print(f"  tolerance {row['tolerance']}: re-scored {row['rescored_share']:.1%} "
+                  f"({row['rescored_tokens']} tokens), "
                   f"same decision as fp32 {row['same_decision_share']:.2%}", flush=True)
 
     if a.per_set:

@@ -536,13 +536,14 @@ class EvaluateParams(_Section):
     # Padded tokens per forward pass (tempering backend). Smaller wastes the CPU, larger only
     # costs memory (batch x longest row, plus a row x row attention mask per sequence).
     batch_tokens: int = Field(2048, ge=64)
-    # Nats (tempering backend, bf16 only): after the bf16 pass, an item whose decision (acc,
-    # acc_norm, acc_bytes) could change if any choice's log-likelihood were off by this much is
-    # scored again in float32, so its decision is float32's whenever bf16's error per request is
-    # within it. Larger: more items re-scored (slower), a bound that holds for rarer errors too;
-    # smaller: faster, and errors past it can flip a near-tie. 0 = off (bf16 decisions as they are).
-    # The default is measured (docs/evaluation.md, "Parity"); params.yaml sets it.
-    rescore_tolerance: float = Field(0.15, ge=0.0)
+    # Nats per sqrt(continuation tokens) (tempering backend, bf16 only): after the bf16 pass, an
+    # item whose decision (acc, acc_norm, acc_bytes) could change if any choice's log-likelihood
+    # were off by this much times sqrt(its continuation tokens) is scored again in float32, so its
+    # decision is float32's whenever bf16's error per request is within that bound. Larger: more
+    # items re-scored (slower), a bound that holds for rarer errors too; smaller: faster, and
+    # errors past it can flip a near-tie. 0 = off (bf16 decisions as they are). The default is
+    # measured (docs/evaluation.md, "Parity"); params.yaml sets it.
+    rescore_tolerance: float = Field(0.07, ge=0.0)
     # Context length for scoring (null = the model's own). Longer items are cut from the left.
     max_length: int | None = Field(None, ge=8)
     # auto: bf16 autocast where the hardware has it (AVX512-BF16 CPUs, bf16 GPUs): ~3x faster

@@ -43,7 +43,8 @@ TASK_VERSION = 2
 # Bumped when the scoring code changes what a score means (part of every cache key).
 # 3: the head's normaliser by an in-place float32 logsumexp; batched greedy generations.
 # 4: tempering re-scores bf16 near-ties in float32 (evaluate.rescore_tolerance).
-SCORING_VERSION = 4
+# 5: the near-tie bound grows with sqrt(continuation tokens) (rescore_tolerance is per one token).
+SCORING_VERSION = 5
 
 
 # ----------------------------------------------------------------------------- the bundle

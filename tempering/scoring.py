@@ -27,10 +27,11 @@ tokenization, chat template, ``loglikelihood_rolling`` and ``generate_until``) w
   plain causal attention;
 - **near-ties re-scored in float32**: after a bf16 pass, each item's choices (lm-eval's requests
   of one document) are checked with :func:`near_tie_members`: if any log-likelihood may be off
-  by up to ``rescore_tolerance`` nats and that could change the item's ``acc``, ``acc_norm`` or
+  by up to its bound, ``rescore_tolerance`` nats times the square root of its continuation's
+  tokens (:func:`choice_tolerance`), and that could change the item's ``acc``, ``acc_norm`` or
   ``acc_bytes`` decision, the choices that contend (and the best) are scored again without
   autocast; the others keep their bf16 scores, which cannot win either way. Decisions then
-  equal float32's whenever bf16's error per request is within the tolerance (docs/evaluation.md
+  equal float32's whenever bf16's error per request is within its bound (docs/evaluation.md
   has the measured error behind the default).
 
 Why a packed sequence and not a KV cache reused per choice: both run the same number of tokens,
@@ -54,6 +55,7 @@ access, which imports torch, transformers and lm-eval's HFLM.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -62,10 +64,12 @@ from lm_eval.api.registry import model_registry
 log = logging.getLogger("tempering.scoring")
 
 NAME = "tempering"
-# Nats: the largest error of one request's bf16 log-likelihood that the float32 re-scoring of
-# near-ties still corrects (0 = no re-scoring). params.yaml's evaluate.rescore_tolerance sets it
-# for the pipeline; this is the default of the lm-eval model alone (its CLI, tests).
-DEFAULT_RESCORE_TOLERANCE = 0.3
+# Nats per square root of a continuation's tokens: the largest error of one request's bf16
+# log-likelihood that the float32 re-scoring of near-ties still corrects is this times
+# sqrt(tokens) (0 = no re-scoring). params.yaml's evaluate.rescore_tolerance sets it for the
+# pipeline; this is the default of the lm-eval model alone (its CLI, tests): it covers every
+# pair of choices measured on SmolLM2 (docs/evaluation.md, "Parity").
+DEFAULT_RESCORE_TOLERANCE = 0.13
 # Padded tokens per forward pass. On 2 CPU cores (SmolLM2-135M, bf16) throughput is flat from
 # ~1k to ~4k tokens; much smaller batches leave the cores idle, larger ones only cost memory.
 DEFAULT_BATCH_TOKENS = 2048
@@ -210,19 +214,30 @@ def choice_lengths(continuation: str | None) -> list[float]:
                                         len(bare.encode()))]
 
 
-def near_tie_members(lls: list[float], lengths: list[list[float]], tolerance: float) -> list[int]:
-    """The choices of an item whose exact scores can decide it, if every log-likelihood in ``lls``
-    may be off by up to ``tolerance``: [] when the decision is safe.
+def choice_tolerance(tolerance: float, tokens: int) -> float:
+    """The error bound of one request's bf16 log-likelihood: ``tolerance`` nats for a one-token
+    continuation, growing as the square root of its ``tokens`` (a sum of that many per-token
+    errors that are mostly independent; docs/evaluation.md, "Parity", has the measurement)."""
+    return tolerance * math.sqrt(max(int(tokens), 1))
+
+
+def near_tie_members(lls: list[float], lengths: list[list[float]], tolerance) -> list[int]:
+    """The choices of an item whose exact scores can decide it, if each log-likelihood in ``lls``
+    may be off by up to its tolerance: [] when the decision is safe. ``tolerance`` is one bound
+    for every choice or one per choice (:func:`choice_tolerance`).
 
     Checked for the raw log-likelihoods (``acc``: argmax) and for each normalisation in
     ``lengths`` (per request, the same number of lengths each, as :func:`choice_lengths`:
     ``acc_norm``, ``acc_bytes``). Under each, a choice contends when its highest possible value,
-    (ll + tolerance) / length, reaches the best choice's lowest, (ll - tolerance) / length; the
+    (ll + tol) / length, reaches the best choice's lowest, (ll_best - tol_best) / length_best; the
     members are the contenders and the best, over every normalisation. Re-scoring only them
     gives float32's decisions: a choice that contends under no normalisation stays below the
     best's float32 value there, whichever precision its own score is in. One choice is never a
     tie; a tolerance of 0 (or less) never finds one."""
-    if tolerance <= 0 or len(lls) < 2:
+    tols = [float(tolerance)] * len(lls) if isinstance(tolerance, (int, float)) else [float(t) for t in tolerance]
+    if len(tols) != len(lls):
+        raise ValueError(f"near_tie_members: {len(tols)} tolerances for {len(lls)} choices")
+    if len(lls) < 2 or max(tols, default=0.0) <= 0:
         return []
     count = min((len(x) for x in lengths), default=0) if len(lengths) == len(lls) else 0
     norms = [[1.0] * len(lls)] + [[x[k] for x in lengths] for k in range(count)]
@@ -230,15 +245,16 @@ def near_tie_members(lls: list[float], lengths: list[list[float]], tolerance: fl
     for norm in norms:
         values = [ll / n for ll, n in zip(lls, norm)]
         best = max(range(len(lls)), key=values.__getitem__)
-        floor = (lls[best] - tolerance) / norm[best]
-        contenders = [k for k, (ll, n) in enumerate(zip(lls, norm)) if k != best and (ll + tolerance) / n >= floor]
+        floor = (lls[best] - tols[best]) / norm[best]
+        contenders = [k for k, (ll, t, n) in enumerate(zip(lls, tols, norm))
+                      if k != best and (ll + t) / n >= floor]
         if contenders:
             members.update(contenders, [best])
     return sorted(members)
 
 
-def near_tie(lls: list[float], lengths: list[list[float]], tolerance: float) -> bool:
-    """Could an item's decision change if every log-likelihood in ``lls`` were off by up to
+def near_tie(lls: list[float], lengths: list[list[float]], tolerance) -> bool:
+    """Could an item's decision change if each log-likelihood in ``lls`` were off by up to its
     ``tolerance``? (:func:`near_tie_members` is not empty.)"""
     return bool(near_tie_members(lls, lengths, tolerance))
 
@@ -579,9 +595,10 @@ def _define():
 
         Extra arguments: ``batch_tokens`` (padded tokens per forward pass),
         ``mixed_precision_dtype="auto"`` (the default here), ``refine_top`` (see
-        :func:`head_logprobs`; 0 = off) and ``rescore_tolerance`` (nats; items at a near-tie
-        within it are scored again in float32, see :func:`near_tie`; 0 = off). Everything else
-        is HFLM's.
+        :func:`head_logprobs`; 0 = off) and ``rescore_tolerance`` (nats for a one-token
+        continuation, times sqrt(tokens) for longer ones: :func:`choice_tolerance`; items at a
+        near-tie within it are scored again in float32, see :func:`near_tie`; 0 = off).
+        Everything else is HFLM's.
         """
 
         def __init__(self, pretrained, batch_tokens: int | str = DEFAULT_BATCH_TOKENS,
@@ -697,7 +714,8 @@ def _define():
 
         def _near_ties(self, requests, results, items) -> list[int]:
             """Indices of the requests to score again, in request order: of each item at a
-            near-tie under ``rescore_tolerance``, the choices that can decide it
+            near-tie under ``rescore_tolerance`` (per request: :func:`choice_tolerance` of its
+            continuation's tokens), the choices that can decide it
             (:func:`near_tie_members`). Items are lm-eval's documents where known (``items``),
             else requests with the same context."""
             groups: dict = {}
@@ -707,7 +725,8 @@ def _define():
             redo = []
             for members in groups.values():
                 lengths = [choice_lengths(requests[i][0][1] if requests[i][0] else None) for i in members]
-                tied = near_tie_members([results[i][0] for i in members], lengths, self.rescore_tolerance)
+                tols = [choice_tolerance(self.rescore_tolerance, len(requests[i][2])) for i in members]
+                tied = near_tie_members([results[i][0] for i in members], lengths, tols)
                 if tied:
                     redo += [members[k] for k in tied]
                     self.stats.rescored_groups += 1

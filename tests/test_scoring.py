@@ -429,6 +429,33 @@ def test_near_tie_members_are_the_contenders_under_any_normalisation():
     assert members([-5.0, -8.0, -5.3], [], 0.5) == [0, 2]
 
 
+def test_tolerance_grows_with_the_square_root_of_the_continuation():
+    """A request's bound is the tolerance for one token times sqrt(its continuation tokens), and
+    the rule takes one bound per choice: a long answer's wider interval makes a tie that the same
+    margin between one-token answers does not."""
+    assert scoring.choice_tolerance(0.07, 1) == pytest.approx(0.07)
+    assert scoring.choice_tolerance(0.07, 16) == pytest.approx(0.28)
+    assert scoring.choice_tolerance(0.07, 0) == pytest.approx(0.07)  # at least one token
+    members = scoring.near_tie_members
+    assert members([-1.0, -1.5], [], [0.1, 0.5]) == [0, 1]  # -1.5 + 0.5 reaches -1.0 - 0.1
+    assert members([-1.0, -1.5], [], [0.1, 0.3]) == []
+    assert members([-1.0, -1.5], [], [0.0, 0.0]) == []  # all 0 = off
+    with pytest.raises(ValueError, match="2 tolerances for 3 choices"):
+        members([-1.0, -1.5, -2.0], [], [0.1, 0.1])
+
+
+def test_near_ties_use_each_requests_continuation_length(tiny):
+    """The same two log-likelihoods 0.3 apart: safe as one-token answers under tolerance 0.1
+    (each bound 0.1), a near-tie as 16-token answers (each bound 0.4)."""
+    _, model, tok = tiny
+    lm = tempering_lm(model, tok, rescore_tolerance=0.1)
+    results = [(-1.0, False), (-1.3, False)]
+    short = [((None, None), [5, 6], [8]), ((None, None), [5, 6], [9])]
+    assert lm._near_ties(short, results, None) == []
+    long_ = [((None, None), [5, 6], [8] * 16), ((None, None), [5, 6], [9] * 16)]
+    assert lm._near_ties(long_, results, None) == [0, 1]
+
+
 def test_bf16_near_ties_are_rescored_and_decide_as_hf_float32(tiny):
     """bf16 rounding flips near-tied decisions (tolerance 0: nothing re-scored, some decisions
     differ from hf's float32); with a tolerance above bf16's error, exactly the contending choices
