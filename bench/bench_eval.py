@@ -3,7 +3,8 @@
     .venv/bin/python bench/bench_eval.py --model models/base \
         [--hellaswag 200] [--arc-easy 100] [--arc-challenge 100] [--boolq 100] [--piqa 0] \
         [--repeats 2] [--per-set] [--no-reference] [--parity-only] [--attention auto|eager|sdpa] \
-        [--json bench/results-eval.json]
+        [--dump requests.jsonl] [--json bench/results-eval.json]
+    .venv/bin/python bench/bench_eval.py --from-dump requests.jsonl[.gz] [--json FILE]   # no model
 
 The requests are exactly those the ``evaluate`` stage sends: the shipped benchmarks as
 ``params.yaml`` lists them (files in ``benchmarks/``; only the item counts changed) go through ``tempering.scorecard.bundle`` and lm-eval's ``simple_evaluate`` with the
@@ -43,10 +44,14 @@ arm), and, unless ``--no-reference``, against two untimed extra passes: (c) hf i
 autocast: the reference numerics, ``parity_fp32``) and (d) tempering in bf16 without re-scoring
 (``rescore_tolerance`` 0), whose errors against (c) are the measurement behind the tolerance:
 ``bf16_error`` (per request, quantiles), ``bf16_pair_error`` (per pair of choices of one item,
-the tolerance the near-tie rule needs so that their two errors cannot flip their order) and
-``tolerance_sweep`` (per candidate tolerance, the share of requests the rule would re-score and
-the decisions that would then match (c); re-scored requests take (c)'s values, which tempering's
-float32 matches within 1e-3). An item's decisions are lm-eval's ``acc`` (argmax of the
+the ``rescore_tolerance`` the near-tie rule needs so that their two errors cannot flip their
+order, in its unit of nats per sqrt(continuation tokens), under ``nats`` in plain nats; also per
+benchmark) and ``tolerance_sweep`` (per candidate tolerance, the share of requests the rule
+would re-score, the float32 tokens that costs, the pairs of choices its bounds cover, and the
+decisions that would then match (c); re-scored requests take (c)'s values, which tempering's
+float32 matches within 1e-3; ``flat_tolerance_sweep``: the same for the old rule, one bound in
+nats for every choice). ``--dump`` writes the per-request results behind them, and
+``--from-dump`` replays this analysis from such a file without a model. An item's decisions are lm-eval's ``acc`` (argmax of the
 log-likelihoods) and ``acc_norm`` (argmax per character of the choice). ``--parity-only`` skips
 the matmul peak, the warm-up and the timing (each arm runs once; the seconds it reports are one
 cold call, not a speed figure).
@@ -56,6 +61,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import gzip
 import json
 import math
 import os
@@ -290,8 +296,6 @@ def load_dump(path: str) -> tuple[list, list, list, list[int], list[int]]:
     """(requests, bf16, exact, context tokens, continuation tokens) from a ``--dump`` file; the
     requests carry what the analysis reads (benchmark, document, choice, continuation)."""
     from types import SimpleNamespace
-
-    import gzip
 
     text = gzip.decompress(Path(path).read_bytes()).decode() if path.endswith(".gz") else Path(path).read_text()
     rows = [json.loads(line) for line in text.splitlines() if line.strip()]
