@@ -242,6 +242,14 @@ def quantiles(values: list[float], qs=(0.5, 0.9, 0.99, 0.999)) -> dict:
     return out
 
 
+def documents(requests: list) -> dict:
+    """{(benchmark, document): indices of its requests}: lm-eval's items, as the scorer groups them."""
+    items: dict = {}
+    for i, req in enumerate(requests):
+        items.setdefault((req.task_name, req.doc_id), []).append(i)
+    return items
+
+
 def pair_needs(requests: list, bf16: list, exact: list, tokens: list[int]) -> list[tuple[float, float]]:
     """For every pair of choices of one item: the smallest ``rescore_tolerance`` the near-tie
     rule needs for that pair's bf16 errors (e_a, e_b) never to flip its order, in the rule's unit
@@ -252,9 +260,7 @@ def pair_needs(requests: list, bf16: list, exact: list, tokens: list[int]) -> li
     before 2026-12-06)."""
     from tempering.scoring import choice_lengths
 
-    items: dict = {}
-    for i, req in enumerate(requests):
-        items.setdefault((req.task_name, req.doc_id), []).append(i)
+    items = documents(requests)
     out = []
     for members in items.values():
         for x in members:
@@ -338,9 +344,7 @@ def tolerance_sweep(requests: list, bf16: list, exact: list, tolerances, context
     ``scaled=False`` replays the rule before 2026-12-06: the tolerance in nats for every choice."""
     from tempering.scoring import choice_lengths, choice_tolerance, near_tie_members
 
-    items: dict = {}
-    for i, req in enumerate(requests):
-        items.setdefault((req.task_name, req.doc_id), []).append(i)
+    items = documents(requests)
     want = decisions(requests, exact)
     needs = [n[0 if scaled else 1] for n in pair_needs(requests, bf16, exact, tokens)]
     out = []
